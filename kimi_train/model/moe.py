@@ -1,0 +1,200 @@
+"""Fine-grained Mixture-of-Experts with DeepSeek-V3's aux-loss-free (noaux_tc) routing.
+
+Legend: T tokens (batch * sequence, flattened), D hidden size, E routed experts,
+K experts per token (num_experts_per_tok), I expert width, G expert groups, S = T * K routed slots.
+
+Router (SPEC section 3):
+
+    s_TE      = sigmoid(x W_g^T)                          in fp32
+    choice_TE = s_TE + bias_E                             bias only chooses, never weights
+    groups    : keep the topk_group groups with the largest (sum of their top-2 choice scores);
+                experts of the other groups get -inf (not 0: sigmoid scores plus a negative
+                bias can be below 0, a 0 would still beat them)
+    idx_TK    = top-K of choice_TE
+    w_TK      = s_TE[idx] / (sum_K s_TE[idx] + 1e-20) * routed_scaling_factor   (norm_topk_prob)
+
+Then the S routed (token, expert) slots are sorted by expert, the experts run as one
+grouped GEMM over contiguous blocks (`GroupedExperts`, kept a separate module so expert
+parallelism can wrap it with all-to-all dispatch/combine), and the outputs are weighted and
+summed back per token, plus the shared experts applied to every token.
+
+Load balancing without an auxiliary loss: each MoE layer counts the tokens routed to each
+expert in `tokens_per_expert` (training forwards only); after every optimizer step
+`update_expert_bias` moves the bias by rate * sign(mean_load - load_e) and resets the counts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from kimi_train.kernels.grouped_gemm import grouped_gemm
+
+from .config import ModelConfig
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)). Used for dense layers and shared experts."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj.weight, std=std)
+        nn.init.normal_(self.up_proj.weight, std=std)
+        nn.init.normal_(self.down_proj.weight, std=out_std)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """Sigmoid top-k router with a selection-only bias (noaux_tc) and group-limited routing."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        # fp32 always: the bias moves by 1e-3 steps that bf16 would round away.
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def init_weights(self, std: float) -> None:
+        nn.init.normal_(self.weight, std=std)
+        with torch.no_grad():
+            self.e_score_correction_bias.zero_()
+
+    def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return (weights_TK fp32, expert indices_TK int64)."""
+        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        choice_TE = scores_TE.detach() + self.e_score_correction_bias
+        if self.n_group > 1:
+            T, G = choice_TE.shape[0], self.n_group
+            choice_TGX = choice_TE.view(T, G, -1)
+            group_score_TG = choice_TGX.topk(min(2, choice_TGX.shape[-1]), dim=-1).values.sum(-1)
+            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
+            choice_TE = choice_TGX.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, -1)
+        idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, idx_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        return weights_TK * self.routed_scaling_factor, idx_TK
+
+
+class GroupedExperts(nn.Module):
+    """E SwiGLU experts stored as 3-D weights [E, out, in], run as grouped GEMMs.
+
+    forward(x_SD sorted by expert, num_tokens_per_expert_E) -> y_SD. Expert e handles rows
+    [offs[e-1], offs[e]) where offs = cumsum(num_tokens_per_expert). Experts with no tokens are
+    empty blocks (their weights still get a zero gradient).
+    """
+
+    def __init__(self, num_experts: int, dim: int, hidden_dim: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, hidden_dim, dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden_dim))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        nn.init.normal_(self.gate_proj, std=std)
+        nn.init.normal_(self.up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=out_std)
+
+    def forward(self, x_SD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        offs_E = torch.cumsum(num_tokens_per_expert_E, dim=0).to(torch.int32)
+        # [E, out, in] -> [E, in, out] views: grouped_gemm computes x @ w per block.
+        gate_SI = grouped_gemm(x_SD, self.gate_proj.transpose(-2, -1), offs_E, backend=backend)
+        up_SI = grouped_gemm(x_SD, self.up_proj.transpose(-2, -1), offs_E, backend=backend)
+        return grouped_gemm(F.silu(gate_SI) * up_SI, self.down_proj.transpose(-2, -1), offs_E, backend=backend)
+
+
+class MoE(nn.Module):
+    """Routed experts (top-K of E) plus shared experts; replaces the MLP of layers >= first_k_dense_replace."""
+
+    tokens_per_expert: torch.Tensor
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.num_experts, self.top_k = E, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = GroupedExperts(E, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts: Optional[FeedForward] = None
+        if cfg.n_shared_experts > 0:
+            self.shared_experts = FeedForward(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+        # Routed-token counts since the last bias update; fp32 so an all_reduce can sum them directly.
+        self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32))
+
+    def init_weights(self, std: float, out_std: float) -> None:
+        self.gate.init_weights(std)
+        self.experts.init_weights(std, out_std)
+        if self.shared_experts is not None:
+            self.shared_experts.init_weights(std, out_std)
+        with torch.no_grad():
+            self.tokens_per_expert.zero_()
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        shape = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, shape[-1])
+        T, K = x_TD.shape[0], self.top_k
+        weights_TK, idx_TK = self.gate(x_TD)
+
+        with torch.no_grad():
+            idx_S = idx_TK.reshape(-1)
+            num_tokens_per_expert_E = torch.bincount(idx_S, minlength=self.num_experts)
+            if self.training:
+                self.tokens_per_expert += num_tokens_per_expert_E.float()
+            order_S = torch.argsort(idx_S, stable=True)  # slot s = token s // K, its k-th choice
+            token_S = order_S // K
+
+        y_SD = self.experts(x_TD[token_S], num_tokens_per_expert_E)
+        # Un-sort into [T, K, D] and take the weighted sum (deterministic, no atomics).
+        y_TKD = y_SD.new_empty(T * K, shape[-1])
+        y_TKD[order_S] = y_SD
+        y_TD = (y_TKD.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y_SD.dtype)).sum(dim=1)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(shape)
+
+
+@torch.no_grad()
+def update_expert_bias(
+    moe_layers: Sequence[MoE], rate: float = 1e-3, group: Optional["dist.ProcessGroup"] = None
+) -> dict:
+    """Aux-loss-free load balancing: bias_e += rate * sign(mean_load - load_e); keep mean(bias) = 0.
+
+    Counts are summed over `group` (None: the default group) when torch.distributed is
+    initialised, so every data-parallel replica applies the same update. Counts are reset.
+    The sign rule ignores the count scale, so counting a recomputed forward twice (activation
+    checkpointing) changes nothing. Returns {"imbalance_per_layer": [max/mean load],
+    "max_imbalance", "mean_imbalance"} (1.0 = perfectly balanced; 0.0 for a layer with no tokens).
+    """
+    if not moe_layers:
+        return {"imbalance_per_layer": [], "max_imbalance": 0.0, "mean_imbalance": 0.0}
+    counts_LE = torch.stack([layer.tokens_per_expert for layer in moe_layers])
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM, group=group)
+    imbalance = []
+    for layer, counts_E in zip(moe_layers, counts_LE):
+        mean = counts_E.mean()
+        imbalance.append(float(counts_E.max() / mean) if mean > 0 else 0.0)
+        bias_E = layer.gate.e_score_correction_bias
+        bias_E += rate * torch.sign(mean - counts_E).to(bias_E.device, bias_E.dtype)
+        bias_E -= bias_E.mean()
+        layer.tokens_per_expert.zero_()
+    return {
+        "imbalance_per_layer": imbalance,
+        "max_imbalance": max(imbalance),
+        "mean_imbalance": sum(imbalance) / len(imbalance),
+    }

@@ -1,0 +1,112 @@
+"""KimiForCausalLM: the decoder stack. Module tree (and so state_dict keys) mirrors transformers'
+DeepseekV3ForCausalLM:
+
+    model.embed_tokens
+    model.layers[i].{input_layernorm, self_attn, post_attention_layernorm, mlp}
+    model.norm
+    lm_head
+
+Legend: B batch, T sequence, D hidden size, V vocabulary, D2 rotary pairs.
+
+Initialisation (`init_weights`, deterministic under torch.manual_seed):
+every matrix ~ normal(0, init_std), except the projections that write into the residual
+stream (attention o_proj, the down_proj of dense MLPs, shared and routed experts), which use
+init_std / sqrt(2 * num_hidden_layers) so the residual stream's variance stays O(1) with
+depth (each layer adds two such branches: GPT-2's scheme). Norm weights are 1, router
+biases 0. With pre-norm blocks and a final RMSNorm the logits are O(init_std * sqrt(D)).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .attention import build_attention
+from .config import ModelConfig
+from .moe import MoE, FeedForward
+from .norm import RMSNorm
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = build_attention(cfg)
+        self.self_attn.name = f"layers.{layer_idx}.self_attn"
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer_idx):
+            self.mlp: nn.Module = MoE(cfg)
+        else:
+            self.mlp = FeedForward(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x_BTD: torch.Tensor, cos_TD2: torch.Tensor, sin_TD2: torch.Tensor) -> torch.Tensor:
+        x_BTD = x_BTD + self.self_attn(self.input_layernorm(x_BTD), cos_TD2, sin_TD2)
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
+
+
+class KimiModel(nn.Module):
+    """Embedding, decoder layers and the final norm (transformers' `model.` prefix)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        rope_dim = cfg.qk_rope_head_dim if cfg.attention_type == "mla" else cfg.gqa_head_dim
+        self.rotary_emb = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        h_BTD = self.embed_tokens(input_ids_BT)
+        cos_TD2, sin_TD2 = self.rotary_emb(input_ids_BT.shape[1], h_BTD.device, h_BTD.dtype)
+        for layer in self.layers:
+            h_BTD = layer(h_BTD, cos_TD2, sin_TD2)
+        return self.norm(h_BTD)
+
+
+class KimiForCausalLM(nn.Module):
+    """A Kimi-K2 / DeepSeek-V3 style causal LM: forward(input_ids [B, T]) -> logits [B, T, V]."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg.validate()
+        self.model = KimiModel(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialise every parameter and buffer; also valid after `to_empty()` from meta."""
+        cfg = self.config
+        std = cfg.init_std
+        out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
+        nn.init.normal_(self.model.embed_tokens.weight, std=std)
+        for layer in self.model.layers:
+            layer.input_layernorm.reset_parameters()
+            layer.post_attention_layernorm.reset_parameters()
+            layer.self_attn.init_weights(std, out_std)
+            layer.mlp.init_weights(std, out_std)
+        self.model.norm.reset_parameters()
+        self.model.rotary_emb.reset_parameters()
+        if not cfg.tie_word_embeddings:
+            nn.init.normal_(self.lm_head.weight, std=std)
+
+    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self.model(input_ids_BT))
+
+    def attention_layers(self) -> list[nn.Module]:
+        """The attention modules, each an optim.QKClipAttention (pass them to optim.MuonClip)."""
+        return [layer.self_attn for layer in self.model.layers]
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules (pass them to kimi_train.model.moe.update_expert_bias)."""
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+
+    def set_record_max_logits(self, enabled: bool) -> None:
+        for attn in self.attention_layers():
+            attn.record_max_logits = enabled
