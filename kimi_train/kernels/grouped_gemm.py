@@ -43,4 +43,9 @@ def grouped_gemm(
         return grouped_gemm_reference(x_TK, w_EKN, offs_E)
     if backend not in ("auto", "torch"):
         raise ValueError(f"grouped_gemm backend={backend!r}; valid: 'auto', 'torch', 'loop'")
-    return F.grouped_mm(x_TK, w_EKN, offs=offs_E.to(torch.int32))
+    y_TN = F.grouped_mm(x_TK, w_EKN, offs=offs_E.to(torch.int32))
+    if y_TN.requires_grad:
+        # torch 2.13's CPU grouped_mm backward rejects a zero-stride (expanded) grad_output,
+        # e.g. the gradient of y.sum(): hand it a dense one.
+        y_TN.register_hook(lambda g: g.contiguous())
+    return y_TN
