@@ -1,0 +1,321 @@
+"""Muon for hidden matrices, AdamW for everything else, in one optimizer.
+
+Shape legend: B = batch of matrices fed to one Newton-Schulz call, n x m = one
+matrix (3-D expert weights [E, n, m] count as E matrices).
+
+For each Muon parameter W (n x m) with gradient G, learning rate lr, weight decay wd:
+
+    M <- mu M + G                          (momentum, a plain sum: no (1 - mu) factor)
+    U  = G + mu M   if nesterov   else M
+    O  = NS(U) * scale(n, m)
+    W <- W (1 - lr wd) - lr O              (decoupled weight decay with the unscaled lr)
+
+    scale = 0.2 sqrt(max(n, m))  "match_rms_adamw": update RMS ~ 0.2, like AdamW's, so
+                                  Muon reuses AdamW's lr and wd (Moonlight, Kimi K2)
+            sqrt(max(1, n / m))  "original" (Keller Jordan)
+            1                    "none"
+
+torch.optim.Muon keeps the momentum as an EMA, M' = mu M' + (1 - mu) G, which is
+exactly (1 - mu) times ours (and so is its Nesterov blend); NS divides by the
+Frobenius norm first, so both give the same update.
+
+Groups with ``use_muon=False`` run AdamW (betas ``adamw_betas``, eps ``adamw_eps``,
+bias correction, decoupled weight decay lr * wd), with the group's own lr and wd.
+
+Speed: momentum and AdamW use torch._foreach ops (a few kernels for all
+parameters), and same-shape matrices of a group are stacked into ONE batched NS
+call. All optimizer state is fp32, also for bf16 parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import Tensor
+
+from .newton_schulz import NS_BACKENDS, NS_METHODS, newton_schulz
+
+__all__ = ["Muon", "ADJUST_LR", "muon_scale"]
+
+ADJUST_LR = ("match_rms_adamw", "original", "none")
+
+try:  # DTensor exists in every torch >= 2.4 build, but keep the optimizer importable without it
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The local shard of a DTensor, the tensor itself otherwise (elementwise maths)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def muon_scale(shape: torch.Size | tuple[int, ...], adjust_lr: str) -> float:
+    """Update scale for a matrix of ``shape`` ([n, m], or [E, n, m] for a batch)."""
+    n, m = shape[-2], shape[-1]
+    if adjust_lr == "match_rms_adamw":
+        return 0.2 * math.sqrt(max(n, m))
+    if adjust_lr == "original":
+        return math.sqrt(max(1.0, n / m))
+    return 1.0
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon (momentum + Newton-Schulz orthogonalisation) with an AdamW side for the rest.
+
+    Args:
+        params: parameters, (name, parameter) pairs, or param groups (dicts). A group's
+            ``use_muon`` (default True) picks Muon or AdamW; ``optim.muon_param_groups``
+            builds both groups for a model and names every parameter ("param_names").
+        lr, weight_decay: shared by both kinds (with match_rms_adamw Muon reuses AdamW's).
+        momentum, nesterov: Muon momentum mu and the Nesterov variant.
+        ns_steps, ns_method, ns_dtype, ns_backend: Newton-Schulz settings (see newton_schulz).
+        adjust_lr: "match_rms_adamw" | "original" | "none" (see module docstring).
+        adamw_betas, adamw_eps: for the AdamW groups.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 2e-4,
+        momentum: float = 0.95,
+        nesterov: bool = True,
+        weight_decay: float = 0.1,
+        ns_steps: int = 5,
+        ns_method: str = "keller",
+        ns_dtype: torch.dtype = torch.bfloat16,
+        adjust_lr: str = "match_rms_adamw",
+        adamw_betas: tuple[float, float] = (0.9, 0.95),
+        adamw_eps: float = 1e-8,
+        ns_backend: str = "auto",
+    ):
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            ns_steps=ns_steps,
+            ns_method=ns_method,
+            ns_dtype=ns_dtype,
+            ns_backend=ns_backend,
+            adjust_lr=adjust_lr,
+            adamw_betas=tuple(adamw_betas),
+            adamw_eps=adamw_eps,
+            use_muon=True,
+        )
+        _check_group(defaults, "defaults")
+        super().__init__(params, defaults)
+        for i, group in enumerate(self.param_groups):
+            _check_group(group, f"param group {i}")
+            if group["use_muon"]:
+                for p in group["params"]:
+                    if p.ndim < 2:
+                        raise ValueError(
+                            f"Muon: parameter {self._name(group, p)} has shape {tuple(p.shape)}; Muon groups take "
+                            f"2-D or 3-D matrices, put it in a group with use_muon=False (see optim.muon_param_groups)"
+                        )
+        self.init_state()
+
+    # ----------------------------------------------------------------- state
+    @torch.no_grad()
+    def init_state(self) -> None:
+        """Create (zero) state for every parameter, so the checkpoint layout does not
+        depend on which parameters have seen a gradient yet (same on every rank)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                if state:
+                    continue
+                if group["use_muon"]:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+                else:
+                    # step on CPU like torch's AdamW: bias corrections are computed on the host
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to each parameter's dtype on load (bf16 params would lose
+        # their fp32 moments); put back the saved values at fp32, as private copies.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if torch.is_tensor(value) and value.is_floating_point():
+                    device = "cpu" if key == "step" else p.device
+                    self.state[p][key] = value.detach().to(device=device, dtype=torch.float32).clone()
+        self.init_state()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._check_finite_grads()  # before any state changes
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            if group["use_muon"]:
+                self._muon_step(group, params)
+            else:
+                self._adamw_step(group, params)
+        return loss
+
+    def _name(self, group: dict[str, Any], p: Tensor) -> str:
+        names = group.get("param_names")
+        idx = next(i for i, q in enumerate(group["params"]) if q is p)
+        if names is not None:
+            return repr(names[idx])
+        return f"#{idx} of param group {self.param_groups.index(group)}"
+
+    def _check_finite_grads(self) -> None:
+        """One host sync per device for all gradients."""
+        grads, owners = [], []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    grads.append(_local(p.grad))
+                    owners.append((group, p))
+        if not grads:
+            return
+        by_device: dict[torch.device, list[int]] = defaultdict(list)
+        for i, g in enumerate(grads):
+            if g.numel():
+                by_device[g.device].append(i)
+        for idx in by_device.values():
+            amax = torch.stack([n.float() for n in torch._foreach_norm([grads[i] for i in idx], ord=math.inf)])
+            finite = torch.isfinite(amax)  # max |g| is nan/inf iff some entry is
+            if bool(finite.all()):
+                continue
+            group, p = owners[idx[int((~finite).nonzero()[0])]]
+            raise ValueError(
+                f"Muon: non-finite gradient (nan/inf) in parameter {self._name(group, p)}; step refused, state unchanged"
+            )
+
+    def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        bufs = [_local(self.state[p]["momentum_buffer"]) for p in params]
+        grads = [_local(p.grad).float() for p in params]  # type: ignore[union-attr]
+        torch._foreach_mul_(bufs, mu)
+        torch._foreach_add_(bufs, grads)  # M <- mu M + G
+        updates = torch._foreach_add(grads, bufs, alpha=mu) if group["nesterov"] else bufs
+
+        def ns_fn(X: Tensor) -> Tensor:
+            return newton_schulz(
+                X, steps=group["ns_steps"], method=group["ns_method"], dtype=group["ns_dtype"], backend=group["ns_backend"]
+            )
+
+        if any(_is_dtensor(p) for p in params):
+            ortho = self._orthogonalize_dtensors(params, updates, ns_fn)
+        else:
+            ortho = _orthogonalize_batched(updates, ns_fn)
+
+        # W <- W (1 - lr wd) - lr scale O, one foreach call per distinct scale
+        locals_ = [_local(p) for p in params]
+        if wd != 0:
+            torch._foreach_mul_(locals_, 1.0 - lr * wd)
+        by_scale: dict[float, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            by_scale[muon_scale(p.shape, group["adjust_lr"])].append(i)
+        for scale, idx in by_scale.items():
+            torch._foreach_add_([locals_[i] for i in idx], [ortho[i] for i in idx], alpha=-lr * scale)
+
+    def _orthogonalize_dtensors(self, params: list[Tensor], updates: list[Tensor], ns_fn) -> list[Tensor]:
+        try:
+            from .distributed import orthogonalize_dtensors
+        except ImportError as e:
+            raise NotImplementedError(
+                f"Muon: DTensor parameters need optim.distributed.orthogonalize_dtensors, which is not available ({e})"
+            ) from e
+        if not all(_is_dtensor(p) for p in params):
+            raise ValueError("Muon: a Muon param group mixes DTensor and plain tensor parameters; shard all or none")
+        dt_updates = [
+            DTensor.from_local(u, p.device_mesh, p.placements, shape=p.shape, stride=p.stride())  # type: ignore[union-attr]
+            for u, p in zip(updates, params)
+        ]
+        out = orthogonalize_dtensors(dt_updates, params, ns_fn)
+        return [o.float() for o in out]
+
+    def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        lr, wd = group["lr"], group["weight_decay"]
+        beta1, beta2 = group["adamw_betas"]
+        eps = group["adamw_eps"]
+        states = [self.state[p] for p in params]
+        locals_ = [_local(p) for p in params]
+        grads = [_local(p.grad).float() for p in params]  # type: ignore[union-attr]
+        exp_avgs = [_local(s["exp_avg"]) for s in states]
+        exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in states]
+        for s in states:
+            s["step"] += 1
+        steps = [s["step"].item() for s in states]  # CPU tensors: no device sync
+
+        if wd != 0:
+            torch._foreach_mul_(locals_, 1.0 - lr * wd)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+        step_sizes = [-lr / (1.0 - beta1**t) for t in steps]
+        bias_correction2_sqrt = [math.sqrt(1.0 - beta2**t) for t in steps]
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, bias_correction2_sqrt)
+        torch._foreach_add_(denom, eps)
+        torch._foreach_addcdiv_(locals_, exp_avgs, denom, step_sizes)
+
+
+def _orthogonalize_batched(updates: list[Tensor], ns_fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
+    """NS of every update, stacking same-shape matrices into one batched call. Returns fp32."""
+    by_shape: dict[tuple[Any, ...], list[int]] = defaultdict(list)
+    for i, u in enumerate(updates):
+        by_shape[(u.device, tuple(u.shape[-2:]))].append(i)
+    out: list[Optional[Tensor]] = [None] * len(updates)
+    for (_, (n, m)), idx in by_shape.items():
+        X_Bnm = torch.cat([updates[i].reshape(-1, n, m) for i in idx])
+        O_Bnm = ns_fn(X_Bnm).float()
+        start = 0
+        for i in idx:
+            count = updates[i].numel() // (n * m)
+            out[i] = O_Bnm[start : start + count].view(updates[i].shape)
+            start += count
+    return out  # type: ignore[return-value]
+
+
+def _check_group(group: dict[str, Any], where: str) -> None:
+    """One-line ValueErrors for bad hyperparameters (defaults or a param group)."""
+
+    def bad(key: str, valid: str) -> ValueError:
+        return ValueError(f"Muon {where}: {key}={group[key]!r} is invalid; expected {valid}")
+
+    if not (isinstance(group["lr"], (int, float)) and group["lr"] >= 0):
+        raise bad("lr", "a float >= 0")
+    if not (0 <= group["momentum"] < 1):
+        raise bad("momentum", "0 <= momentum < 1")
+    if not group["weight_decay"] >= 0:
+        raise bad("weight_decay", "a float >= 0")
+    if not (isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1):
+        raise bad("ns_steps", "an int >= 1")
+    if group["ns_method"] not in NS_METHODS:
+        raise bad("ns_method", " | ".join(NS_METHODS))
+    if group["ns_dtype"] not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        raise bad("ns_dtype", "torch.bfloat16 | torch.float16 | torch.float32 | torch.float64")
+    if group["ns_backend"] not in NS_BACKENDS:
+        raise bad("ns_backend", " | ".join(NS_BACKENDS))
+    if group["adjust_lr"] not in ADJUST_LR:
+        raise bad("adjust_lr", " | ".join(ADJUST_LR))
+    betas = group["adamw_betas"]
+    if not (len(betas) == 2 and all(0 <= b < 1 for b in betas)):
+        raise bad("adamw_betas", "two floats in [0, 1)")
+    if not group["adamw_eps"] > 0:
+        raise bad("adamw_eps", "a float > 0")
+    if not isinstance(group["use_muon"], bool):
+        raise bad("use_muon", "True or False")

@@ -1,0 +1,140 @@
+"""MuonClip = Muon + QK-Clip after every step (Kimi K2, arXiv 2507.20534).
+
+Muon lets attention logits grow without bound in large runs (K2 saw max logits
+over 1000 and loss spikes). After each optimizer step MuonClip reads every
+attention layer's recorded per-head max logit S_h, MAX-reduces it over the
+data-parallel ranks (so every replica applies the same rescale), and rescales
+the q/k weights of the heads with S_h > tau so that their max logit becomes tau
+(see optim.qk_clip). The momentum buffers are left alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .muon import Muon
+from .protocol import QKClipAttention
+from .qk_clip import clip_target_
+
+__all__ = ["MuonClip"]
+
+
+class MuonClip(Muon):
+    """Muon whose step() also applies QK-Clip to ``attention_layers``.
+
+    Args:
+        params: as for Muon (e.g. ``optim.muon_param_groups(model)``).
+        attention_layers: modules implementing ``optim.protocol.QKClipAttention`` (None or
+            empty: plain Muon).
+        tau: the max-logit cap (K2: 100).
+        process_group: group for the MAX all-reduce of the max logits when
+            torch.distributed is initialised (None: the default group). Every rank must
+            call step() (it is a collective).
+        **muon_kwargs: Muon's arguments (lr, momentum, weight_decay, ns_*, adjust_lr, ...).
+
+    After each step, ``last_stats`` holds ``max_logit`` (float, over layers),
+    ``max_logit_per_layer`` (list[float]; -inf for a layer with no recorded forward),
+    ``clipped_heads`` (int) and ``clipped_heads_per_layer`` (list[int]).
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        attention_layers: Optional[Sequence[nn.Module]] = None,
+        tau: float = 100.0,
+        process_group: Optional[Any] = None,
+        **muon_kwargs: Any,
+    ):
+        super().__init__(params, **muon_kwargs)
+        if not (isinstance(tau, (int, float)) and 0 < tau < math.inf):
+            raise ValueError(f"MuonClip: tau={tau!r} must be a finite float > 0 (K2 uses 100)")
+        layers = list(attention_layers or [])
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, QKClipAttention):
+                raise ValueError(
+                    f"MuonClip: attention_layers[{i}] ({type(layer).__name__}) lacks max_logits / qk_clip_target() / "
+                    f"reset_max_logits(); see optim.protocol.QKClipAttention"
+                )
+        self.attention_layers = layers
+        self.tau = float(tau)
+        self.process_group = process_group
+        self.last_stats: dict[str, Any] = _stats([], [])
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = super().step(closure)
+        self.last_stats = self.qk_clip_()
+        return loss
+
+    @torch.no_grad()
+    def qk_clip_(self) -> dict[str, Any]:
+        """Reduce, clip and reset every attention layer's max logits; returns the stats."""
+        if not self.attention_layers:
+            return _stats([], [])
+        S_L = self._reduced_max_logits()  # list of CPU fp32 [H] per layer, or None
+        max_per_layer: list[float] = []
+        clipped_per_layer: list[int] = []
+        for i, (layer, S_H) in enumerate(zip(self.attention_layers, S_L)):
+            if S_H is None:
+                max_per_layer.append(-math.inf)
+                clipped_per_layer.append(0)
+                continue
+            target = layer.qk_clip_target()
+            if not target.name:  # so a NaN error can say which layer
+                target = dataclasses.replace(target, name=f"attention_layers[{i}]")
+            max_per_layer.append(float(S_H.max()))
+            clipped_per_layer.append(clip_target_(target, S_H, self.tau))
+        for layer in self.attention_layers:
+            layer.reset_max_logits()
+        return _stats(max_per_layer, clipped_per_layer)
+
+    def _reduced_max_logits(self) -> list[Optional[torch.Tensor]]:
+        """Every layer's max logits, MAX-reduced over ranks in ONE all-reduce, on the CPU.
+
+        A layer with no record contributes -inf, so ranks agree on the flat layout even if
+        only some of them ran a forward through it.
+        """
+        distributed = dist.is_available() and dist.is_initialized()
+        if self.process_group is not None and not distributed:
+            raise ValueError("MuonClip: process_group was given but torch.distributed is not initialised")
+        records = [layer.max_logits for layer in self.attention_layers]
+        if not distributed and all(r is None for r in records):
+            return [None] * len(records)
+        sizes = [layer.qk_clip_target().num_heads for layer in self.attention_layers]
+        device = next((r.device for r in records if r is not None), None)
+        if device is None:  # no record on this rank; still join the collective
+            device = _local_device(self.attention_layers[0].qk_clip_target().w_q)
+        flat = torch.cat(
+            [
+                r.detach().to(device=device, dtype=torch.float32).reshape(-1)
+                if r is not None
+                else torch.full((n,), -math.inf, device=device)
+                for r, n in zip(records, sizes)
+            ]
+        )
+        if distributed:
+            dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
+        flat = flat.cpu()  # the one host sync of the clip
+        out: list[Optional[torch.Tensor]] = []
+        for S_H in flat.split(sizes):
+            out.append(None if bool((S_H == -math.inf).all()) else S_H)
+        return out
+
+
+def _local_device(w: torch.Tensor) -> torch.device:
+    return w.to_local().device if hasattr(w, "to_local") else w.device
+
+
+def _stats(max_per_layer: list[float], clipped_per_layer: list[int]) -> dict[str, Any]:
+    return {
+        "max_logit": max(max_per_layer, default=-math.inf),
+        "max_logit_per_layer": max_per_layer,
+        "clipped_heads": sum(clipped_per_layer),
+        "clipped_heads_per_layer": clipped_per_layer,
+    }

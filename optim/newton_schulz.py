@@ -1,0 +1,191 @@
+"""Newton-Schulz orthogonalisation: the core of Muon.
+
+Shape legend: B = batch of matrices, n = short side, m = long side (after the
+transpose that makes every matrix wide, n <= m).
+
+Given G = U S V^T, Muon wants the "zeroth power" U V^T: every singular value
+mapped to 1. Newton-Schulz gets there with matrix products only. After scaling
+X_0 = G / ||G||_F (so every singular value is in [0, 1]), each step applies an
+odd quintic to the singular values:
+
+    A = X X^T,   B = b A + c A^2,   X <- a X + B X   ==   p(X) = a X + b X^3 + c X^5
+
+The coefficients trade exactness for speed:
+
+- ``keller`` (Keller Jordan): (3.4445, -4.7750, 2.0315) five times. The slope at
+  zero is large (a = 3.4) so tiny singular values grow fast; the price is that the
+  result does not converge to 1 but oscillates in about [0.7, 1.15], which does
+  not hurt training.
+- ``polar_express`` (arXiv 2505.16932): a different, minimax-optimal triple per
+  step, which lands much closer to 1 after five steps. The input is divided by
+  1.02 * ||G||_F for a safety margin against rounding pushing a singular value
+  past the polynomials' domain. More steps repeat the last triple.
+- ``gram`` (Dao lab, 2026): the same iteration (keller coefficients) carried out
+  on the n x n Gram matrix instead of the n x m iterate. Because each step
+  multiplies X from the left by a polynomial of X X^T, one can track
+
+      R = X X^T,   P = a I + b R + c R^2,   Q <- P Q,   R <- P R P
+
+  and form X = Q X_0 only at the end: O(n^3) per step instead of O(n^2 m), a win
+  when m >> n. Rounding in R compounds, so the iteration restarts once
+  (X <- Q X_0, R <- X X^T, Q <- I) after two steps. Square matrices gain nothing
+  and use the standard loop. In exact arithmetic it equals ``keller``.
+
+The iteration itself can run in a Triton kernel (``optim/triton_ns.py``); this
+function keeps everything else (normalising, transposing, batching, choosing
+coefficients) so every backend sees the same input.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["newton_schulz", "ns_coefficients", "NS_METHODS", "NS_BACKENDS"]
+
+NS_METHODS = ("keller", "polar_express", "gram")
+NS_BACKENDS = ("auto", "torch", "triton")
+
+KELLER_COEFFS = (3.4445, -4.7750, 2.0315)
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_EXPRESS_SAFETY = 1.02
+NORM_EPS = 1e-7
+GRAM_RESTART_AFTER = 2  # gram: rebuild X and R from scratch after this many steps
+
+_NS_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def ns_coefficients(method: str, steps: int) -> list[tuple[float, float, float]]:
+    """The (a, b, c) triple of every step for ``method``."""
+    if method == "polar_express":
+        return [POLAR_EXPRESS_COEFFS[min(i, len(POLAR_EXPRESS_COEFFS) - 1)] for i in range(steps)]
+    return [KELLER_COEFFS] * steps
+
+
+def newton_schulz(
+    G: Tensor,
+    steps: int = 5,
+    method: str = "keller",
+    dtype: torch.dtype = torch.bfloat16,
+    backend: str = "auto",
+) -> Tensor:
+    """Approximately orthogonalise G (2-D [n, m] or batched 3-D [B, n, m]).
+
+    Each matrix of the batch is normalised by its own Frobenius norm. Returns a
+    tensor of G's shape in ``dtype`` (the compute dtype); G is not modified.
+    ``backend``: "torch" (reference), "triton" (optim.triton_ns kernel) or "auto"
+    (Triton on CUDA when it is importable, else torch).
+    """
+    _check_args(G, steps, method, dtype, backend)
+    X_Bnm = G.to(dtype) if G.ndim == 3 else G.to(dtype).unsqueeze(0)
+    transposed = X_Bnm.size(-2) > X_Bnm.size(-1)
+    if transposed:  # iterate on the wide orientation: the Gram matrix is the small n x n one
+        X_Bnm = X_Bnm.mT
+    safety = POLAR_EXPRESS_SAFETY if method == "polar_express" else 1.0
+    norm_B11 = torch.linalg.vector_norm(X_Bnm, dim=(-2, -1), keepdim=True)
+    X_Bnm = X_Bnm / (norm_B11 * safety + NORM_EPS)
+    coeffs = ns_coefficients(method, steps)
+
+    n, m = X_Bnm.shape[-2:]
+    use_gram = method == "gram" and n < m
+    iterate = _pick_iterate(X_Bnm, backend, use_gram)
+    if use_gram:
+        X_Bnm = _gram_iterate(X_Bnm, coeffs)
+    else:
+        X_Bnm = iterate(X_Bnm.contiguous(), coeffs)
+
+    if transposed:
+        X_Bnm = X_Bnm.mT
+    return X_Bnm if G.ndim == 3 else X_Bnm.squeeze(0)
+
+
+def _check_args(G: Tensor, steps: int, method: str, dtype: torch.dtype, backend: str) -> None:
+    if G.ndim not in (2, 3):
+        raise ValueError(f"newton_schulz: G must be 2-D [n, m] or 3-D [B, n, m], got shape {tuple(G.shape)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"newton_schulz: steps={steps!r} must be an int >= 1")
+    if method not in NS_METHODS:
+        raise ValueError(f"newton_schulz: method={method!r}; valid: {', '.join(NS_METHODS)}")
+    if dtype not in _NS_DTYPES:
+        raise ValueError(f"newton_schulz: dtype={dtype}; valid: bfloat16, float16, float32, float64")
+    if backend not in NS_BACKENDS:
+        raise ValueError(f"newton_schulz: backend={backend!r}; valid: {', '.join(NS_BACKENDS)}")
+    if backend == "triton" and method == "gram":
+        raise ValueError("newton_schulz: method='gram' has no Triton kernel; use backend='torch' or 'auto'")
+
+
+IterateFn = Callable[[Tensor, Sequence[tuple[float, float, float]]], Tensor]
+_triton_iterate: Optional[IterateFn] = None
+_triton_import_error: Optional[BaseException] = None
+
+
+def _load_triton() -> Optional[IterateFn]:
+    """Import optim.triton_ns lazily, once; remember why it failed."""
+    global _triton_iterate, _triton_import_error
+    if _triton_iterate is None and _triton_import_error is None:
+        try:
+            from .triton_ns import ns_iterate_triton
+
+            _triton_iterate = ns_iterate_triton
+        except Exception as e:  # triton missing, no GPU driver, or the file not written yet
+            _triton_import_error = e
+    return _triton_iterate
+
+
+def _pick_iterate(X_Bnm: Tensor, backend: str, use_gram: bool) -> IterateFn:
+    if backend == "torch" or use_gram:
+        return _ns_iterate_torch
+    if backend == "triton":
+        fn = _load_triton()
+        if fn is None:
+            raise RuntimeError(
+                f"newton_schulz: backend='triton' needs triton and optim.triton_ns.ns_iterate_triton "
+                f"({type(_triton_import_error).__name__}: {_triton_import_error}); use backend='torch'"
+            )
+        return fn
+    # auto: the kernel only where it pays (CUDA) and where it computes correctly (not fp64)
+    if X_Bnm.is_cuda and X_Bnm.dtype != torch.float64 and _load_triton() is not None:
+        return _triton_iterate  # type: ignore[return-value]
+    return _ns_iterate_torch
+
+
+def _ns_iterate_torch(X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -> Tensor:
+    """Reference iteration: A = X X^T; B = b A + c A A; X = a X + B X per triple."""
+    for a, b, c in coeffs:
+        A_Bnn = X_Bnm @ X_Bnm.mT
+        B_Bnn = torch.baddbmm(A_Bnn, A_Bnn, A_Bnn, beta=b, alpha=c)
+        X_Bnm = torch.baddbmm(X_Bnm, B_Bnn, X_Bnm, beta=a)
+    return X_Bnm
+
+
+def _gram_iterate(X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -> Tensor:
+    """Same result as _ns_iterate_torch, iterating on R = X X^T (n x n) instead of X."""
+    R_Bnn = X_Bnm @ X_Bnm.mT
+    Q_Bnn: Optional[Tensor] = None  # None stands for the identity
+    for i, (a, b, c) in enumerate(coeffs):
+        if i == GRAM_RESTART_AFTER and Q_Bnn is not None:
+            X_Bnm = Q_Bnn @ X_Bnm
+            R_Bnn = X_Bnm @ X_Bnm.mT
+            Q_Bnn = None
+        P_Bnn = torch.baddbmm(R_Bnn, R_Bnn, R_Bnn, beta=b, alpha=c)
+        P_Bnn.diagonal(dim1=-2, dim2=-1).add_(a)  # P = a I + b R + c R^2
+        Q_Bnn = P_Bnn if Q_Bnn is None else P_Bnn @ Q_Bnn
+        if i + 1 < len(coeffs):  # the last R is never used
+            R_Bnn = P_Bnn @ R_Bnn @ P_Bnn  # X <- P X  =>  X X^T <- P R P (P symmetric)
+    return Q_Bnn @ X_Bnm  # type: ignore[operator]
+
+
+def ns_flops(n: int, m: int, steps: int = 5) -> float:
+    """Matmul FLOPs of the standard iteration on one n x m matrix (for load balancing)."""
+    s, l = min(n, m), max(n, m)
+    return steps * (2.0 * s * s * (2 * l + s))
+
