@@ -1,0 +1,164 @@
+"""optim.distributed.orthogonalize_dtensors / scale_rows_ on DTensors, 2 and 4 gloo ranks on CPU.
+
+Oracle: Newton-Schulz (fp32, here) of the FULL matrix, sliced to the local shard. Owners run the
+same fp32 NS on the same full matrix, only batched differently, so we ask for 1e-5 absolute
+(NS outputs are O(1)).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+from optim.distributed import comm_stats, orthogonalize_dtensors, scale_rows_
+
+from _spawn import spawn
+
+ATOL = 1e-5
+
+
+def ns_fp32(X: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Keller Jordan's quintic NS in fp32 on [B, n, m] (the test's own reference)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    tall = X.shape[-2] > X.shape[-1]
+    X = X.mT if tall else X
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+def _cases(world: int):
+    """(mesh_shape, [(global_shape, placements), ...]) covering 1-D and 2-D meshes."""
+    one_d = [
+        ((10, 7), [Shard(0)]),  # uneven
+        ((6, 9), [Shard(1)]),
+        ((5, 5), [Replicate()]),
+        ((3, 8), [Shard(0)]),  # 4 ranks: one empty shard
+        ((4, 6, 5), [Shard(0)]),  # experts whole locally
+        ((3, 6, 5), [Shard(0)]),  # uneven experts, whole locally
+        ((2, 7, 4), [Shard(1)]),  # experts split inside the matrix
+        ((7, 10), [Shard(0)]),  # same matrix shape as below: batched together
+        ((7, 10), [Shard(1)]),
+    ]
+    a, b = (2, world // 2)
+    two_d = [
+        ((9, 11), [Shard(0), Shard(1)]),
+        ((10, 6), [Replicate(), Shard(0)]),  # HSDP-like
+        ((13, 5), [Shard(0), Shard(0)]),  # nested, uneven
+        ((3, 5, 8), [Shard(2), Replicate()]),
+        ((4, 6, 10), [Shard(0), Shard(2)]),
+        ((4, 6, 3), [Shard(0), Shard(0)]),  # experts whole locally
+    ]
+    return [((world,), one_d), ((a, b), two_d)]
+
+
+def _worker_orthogonalize(rank: int, world: int) -> None:
+    torch.manual_seed(0)
+    meshes = {}
+    updates, expected = [], []
+    for mesh_shape, specs in _cases(world):
+        names = ("a",) if len(mesh_shape) == 1 else ("a", "b")
+        mesh = meshes.setdefault(mesh_shape, init_device_mesh("cpu", mesh_shape, mesh_dim_names=names))
+        for shape, placements in specs:
+            full = torch.randn(shape)  # same on every rank (same seed)
+            ref = ns_fp32(full if full.ndim == 3 else full.unsqueeze(0))
+            ref = ref if full.ndim == 3 else ref.squeeze(0)
+            updates.append(distribute_tensor(full, mesh, placements))
+            expected.append(distribute_tensor(ref, mesh, placements).to_local())
+
+    calls = {"full_tensor": 0, "redistribute": 0}
+    orig_full, orig_redist = DTensor.full_tensor, DTensor.redistribute
+
+    def counting_full(self, *a, **k):
+        calls["full_tensor"] += 1
+        return orig_full(self, *a, **k)
+
+    def counting_redist(self, *a, **k):
+        calls["redistribute"] += 1
+        return orig_redist(self, *a, **k)
+
+    DTensor.full_tensor, DTensor.redistribute = counting_full, counting_redist
+    comm_stats.reset()
+    try:
+        out = orthogonalize_dtensors(updates, updates, ns_fp32)
+        out2 = orthogonalize_dtensors(updates, updates, ns_fp32)  # cached plan path
+    finally:
+        DTensor.full_tensor, DTensor.redistribute = orig_full, orig_redist
+    assert calls == {"full_tensor": 0, "redistribute": 0}, calls
+    assert comm_stats.calls == 4  # two meshes x two calls: one all-to-all pair each
+    for i, (o, o2, e) in enumerate(zip(out, out2, expected)):
+        assert o.shape == e.shape, (i, o.shape, e.shape)
+        torch.testing.assert_close(o, e, atol=ATOL, rtol=0, msg=lambda m: f"param {i}: {m}")
+        assert torch.equal(o, o2)
+
+
+def _worker_local_only(rank: int, world: int) -> None:
+    """Whole-locally experts and replicated matrices move zero bytes."""
+    torch.manual_seed(1)
+    mesh = init_device_mesh("cpu", (world,))
+    ups = [distribute_tensor(torch.randn(2 * world, 5, 7), mesh, [Shard(0)]),
+           distribute_tensor(torch.randn(6, 4), mesh, [Replicate()])]
+    comm_stats.reset()
+    out = orthogonalize_dtensors(ups, ups, ns_fp32)
+    assert comm_stats.bytes_sent == comm_stats.bytes_recv == comm_stats.calls == 0
+    torch.testing.assert_close(out[0], ns_fp32(ups[0].to_local()), atol=ATOL, rtol=0)
+
+
+def _worker_traffic(rank: int, world: int) -> None:
+    """Per-rank bytes ~ 2 P/N for evenly divisible matrices (owner balance permitting)."""
+    torch.manual_seed(2)
+    mesh = init_device_mesh("cpu", (world,))
+    ups = [distribute_tensor(torch.randn(16, 24), mesh, [Shard(0)]) for _ in range(4 * world)]
+    comm_stats.reset()
+    orthogonalize_dtensors(ups, ups, ns_fp32)
+    P = sum(u.numel() * 4 for u in ups)
+    expected = 2 * (P / world) * (world - 1) / world  # each shard leaves, each result comes back
+    assert comm_stats.bytes_sent == pytest.approx(expected)
+    assert comm_stats.bytes_recv == pytest.approx(expected)
+
+
+def _worker_scale_rows(rank: int, world: int) -> None:
+    torch.manual_seed(3)
+    mesh1 = init_device_mesh("cpu", (world,))
+    mesh2 = init_device_mesh("cpu", (2, world // 2))
+    for mesh, placements, shape in [
+        (mesh1, [Shard(0)], (11, 6)),  # uneven: rows of a head span two shards
+        (mesh1, [Shard(1)], (6, 9)),
+        (mesh1, [Replicate()], (5, 3)),
+        (mesh2, [Shard(0), Shard(0)], (13, 4)),
+        (mesh2, [Replicate(), Shard(0)], (7, 4)),
+    ]:
+        full = torch.randn(shape)
+        scale = torch.rand(shape[0]) + 0.5
+        w = distribute_tensor(full.clone(), mesh, placements)  # Replicate may alias its input
+        scale_rows_(w, scale)
+        expected = distribute_tensor(full * scale[:, None], mesh, placements).to_local()
+        assert torch.equal(w.to_local(), expected), (placements, shape)
+    with pytest.raises(ValueError, match="row_scale has shape"):
+        scale_rows_(w, torch.ones(3))
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_orthogonalize_matches_full_ns(world):
+    spawn(_worker_orthogonalize, world)
+
+
+def _worker_small_cases(rank: int, world: int) -> None:
+    _worker_local_only(rank, world)
+    _worker_traffic(rank, world)
+    _worker_scale_rows(rank, world)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_local_only_traffic_scale_rows(world):
+    spawn(_worker_small_cases, world)
+
+
+def test_plain_tensor_scale_rows():
+    w = torch.ones(4, 3)
+    scale_rows_(w, torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    assert torch.equal(w[:, 0], torch.tensor([1.0, 2.0, 3.0, 4.0]))
