@@ -75,14 +75,18 @@ class KimiForCausalLM(nn.Module):
         self.config = cfg.validate()
         self.model = KimiModel(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
         self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Share lm_head.weight with the embedding when tie_word_embeddings (`to_empty` unties them)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """(Re)initialise every parameter and buffer; also valid after `to_empty()` from meta."""
         cfg = self.config
+        self.tie_weights()
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
         nn.init.normal_(self.model.embed_tokens.weight, std=std)
