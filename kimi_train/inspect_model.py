@@ -1,0 +1,181 @@
+"""kimi-train-inspect: parameter counts and per-rank memory of a model config, without allocating it.
+
+    kimi-train-inspect model=k2 parallel.dp_shard=256 parallel.ep=32 dtype=bf16
+    kimi-train-inspect model=tiny model.num_hidden_layers=8 optimizer=adamw
+
+Arguments (key=value, any order):
+    model=NAME|PATH.yaml             configs/model/NAME.yaml (default tiny)
+    model.FIELD=VALUE                any ModelConfig field, type-checked (e.g. model.n_routed_experts=64)
+    parallel.dp_replicate=R          HSDP replicas (default 1)
+    parallel.dp_shard=S              FSDP shards (default 1); experts are sharded over ep, then dp_shard/ep
+    parallel.ep=P                    expert parallel degree (divides dp_shard and n_routed_experts)
+    dtype=fp32|bf16                  parameter/gradient dtype; bf16 adds fp32 master weights
+    optimizer=muon|adamw             muon: 1 fp32 buffer per hidden matrix, AdamW (2) for the rest
+
+The model is built on the meta device (no memory), so model=k2 answers in a second. Memory is
+per rank and counts parameters, gradients, master weights and optimizer state (FSDP2-style:
+each tensor sharded along dim 0, the largest rank's share); activations are not included.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any, Optional
+
+import torch
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from kimi_train.model import KimiForCausalLM, ModelConfig, load_model_config
+from kimi_train.model.config import model_config_from_dict
+
+COMPONENTS = ["embedding", "attention", "dense_mlp", "routed_experts", "shared_experts", "router", "norms", "lm_head"]
+MUON_COMPONENTS = {"attention", "dense_mlp", "routed_experts", "shared_experts", "router"}
+DTYPE_BYTES = {"fp32": 4, "bf16": 2}
+
+
+def component_of(name: str) -> str:
+    """Which COMPONENTS bucket a parameter name belongs to."""
+    if name.endswith("norm.weight"):
+        return "norms"  # input/post-attention/final norms and MLA's latent norms
+    if name.startswith("model.embed_tokens"):
+        return "embedding"
+    if name.startswith("lm_head"):
+        return "lm_head"
+    if ".self_attn." in name:
+        return "attention"
+    if ".mlp.experts." in name:
+        return "routed_experts"
+    if ".mlp.shared_experts." in name:
+        return "shared_experts"
+    if ".mlp.gate." in name:
+        return "router"
+    if ".mlp." in name:
+        return "dense_mlp"
+    raise ValueError(f"unclassified parameter {name}")
+
+
+def _sharded_numel(shape: torch.Size, shards: int) -> int:
+    """Elements on the largest rank when dim 0 is split into `shards` (FSDP2 pads the last ones)."""
+    if len(shape) == 0:
+        return 1
+    rest = 1
+    for d in shape[1:]:
+        rest *= d
+    return -(-shape[0] // shards) * rest
+
+
+def inspect(
+    cfg: ModelConfig, dp_replicate: int = 1, dp_shard: int = 1, ep: int = 1, dtype: str = "fp32",
+    optimizer: str = "muon",
+) -> dict[str, Any]:  # fmt: skip
+    """Counts and per-rank memory as a JSON-able dict (see the module docstring)."""
+    for name, v in (("parallel.dp_replicate", dp_replicate), ("parallel.dp_shard", dp_shard), ("parallel.ep", ep)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"{name}={v!r}: must be a positive integer")
+    if dp_shard % ep:
+        raise ValueError(f"parallel.ep={ep}: must divide parallel.dp_shard={dp_shard} (experts shard over ep, then dp_shard/ep)")
+    if cfg.n_routed_experts and cfg.n_routed_experts % ep:
+        raise ValueError(f"parallel.ep={ep}: must divide model.n_routed_experts={cfg.n_routed_experts}")
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype={dtype!r}; valid: {', '.join(DTYPE_BYTES)}")
+    if optimizer not in ("muon", "adamw"):
+        raise ValueError(f"optimizer={optimizer!r}; valid: muon, adamw")
+
+    with torch.device("meta"):
+        model = KimiForCausalLM(cfg)
+    counts = dict.fromkeys(COMPONENTS, 0)
+    per_rank = {"muon": 0, "adamw": 0}
+    for name, p in model.named_parameters():
+        comp = component_of(name)
+        counts[comp] += p.numel()
+        if comp == "routed_experts":  # [E, out, in]: E/ep experts per EP rank, then FSDP over dp_shard/ep
+            local = torch.Size([p.shape[0] // ep, *p.shape[1:]])
+            n = _sharded_numel(local, dp_shard // ep)
+        else:
+            n = _sharded_numel(p.shape, dp_shard)
+        per_rank["muon" if optimizer == "muon" and comp in MUON_COMPONENTS and p.dim() >= 2 else "adamw"] += n
+    total = sum(counts.values())
+    routed = counts["routed_experts"]
+    activated = total - routed
+    if cfg.n_routed_experts:
+        activated += routed * cfg.num_experts_per_tok // cfg.n_routed_experts
+    buffers = sum(b.numel() for n, b in model.named_buffers() if n.endswith("e_score_correction_bias"))
+
+    numel = per_rank["muon"] + per_rank["adamw"]
+    width = DTYPE_BYTES[dtype]
+    memory = {
+        "params": numel * width,
+        "master_params_fp32": numel * 4 if dtype == "bf16" else 0,
+        "grads": numel * width,
+        "optimizer_state": per_rank["muon"] * 4 + per_rank["adamw"] * 8,
+    }
+    memory["total"] = sum(memory.values())
+    return {
+        "total_params": total,
+        "activated_params": activated,
+        "components": counts,
+        "router_bias_buffers": buffers,
+        "layout": {
+            "world_size": dp_replicate * dp_shard, "dp_replicate": dp_replicate, "dp_shard": dp_shard, "ep": ep,
+            "dtype": dtype, "optimizer": optimizer,
+        },  # fmt: skip
+        "per_rank": {
+            "params": numel,
+            "muon_params": per_rank["muon"],
+            "adamw_params": per_rank["adamw"],
+            "memory_bytes": memory,
+            "memory_gib": {k: round(v / 2**30, 3) for k, v in memory.items()},
+        },
+    }
+
+
+def parse_args(argv: list[str]) -> tuple[ModelConfig, dict[str, Any]]:
+    """key=value arguments -> (validated ModelConfig, inspect() keyword arguments)."""
+    name, model_overrides, kwargs = "tiny", [], {}
+    parallel_keys = {"parallel.dp_replicate": "dp_replicate", "parallel.dp_shard": "dp_shard", "parallel.ep": "ep"}
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ValueError(f"argument {arg!r}: expected key=value (see kimi-train-inspect --help)")
+        if key == "model":
+            name = value
+        elif key.startswith("model."):
+            model_overrides.append(f"{key[len('model.'):]}={value}")
+        elif key in parallel_keys:
+            try:
+                kwargs[parallel_keys[key]] = int(value)
+            except ValueError:
+                raise ValueError(f"{key}={value!r}: must be a positive integer") from None
+        elif key in ("dtype", "optimizer"):
+            kwargs[key] = value
+        else:
+            valid = "model, model.FIELD, parallel.dp_replicate, parallel.dp_shard, parallel.ep, dtype, optimizer"
+            raise ValueError(f"unknown argument {key!r}; valid: {valid}")
+    base = load_model_config(name)
+    if model_overrides:
+        try:
+            merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(model_overrides))
+        except OmegaConfBaseException as e:
+            raise ValueError(str(e).splitlines()[0] + f" (in {' '.join(model_overrides)})") from None
+        base = model_config_from_dict(OmegaConf.to_container(merged))
+    return base, kwargs
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-h", "--help") for a in args):
+        print(__doc__)
+        return
+    try:
+        cfg, kwargs = parse_args(args)
+        report = inspect(cfg, **kwargs)
+    except ValueError as e:
+        print(f"kimi-train-inspect: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
