@@ -1,0 +1,244 @@
+"""Typed schemas of the training config and their validation.
+
+The dataclasses below are registered in Hydra's ConfigStore as the schema of
+configs/config.yaml (``base_config``) and of each group, so an unknown key or a value of
+the wrong type fails at compose time with the key's name. `validate()` then checks the
+values (ranges, choices, cross-field rules) before any work is done; each problem is one
+line naming the key and what would be valid (`ConfigError`, exit code 2 from the CLI).
+
+Every key, with its default, is documented in docs/configuration.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from kimi_train.data.sources import SOURCES
+from kimi_train.data.tokenizer import TOKENIZER_KINDS
+from kimi_train.model.config import ModelConfig
+from kimi_train.schedule import DECAY_SHAPES, SCHEDULE_TYPES
+
+OPTIMIZERS = ("muonclip", "muon", "adamw")
+NS_METHODS = ("keller", "polar_express", "gram")
+NS_DTYPES = ("bf16", "fp32")
+NS_BACKENDS = ("auto", "torch", "triton")
+ADJUST_LR = ("match_rms_adamw", "original", "none")
+TRAIN_DTYPES = ("auto", "fp32", "bf16")
+RESUME_MODES = ("auto", "never")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message is one line naming the key and the valid values."""
+
+
+@dataclass
+class QKClipConfig:
+    enabled: bool = True  # optim=muonclip only: rescale q/k rows of heads whose max logit exceeds tau
+    tau: float = 100.0  # K2 used 100
+
+
+@dataclass
+class OptimConfig:
+    name: str = "muonclip"  # muonclip | muon | adamw
+    lr: float = 2e-4
+    weight_decay: float = 0.1
+    momentum: float = 0.95  # Muon momentum
+    nesterov: bool = True
+    ns_steps: int = 5
+    ns_method: str = "keller"  # keller | polar_express | gram
+    ns_dtype: str = "bf16"  # bf16 | fp32: dtype of the Newton-Schulz iteration
+    ns_backend: str = "auto"  # auto | torch | triton
+    adjust_lr: str = "match_rms_adamw"  # Muon update scale: match_rms_adamw | original | none
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (and Muon's AdamW groups)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global gradient norm; 0 = no clipping (the norm is still logged)
+    qk_clip: QKClipConfig = field(default_factory=QKClipConfig)
+
+
+@dataclass
+class ScheduleConfig:
+    type: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of train.steps spent decaying at the end
+    decay_shape: str = "cosine"  # wsd: cosine | linear
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * optim.lr (wsd and cosine)
+
+
+@dataclass
+class DataConfig:
+    source: str = "stdlib"  # stdlib | files | hub
+    paths: list[str] = field(default_factory=list)  # files: local .txt/.md, .json/.jsonl or .parquet files
+    name: Optional[str] = None  # hub: dataset name, streamed
+    subset: Optional[str] = None  # hub: dataset config name
+    split: str = "train"  # hub: split to stream
+    text_field: str = "text"  # json/jsonl/parquet/hub: the column holding the text
+    max_bytes: int = 16_000_000  # read at most this much text (0 = all)
+    tokenizer: str = "byte"  # byte | bpe | hf
+    tokenizer_path: Optional[str] = None  # hf: a local tokenizer.json or tokenizer directory
+    bpe_vocab_size: int = 4096  # bpe: trained on the corpus, cached in cache_dir
+    cache_dir: Optional[str] = None  # default $KIMI_TRAIN_CACHE or ~/.cache/kimi_train
+    val_fraction: float = 0.01  # the last share of the token stream, held out for validation
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = 1
+    dp_shard: int = -1  # -1: every rank not used by dp_replicate
+    ep: int = 1
+
+
+@dataclass
+class TrainLoopConfig:
+    steps: int = 300
+    seed: int = 0
+    seq_len: int = 128
+    micro_batch_size: int = 16
+    global_batch_size: Optional[int] = None  # sequences per optimizer step; null = micro_batch_size * dp
+    log_every: int = 10
+    val_every: int = 100  # 0 = only at the end
+    val_batches: int = 8
+    max_skipped_steps: int = 10  # non-finite loss/grad steps tolerated before stopping
+    compile: bool = False  # torch.compile the model
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    peak_flops: Optional[float] = None  # per device, for MFU; null = known GPU table (none on CPU)
+    expert_bias_rate: float = 1e-3  # aux-loss-free balancing: bias += rate * sign(mean load - load)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps; 0 = only at the end
+    keep: int = 2  # complete checkpoints kept (oldest deleted)
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    wandb_project: str = "kimi-train"
+    progress_bar: bool = True
+    plots: bool = True  # write PNG plots into run_dir at the end
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run_name: Optional[str] = None  # null: "<model>-<optim>" from the config choices
+    run_dir: Optional[str] = None  # null: runs/<run_name>
+    resume: str = "auto"  # auto: continue from the latest complete checkpoint in run_dir | never
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra (configs/config.yaml lists base_config first in its defaults)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=TrainConfig)
+    cs.store(group="model", name="base_model", node=ModelConfig)
+    cs.store(group="optim", name="base_optim", node=OptimConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
+    cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
+
+
+def _one_of(key: str, value: Any, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise ConfigError(f"{key}={value!r} is not valid; valid values: {', '.join(valid)}")
+
+
+def _check(ok: bool, key: str, value: Any, want: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is not valid; {want}")
+
+
+def grad_accum_steps(cfg: TrainConfig, dp_size: int) -> int:
+    """Micro-batches per optimizer step on each rank: global / (micro * dp)."""
+    t = cfg.train
+    if t.global_batch_size is None:
+        return 1
+    return t.global_batch_size // (t.micro_batch_size * dp_size)
+
+
+def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
+    """Check every value; raise ConfigError with one line naming the first bad key."""
+    o, s, d, t, c = cfg.optim, cfg.schedule, cfg.data, cfg.train, cfg.checkpoint
+    try:
+        cfg.model.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    _one_of("optim.name", o.name, OPTIMIZERS)
+    _check(math.isfinite(o.lr) and o.lr > 0, "optim.lr", o.lr, "must be a finite number > 0")
+    _check(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be >= 0")
+    _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
+    _check(o.ns_steps >= 1, "optim.ns_steps", o.ns_steps, "must be >= 1")
+    _one_of("optim.ns_method", o.ns_method, NS_METHODS)
+    _one_of("optim.ns_dtype", o.ns_dtype, NS_DTYPES)
+    _one_of("optim.ns_backend", o.ns_backend, NS_BACKENDS)
+    _one_of("optim.adjust_lr", o.adjust_lr, ADJUST_LR)
+    _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
+           "must be two numbers in [0, 1), e.g. [0.9,0.95]")
+    _check(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
+    _check(math.isfinite(o.qk_clip.tau) and o.qk_clip.tau > 0, "optim.qk_clip.tau", o.qk_clip.tau,
+           "must be a finite number > 0 (K2 uses 100)")
+
+    _one_of("schedule.type", s.type, SCHEDULE_TYPES)
+    _one_of("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)
+    _check(s.warmup_steps >= 0, "schedule.warmup_steps", s.warmup_steps, "must be >= 0")
+    _check(0 <= s.decay_fraction <= 1, "schedule.decay_fraction", s.decay_fraction, "must be in [0, 1]")
+    _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
+
+    _one_of("data.source", d.source, SOURCES)
+    _one_of("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
+    _check(d.source != "files" or len(d.paths) > 0, "data.paths", list(d.paths),
+           "data.source=files needs a list of local files, e.g. data.paths=[a.jsonl]")
+    _check(d.source != "hub" or bool(d.name), "data.name", d.name, "data.source=hub needs a dataset name")
+    _check(d.tokenizer != "hf" or bool(d.tokenizer_path), "data.tokenizer_path", d.tokenizer_path,
+           "data.tokenizer=hf needs a local tokenizer.json or tokenizer directory")
+    _check(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", d.bpe_vocab_size, "must be >= 260")
+    _check(d.tokenizer != "bpe" or d.bpe_vocab_size <= cfg.model.vocab_size, "data.bpe_vocab_size",
+           d.bpe_vocab_size, f"must be <= model.vocab_size={cfg.model.vocab_size}")
+    _check(d.tokenizer != "byte" or cfg.model.vocab_size >= 256, "model.vocab_size", cfg.model.vocab_size,
+           "must be >= 256 for data.tokenizer=byte")
+    _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0 = no cap)")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+
+    _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
+    _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
+    _check(t.seq_len <= cfg.model.max_position_embeddings, "train.seq_len", t.seq_len,
+           f"must be <= model.max_position_embeddings={cfg.model.max_position_embeddings}")
+    _check(t.micro_batch_size >= 1, "train.micro_batch_size", t.micro_batch_size, "must be >= 1")
+    if t.global_batch_size is not None:
+        unit = t.micro_batch_size * dp_size
+        _check(t.global_batch_size >= unit and t.global_batch_size % unit == 0, "train.global_batch_size",
+               t.global_batch_size,
+               f"must be a positive multiple of micro_batch_size * dp ranks = {t.micro_batch_size} * {dp_size}")
+    _check(t.log_every >= 1, "train.log_every", t.log_every, "must be >= 1")
+    _check(t.val_every >= 0, "train.val_every", t.val_every, "must be >= 0 (0 = only at the end)")
+    _check(t.val_batches >= 0, "train.val_batches", t.val_batches, "must be >= 0 (0 = no validation)")
+    _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
+    _one_of("train.dtype", t.dtype, TRAIN_DTYPES)
+    _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops, "must be > 0 or null")
+    _check(t.expert_bias_rate >= 0, "train.expert_bias_rate", t.expert_bias_rate, "must be >= 0")
+
+    _check(c.every >= 0, "checkpoint.every", c.every, "must be >= 0 (0 = only at the end)")
+    _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
+    _one_of("resume", cfg.resume, RESUME_MODES)
+    _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    for key, value in (("run_name", cfg.run_name), ("run_dir", cfg.run_dir)):
+        _check(value is None or value.strip() != "", key, value, "must be a non-empty string or null")
+    _check(cfg.run_name is None or "/" not in cfg.run_name, "run_name", cfg.run_name,
+           "must not contain '/' (use run_dir for a path)")
+    p = cfg.parallel
+    _check(p.dp_replicate >= 1, "parallel.dp_replicate", p.dp_replicate, "must be >= 1")
+    _check(p.dp_shard >= 1 or p.dp_shard == -1, "parallel.dp_shard", p.dp_shard, "must be >= 1 or -1 (all ranks)")
+    _check(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    return cfg

@@ -1,0 +1,108 @@
+"""Where the text comes from: the Python standard library (built in), local files, or the HF hub.
+
+Each source yields documents (strings) in a fixed order until ``max_bytes`` of UTF-8
+text have been read (0 = no cap), so the same config always gives the same corpus.
+"""
+
+from __future__ import annotations
+
+import sysconfig
+from pathlib import Path
+from typing import Iterator, Optional
+
+SOURCES = ("stdlib", "files", "hub")
+_SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+_FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
+                  ".parquet": "parquet"}
+
+
+def stdlib_files() -> list[Path]:
+    """The running interpreter's standard-library .py files (no tests, no site-packages), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _capped(docs: Iterator[str], max_bytes: int) -> Iterator[str]:
+    total = 0
+    for doc in docs:
+        if not doc:
+            continue
+        yield doc
+        total += len(doc.encode("utf-8"))
+        if max_bytes and total >= max_bytes:
+            return
+
+
+def _stdlib_docs() -> Iterator[str]:
+    for path in stdlib_files():
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _builder_for(paths: list[str]) -> str:
+    kinds = set()
+    for p in paths:
+        suffix = Path(p).suffix.lower()
+        if suffix not in _FILE_BUILDERS:
+            raise ValueError(f"data.paths: {p!r} has no known format (valid: {', '.join(sorted(_FILE_BUILDERS))})")
+        kinds.add(_FILE_BUILDERS[suffix])
+    if len(kinds) != 1:
+        raise ValueError(f"data.paths mixes formats {sorted(kinds)}; use files of one format")
+    return kinds.pop()
+
+
+def _dataset_docs(dataset, text_field: str, where: str) -> Iterator[str]:
+    for row in dataset:
+        if text_field not in row:
+            raise ValueError(f"data.text_field={text_field!r} is not a column of {where} (columns: {sorted(row)})")
+        yield row[text_field]
+
+
+def _file_docs(paths: list[str], text_field: str) -> Iterator[str]:
+    from datasets import load_dataset
+
+    builder = _builder_for(paths)
+    files = [str(Path(p).expanduser().resolve()) for p in paths]
+    kwargs = {"sample_by": "document"} if builder == "text" else {}
+    # Streaming reads the files in order without writing an Arrow cache.
+    ds = load_dataset(builder, data_files=files, split="train", streaming=True, **kwargs)
+    field = "text" if builder == "text" else text_field
+    yield from _dataset_docs(ds, field, f"{paths}")
+
+
+def _hub_docs(name: str, subset: Optional[str], split: str, text_field: str) -> Iterator[str]:
+    from datasets import load_dataset
+
+    ds = load_dataset(name, subset, split=split, streaming=True)
+    yield from _dataset_docs(ds, text_field, name)
+
+
+def iter_documents(data_cfg) -> Iterator[str]:
+    """Documents of the configured source, in a deterministic order, capped at data.max_bytes."""
+    if data_cfg.source == "stdlib":
+        docs = _stdlib_docs()
+    elif data_cfg.source == "files":
+        docs = _file_docs(list(data_cfg.paths), data_cfg.text_field)
+    elif data_cfg.source == "hub":
+        docs = _hub_docs(data_cfg.name, data_cfg.subset, data_cfg.split, data_cfg.text_field)
+    else:
+        raise ValueError(f"data.source={data_cfg.source!r} is not one of {', '.join(SOURCES)}")
+    return _capped(docs, data_cfg.max_bytes)
+
+
+def describe_source(data_cfg) -> str:
+    """A stable description of the corpus, used as a cache key."""
+    import sys
+
+    if data_cfg.source == "stdlib":
+        what = f"stdlib-{sys.version_info.major}.{sys.version_info.minor}-{sysconfig.get_paths()['stdlib']}"
+    elif data_cfg.source == "files":
+        stats = []
+        for p in data_cfg.paths:
+            path = Path(p).expanduser().resolve()
+            st = path.stat()
+            stats.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
+        what = "files-" + ",".join(stats) + f"-{data_cfg.text_field}"
+    else:
+        what = f"hub-{data_cfg.name}-{data_cfg.subset}-{data_cfg.split}-{data_cfg.text_field}"
+    return f"{what}-max{data_cfg.max_bytes}"

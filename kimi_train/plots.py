@@ -1,0 +1,152 @@
+"""`kimi-train-plot RUN_DIR [RUN_DIR ...] [--out DIR]`: PNG plots from metrics.jsonl.
+
+Writes loss.png (train, and val as markers; the corpus unigram entropy dashed),
+max_logit.png (max attention logit per layer over steps, tau dashed when QK-Clip is on),
+clipped_heads.png, expert_load.png (max/mean routed-token load per MoE layer) and lr.png.
+Several runs overlay in one figure each, one colour per run. One run: plots go to
+RUN_DIR/plots; several: to --out (default ./plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run_dir!s} has no metrics.jsonl; pass the directory of a kimi-train run")
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _float(v: Any) -> float:
+    return float(v) if v is not None else float("nan")  # "inf"/"nan" strings included
+
+
+def _run_info(run_dir: Path) -> dict[str, Any]:
+    info: dict[str, Any] = {"label": run_dir.name, "tau": None, "entropy": None}
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        info["entropy"] = json.loads(summary.read_text()).get("unigram_entropy")
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.is_file():
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(cfg_file)
+        optim = cfg.get("optim", {})
+        if optim.get("name") == "muonclip" and optim.get("qk_clip", {}).get("enabled", False):
+            info["tau"] = float(optim.qk_clip.tau)
+    return info
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], _float(r[key])) for r in records if r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _per_layer(records: list[dict], key: str) -> tuple[list[int], list[list[float]]]:
+    rows = [r for r in records if r.get(key)]
+    if not rows:
+        return [], []
+    n = max(len(r[key]) for r in rows)
+    steps = [r["step"] for r in rows]
+    layers = [[_float(r[key][i]) if i < len(r[key]) else float("nan") for r in rows] for i in range(n)]
+    return steps, layers
+
+
+def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
+    """Write the PNGs for one or several runs into out_dir; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    runs = [(Path(d), read_metrics(d), _run_info(Path(d))) for d in run_dirs]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    written = []
+
+    def figure(name: str, title: str, ylabel: str, draw, log: bool = False) -> None:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for i, (run_dir, records, info) in enumerate(runs):
+            draw(ax, records, info, colors[i % len(colors)], info["label"])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        handles, labels = ax.get_legend_handles_labels()
+        if handles:
+            ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    def loss(ax, records, info, c, label):
+        ax.plot(*_series(records, "loss"), color=c, label=f"{label} train")
+        steps, val = _series(records, "val_loss")
+        if steps:
+            ax.plot(steps, val, "o--", color=c, label=f"{label} val")
+        if info["entropy"]:
+            ax.axhline(info["entropy"], color=c, ls=":", lw=1, label=f"{label} unigram entropy")
+
+    def max_logit(ax, records, info, c, label):
+        steps, layers = _per_layer(records, "max_logit_per_layer")
+        for i, ys in enumerate(layers):
+            ax.plot(steps, ys, color=c, alpha=0.35 + 0.65 * (i + 1) / len(layers), lw=1,
+                    label=f"{label} layer {i}" if len(runs) == 1 else (label if i == 0 else None))
+        if info["tau"]:
+            ax.axhline(info["tau"], color=c, ls="--", lw=1.5, label=f"{label} tau={info['tau']:g}")
+
+    def clipped(ax, records, info, c, label):
+        ax.plot(*_series(records, "clipped_heads"), color=c, label=label)
+
+    def load(ax, records, info, c, label):
+        steps, layers = _per_layer(records, "expert_load_imbalance_per_layer")
+        for i, ys in enumerate(layers):
+            ax.plot(steps, ys, color=c, alpha=0.35 + 0.65 * (i + 1) / len(layers), lw=1,
+                    label=f"{label} MoE layer {i}" if len(runs) == 1 else (label if i == 0 else None))
+        ax.axhline(1.0, color="gray", ls=":", lw=1)
+
+    def lr(ax, records, info, c, label):
+        ax.plot(*_series(records, "lr"), color=c, label=label)
+
+    figure("loss", "training loss (nats/token)", "loss", loss)
+    figure("max_logit", "max attention logit per layer", "max logit", max_logit)
+    figure("clipped_heads", "attention heads clipped by QK-Clip (logged steps)", "heads", clipped)
+    figure("expert_load", "expert load imbalance (max / mean routed tokens)", "max / mean", load)
+    figure("lr", "learning rate", "lr", lr)
+    return written
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="kimi-train-plot", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dirs", nargs="+", help="run directories (each with metrics.jsonl)")
+    parser.add_argument("--out", default=None, help="output directory (one run: RUN_DIR/plots; several: ./plots)")
+    args = parser.parse_args(argv)
+    out = args.out or (str(Path(args.run_dirs[0]) / "plots") if len(args.run_dirs) == 1 else "plots")
+    try:
+        paths = plot_runs(args.run_dirs, out)
+    except ValueError as e:
+        print(f"kimi-train-plot: {e}", file=sys.stderr)
+        sys.exit(2)
+    for p in paths:
+        print(p)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""`kimi-train` (also `python -m kimi_train.train`): the Hydra entry point.
+
+    kimi-train                                    # tiny model, MuonClip, stdlib corpus
+    kimi-train model=small optim=adamw train.steps=1000 run_name=small-adamw
+    kimi-train -m optim=muonclip,adamw            # multirun: runs/multirun/optim=muonclip, .../optim=adamw
+    torchrun --nproc_per_node 8 -m kimi_train.train parallel.dp_shard=8
+
+Config problems (unknown keys, bad values) end the process with ONE line on stderr and
+exit code 2, before any work is done. The run directory is deterministic (run_dir, or
+runs/<run_name>, run_name defaulting to "<model>-<optim>"), so every rank of a torchrun
+job and every restart of a run agree on it; resume=auto continues from its latest
+complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from kimi_train.config import ConfigError, TrainConfig, register_configs, validate
+
+try:
+    from kimi_train.paths import config_dir as _config_dir
+
+    CONFIG_DIR = str(_config_dir())
+except ImportError:  # pragma: no cover - paths.py comes with the model package
+    CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+
+
+# ---------------------------------------------------------------------------- resolvers used by config.yaml
+def _run_dir(run_dir: Optional[str], run_name: Optional[str], model: str, optim: Optional[str]) -> str:
+    if run_dir:
+        return str(run_dir)
+    if run_name:
+        return f"runs/{run_name}"
+    return f"runs/{model}-{optim}" if optim else f"runs/{model}"
+
+
+def _safe_dirname(override_dirname: str, job_num: Any) -> str:
+    name = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]", "_", str(override_dirname or ""))
+    return name[:200] if name else f"job{job_num}"
+
+
+def _rank0_only(value: str) -> Optional[str]:
+    return value if os.environ.get("RANK", "0") == "0" else None
+
+
+def register_resolvers() -> None:
+    for name, fn in (("kt_run_dir", _run_dir), ("kt_safe_dirname", _safe_dirname), ("kt_rank0_only", _rank0_only)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
+register_resolvers()
+register_configs()
+
+
+# ---------------------------------------------------------------------------- the app
+def to_train_config(cfg: DictConfig) -> tuple[TrainConfig, dict]:
+    """The composed DictConfig as a TrainConfig, with run_dir/run_name filled in from Hydra."""
+    hc = HydraConfig.get()
+    run_dir = hc.runtime.output_dir
+    choices = hc.runtime.choices
+    run_name = cfg.run_name or (Path(run_dir).name if (cfg.run_dir or hc.mode.name == "MULTIRUN")
+                                else f"{choices.get('model')}-{choices.get('optim')}")
+    cfg.run_dir, cfg.run_name = run_dir, run_name
+    container = OmegaConf.to_container(cfg, resolve=True)
+    return OmegaConf.to_object(cfg), container
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> None:
+    from kimi_train.parallel import ParallelDims
+
+    train_cfg, resolved = to_train_config(cfg)
+    try:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        try:
+            dp_size = ParallelDims.from_config(train_cfg.parallel, world_size, train_cfg.model).dp_size
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        validate(train_cfg, dp_size)
+    except ConfigError as e:
+        # Exit from inside the job: Hydra would otherwise add its own multi-line report.
+        print(f"kimi-train: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+    from kimi_train.trainer import Trainer
+
+    Trainer(train_cfg, train_cfg.run_dir, resolved).fit()
+
+
+def _one_line(ex: BaseException) -> str:
+    """A Hydra/OmegaConf composition error as one line (they are multi-line, with hints)."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(ex, MissingConfigException) and getattr(ex, "options", None):
+        group = Path(ex.missing_cfg_file or "").parent.name or "group"
+        name = Path(ex.missing_cfg_file or "").name
+        return f"{group}={name!r} is not a known config; valid values: {', '.join(ex.options)}"
+    parts = [str(ex).strip()]
+    if ex.__cause__ is not None:
+        parts.append(str(ex.__cause__).strip())
+    text = " ".join(p.splitlines()[0] for p in parts if p)
+    for hint in ("\tfull_key", "    full_key"):
+        text = text.split(hint)[0]
+    return text.strip()
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """Console entry point: exit 2 with one line for any config problem."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from kimi_train.trainer import TrainingError
+
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's exit(1)
+    try:
+        _hydra_main()
+    except ConfigError as e:
+        print(f"kimi-train: config error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"kimi-train: config error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as e:
+        print(f"kimi-train: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

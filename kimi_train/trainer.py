@@ -1,0 +1,381 @@
+"""The training loop: data -> model -> loss -> MuonClip step -> expert-bias update -> metrics/checkpoints.
+
+One optimizer step (every rank):
+
+    for each of A micro-batches:  loss = CE(model(x), y) / A;  loss.backward()
+    grad_norm = clip_grad_norm_(params, optim.grad_clip)       # global norm, logged even without clipping
+    if loss or grad_norm is not finite: skip the step (up to train.max_skipped_steps)
+    optimizer.step()       # Muon/AdamW update, then (MuonClip) QK-Clip of heads over tau
+    update_expert_bias()   # aux-loss-free MoE balancing from this step's routed-token counts
+
+The step index is the batch index: a skipped step still consumes its batch and its
+schedule slot, so a run always ends after train.steps batches.
+
+Legend: B micro-batch size, T sequence length, V vocab size, A accumulation steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import signal
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kimi_train import checkpoint as ckpt
+from kimi_train.config import TrainConfig, grad_accum_steps
+from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
+from kimi_train.metrics import MetricsLogger, flops_per_token, peak_flops
+from kimi_train.schedule import LRSchedule
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many non-finite steps); the message says why."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dp_group: Any = None) -> torch.optim.Optimizer:
+    """optim=muonclip -> optim.MuonClip; muon (or muonclip with qk_clip.enabled=false) -> optim.Muon;
+    adamw -> torch.optim.AdamW over every parameter (the usual baseline)."""
+    o = cfg.optim
+    if o.name == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay)
+    from optim import Muon, MuonClip, muon_param_groups
+
+    kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
+                  ns_steps=o.ns_steps, ns_method=o.ns_method,
+                  ns_dtype=torch.bfloat16 if o.ns_dtype == "bf16" else torch.float32, ns_backend=o.ns_backend,
+                  adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps)
+    groups = muon_param_groups(model, lr=o.lr, weight_decay=o.weight_decay)
+    if o.name == "muonclip" and o.qk_clip.enabled:
+        return MuonClip(groups, attention_layers=model.attention_layers(), tau=o.qk_clip.tau,
+                        process_group=dp_group, **kwargs)
+    return Muon(groups, **kwargs)
+
+
+@torch.no_grad()
+def read_max_logits(attention_layers: list, group: Any = None) -> dict[str, Any]:
+    """Per-layer max logits (MAX over ranks) without clipping, then reset: for optimizers without QK-Clip."""
+    per_layer = []
+    for layer in attention_layers:
+        m = layer.max_logits
+        value = torch.tensor(-math.inf) if m is None else m.detach().float().max().cpu()
+        per_layer.append(value)
+        layer.reset_max_logits()
+    if not per_layer:
+        return {"max_logit": None, "max_logit_per_layer": [], "clipped_heads": 0, "clipped_heads_per_layer": []}
+    flat = torch.stack(per_layer)
+    if dist.is_initialized():
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        flat = flat.to(dev)
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        flat = flat.cpu()
+    values = flat.tolist()
+    return {"max_logit": max(values), "max_logit_per_layer": values, "clipped_heads": 0,
+            "clipped_heads_per_layer": [0] * len(values)}
+
+
+class Trainer:
+    """Builds everything from a validated TrainConfig and runs `fit()` (every rank)."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resolved_config: Optional[dict] = None):
+        from kimi_train.model import KimiForCausalLM
+        from kimi_train.parallel import ParallelDims, init_distributed, parallelize_model
+
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.train
+        self.rank, self.world_size, _, self.device = init_distributed()
+        self.is_main = self.rank == 0
+        self.dims = ParallelDims.from_config(cfg.parallel, self.world_size, cfg.model)
+        mesh = self.dims.build_mesh(self.device.type)
+        self.accum = grad_accum_steps(cfg, self.dims.dp_size)
+        self.global_batch = t.micro_batch_size * self.accum * self.dims.dp_size
+        self.tokens_per_step = self.global_batch * t.seq_len
+
+        # bf16 autocast on GPU by default, fp32 on CPU; the master weights stay fp32.
+        use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+
+        # Data: rank 0 first, so a BPE tokenizer / token cache is built once.
+        if not self.is_main and dist.is_initialized():
+            dist.barrier()
+        self.corpus = load_corpus(cfg.data)
+        if self.is_main and dist.is_initialized():
+            dist.barrier()
+        if self.corpus.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise TrainingError(
+                f"the tokenizer has {self.corpus.tokenizer.vocab_size} tokens but model.vocab_size="
+                f"{cfg.model.vocab_size}; set model.vocab_size >= {self.corpus.tokenizer.vocab_size}"
+            )
+        self.train_loader = TrainLoader(PackedWindows(self.corpus.train_tokens, t.seq_len), t.micro_batch_size,
+                                        self.accum, self.dims.dp_rank, self.dims.dp_size, seed=t.seed)
+        self.val_set = val_batches(PackedWindows(self.corpus.val_tokens, t.seq_len), t.val_batches,
+                                   t.micro_batch_size, self.dims.dp_rank, self.dims.dp_size)
+
+        seed_everything(t.seed)
+        with torch.device(self.device):
+            model = KimiForCausalLM(cfg.model)
+        self.num_params = sum(p.numel() for p in model.parameters())
+        self.flops_per_token = flops_per_token(model, cfg.model, t.seq_len)
+        self.model = parallelize_model(model, self.dims, mesh, mixed_precision=use_bf16)
+        if t.compile:
+            self.model.compile()  # in place: parameter names (and checkpoints) stay the same
+        self.optimizer = build_optimizer(cfg, self.model, self.dims.dp_group)
+        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
+        s = cfg.schedule
+        self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
+        self.peak_flops = peak_flops(self.device, t.peak_flops)
+
+        self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
+        self.resumed_from: Optional[str] = None
+        self._prepare_run_dir(resolved_config)
+        self.metrics = MetricsLogger(self.run_dir, self.is_main, self.step, cfg.logging.wandb,
+                                     cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
+
+    # ------------------------------------------------------------------ setup
+    def _prepare_run_dir(self, resolved_config: Optional[dict]) -> None:
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if self.cfg.resume == "never" and self.is_main:
+            # A fresh run in this directory: old checkpoints/metrics would be mixed with the new ones.
+            if latest is not None or (self.run_dir / "metrics.jsonl").exists():
+                print(f"resume=never: removing the previous run's checkpoints and metrics in {self.run_dir}",
+                      file=sys.stderr)
+            shutil.rmtree(ckpt.checkpoints_root(self.run_dir), ignore_errors=True)
+            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        if dist.is_initialized():
+            dist.barrier()
+        if self.cfg.resume == "auto" and latest is not None:
+            state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+            self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+            self.tokens_seen = state["tokens_seen"]
+            self.train_loader.load_state_dict(state["data"])
+            self.resumed_from = str(latest)
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            if resolved_config is not None:
+                from omegaconf import OmegaConf
+
+                OmegaConf.save(OmegaConf.create(resolved_config), self.run_dir / "config.yaml")
+
+    # ------------------------------------------------------------------ one step
+    def _set_lr(self, step: int) -> float:
+        mult = self.schedule(step)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * mult
+        return self.cfg.optim.lr * mult
+
+    def _loss(self, batch_BT1: torch.Tensor) -> torch.Tensor:
+        batch_BT1 = batch_BT1.to(self.device, non_blocking=True)
+        x_BT, y_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
+        with self.autocast():
+            logits_BTV = self.model(x_BT)
+        return F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
+
+    def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        if dist.is_initialized() and self.dims.dp_size > 1:
+            value = value.clone()
+            dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.dims.dp_group)
+            value /= self.dims.dp_size
+        return value
+
+    def train_step(self) -> dict[str, Any]:
+        lr = self._set_lr(self.step)
+        self.model.train()
+        micro_batches = self.train_loader.next_batch()
+        loss_sum = torch.zeros((), device=self.device)
+        sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2: sync only on the last one
+        for i, mb in enumerate(micro_batches):
+            if sync is not None:
+                sync(i == len(micro_batches) - 1)
+            loss = self._loss(mb)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        loss = self._mean_over_dp(loss_sum / self.accum)
+        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        loss_f, grad_norm_f = float(loss), float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
+                                                  else grad_norm)
+        record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
+        if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
+            self._skip_step(loss_f, grad_norm_f)
+            record.update(skipped=True)
+            return record
+
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        clip = getattr(self.optimizer, "last_stats", None)
+        if clip is None:
+            clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
+        from kimi_train.model import update_expert_bias
+
+        balance = update_expert_bias(self.model.moe_layers(), rate=self.cfg.train.expert_bias_rate,
+                                     group=self.dims.dp_group)
+        record.update(
+            max_logit=clip["max_logit"], max_logit_per_layer=clip["max_logit_per_layer"],
+            clipped_heads=clip["clipped_heads"], clipped_heads_per_layer=clip["clipped_heads_per_layer"],
+            expert_load_imbalance=balance["max_imbalance"] if balance["imbalance_per_layer"] else None,
+            expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None,
+        )
+        return record
+
+    def _skip_step(self, loss: float, grad_norm: float) -> None:
+        """Drop this step's gradients and records; stop after too many."""
+        self.optimizer.zero_grad(set_to_none=True)
+        for layer in self.model.attention_layers():
+            layer.reset_max_logits()
+        for moe in self.model.moe_layers():
+            moe.tokens_per_expert.zero_()
+        self.skipped_steps += 1
+        limit = self.cfg.train.max_skipped_steps
+        if self.skipped_steps > limit:
+            raise TrainingError(
+                f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}, {self.skipped_steps} skipped "
+                f"steps > train.max_skipped_steps={limit}; lower optim.lr or check the data"
+            )
+        if self.is_main:
+            warnings.warn(f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; step skipped "
+                          f"({self.skipped_steps}/{limit})", stacklevel=2)
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """Mean loss over the fixed validation batches (eval mode: no max-logit/expert-load records)."""
+        if not self.val_set:
+            return None
+        self.model.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in self.val_set:
+            total += self._loss(batch)
+        self.model.train()
+        return float(self._mean_over_dp(total / len(self.val_set)))
+
+    # ------------------------------------------------------------------ loop
+    def _trainer_state(self) -> dict[str, Any]:
+        return {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
+                "data": self.train_loader.state_dict(), "schedule": dataclasses.asdict(self.schedule)}
+
+    def save(self) -> None:
+        if not ckpt.all_finite(self.model, self.optimizer):
+            raise TrainingError(f"step {self.step}: the model or optimizer state has non-finite values; "
+                                "refusing to write a checkpoint (the previous one is kept)")
+        ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
+                             keep=self.cfg.checkpoint.keep)
+
+    def fit(self) -> dict[str, Any]:
+        t, every = self.cfg.train, self.cfg.checkpoint.every
+        self._print_header()
+        bar = None
+        if self.is_main and self.cfg.logging.progress_bar:
+            from tqdm import tqdm
+
+            bar = tqdm(total=t.steps, initial=self.step, dynamic_ncols=True, desc="train")
+        kill_after = os.environ.get("KIMI_TRAIN_DEBUG_KILL_AFTER_STEP")  # test hook: simulate a crash
+        train_time, interval_tokens, last = 0.0, 0, None
+        start = time.perf_counter()
+        while self.step < t.steps:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            train_time += dt
+            interval_tokens += self.tokens_per_step
+            is_last = self.step == t.steps
+            if self.step % t.log_every == 0 or is_last or self.step == 1:
+                tps = interval_tokens / max(train_time, 1e-9)
+                record.update(step=self.step, tokens=self.tokens_seen, tokens_per_s=tps,
+                              skipped_steps=self.skipped_steps, elapsed_s=time.perf_counter() - start)
+                if self.peak_flops:
+                    record["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.world_size)
+                if t.val_batches and ((t.val_every and self.step % t.val_every == 0) or is_last):
+                    record["val_loss"] = self.evaluate()
+                record.pop("skipped", None)
+                record = {"step": record.pop("step"), **record}
+                self.metrics.log(record)
+                last = record
+                train_time, interval_tokens = 0.0, 0
+                if bar is not None:
+                    bar.set_postfix(_postfix(record), refresh=False)
+                elif self.is_main:
+                    print(" ".join(f"{k}={v}" for k, v in _postfix(record).items()), flush=True)
+            if bar is not None:
+                bar.update(1)
+            if (every and self.step % every == 0) or is_last:
+                self.save()
+            if kill_after == str(self.step):
+                os.kill(os.getpid(), signal.SIGKILL)
+        if bar is not None:
+            bar.close()
+        return self._finish(last, time.perf_counter() - start)
+
+    def _print_header(self) -> None:
+        if not self.is_main:
+            return
+        c = self.corpus
+        lines = [
+            f"run_dir: {self.run_dir}" + (f" (resumed from {Path(self.resumed_from).name})" if self.resumed_from else ""),
+            f"model: {self.num_params / 1e6:.2f}M parameters, {self.cfg.model.num_hidden_layers} layers; "
+            f"optimizer: {type(self.optimizer).__name__}; device: {self.device}; ranks: {self.world_size}",
+            f"data: {self.cfg.data.source}, {c.num_documents} documents, {len(c.train_tokens):,} train / "
+            f"{len(c.val_tokens):,} val tokens, tokenizer {c.tokenizer.name} (vocab {c.tokenizer.vocab_size}), "
+            f"unigram entropy {c.unigram_entropy:.3f} nats/token",
+            f"batch: {self.global_batch} x {self.cfg.train.seq_len} tokens per step "
+            f"({self.cfg.train.micro_batch_size} per micro-batch, {self.accum} accumulation steps), "
+            f"{self.cfg.train.steps} steps",
+        ]
+        print("\n".join(lines), flush=True)
+
+    def _finish(self, last: Optional[dict], elapsed: float) -> dict[str, Any]:
+        summary = {
+            "run_dir": str(self.run_dir),
+            "steps": self.step,
+            "skipped_steps": self.skipped_steps,
+            "tokens": self.tokens_seen,
+            "unigram_entropy": self.corpus.unigram_entropy,
+            "final_loss": last.get("loss") if last else None,
+            "final_val_loss": last.get("val_loss") if last else None,
+            "num_params": self.num_params,
+            "elapsed_s_this_session": elapsed,
+            "resumed_from": self.resumed_from,
+        }
+        self.metrics.summary(summary)
+        self.metrics.close()
+        if self.is_main:
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            if self.cfg.logging.plots and last is not None:
+                from kimi_train.plots import plot_runs
+
+                plot_runs([self.run_dir], self.run_dir / "plots")
+            print(f"done: loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "done",
+                  f"(unigram entropy {self.corpus.unigram_entropy:.3f}); outputs in {self.run_dir}", flush=True)
+        return summary
+
+
+def _postfix(record: dict[str, Any]) -> dict[str, str]:
+    out = {"step": str(record["step"]), "loss": f"{record['loss']:.4f}", "lr": f"{record['lr']:.2e}"}
+    if record.get("max_logit") is not None:
+        out["max_logit"] = f"{record['max_logit']:.1f}"
+    if record.get("val_loss") is not None:
+        out["val"] = f"{record['val_loss']:.4f}"
+    out["tok/s"] = f"{record['tokens_per_s']:.0f}"
+    return out
