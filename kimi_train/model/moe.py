@@ -55,7 +55,21 @@ class FeedForward(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class Router(nn.Module):
+class _Fp32Buffers(nn.Module):
+    """Keeps fp32 buffers fp32 under model.to(bf16): the router bias moves in 1e-3 steps that
+    bf16 (8 mantissa bits) would round away, and token counts must stay exact."""
+
+    def _apply(self, fn, recurse=True):
+        fp32 = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, old in fp32.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[name] = (new if old.is_meta else old).to(device=new.device, dtype=torch.float32)
+        return self
+
+
+class Router(_Fp32Buffers):
     """Sigmoid top-k router with a selection-only bias (noaux_tc) and group-limited routing."""
 
     def __init__(self, cfg: ModelConfig):
@@ -119,7 +133,7 @@ class GroupedExperts(nn.Module):
         return grouped_gemm(F.silu(gate_SI) * up_SI, self.down_proj.transpose(-2, -1), offs_E, backend=backend)
 
 
-class MoE(nn.Module):
+class MoE(_Fp32Buffers):
     """Routed experts (top-K of E) plus shared experts; replaces the MLP of layers >= first_k_dense_replace."""
 
     tokens_per_expert: torch.Tensor
