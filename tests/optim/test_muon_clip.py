@@ -1,0 +1,189 @@
+"""MuonClip end to end with the plain MHA module of optim.protocol's docstring."""
+
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from optim import Muon, MuonClip, QKClipTarget, muon_param_groups
+
+
+class Attention(nn.Module):
+    """Plain causal multi-head attention implementing optim.protocol.QKClipAttention."""
+
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.max_logits = None
+
+    def qk_clip_target(self):
+        return QKClipTarget(kind="mha", w_q=self.q_proj.weight, w_k=self.k_proj.weight, num_heads=self.num_heads)
+
+    def reset_max_logits(self):
+        self.max_logits = None
+
+    def forward(self, x_BTD):
+        B, T, _ = x_BTD.shape
+        q, k, v = (p(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+        causal_TT = torch.ones(T, T, dtype=torch.bool, device=x_BTD.device).tril()
+        s_BHTT = (q @ k.mT) * self.head_dim**-0.5
+        s_BHTT = s_BHTT.masked_fill(~causal_TT, float("-inf"))
+        with torch.no_grad():
+            m_H = s_BHTT.amax(dim=(0, 2, 3)).float()
+            self.max_logits = m_H if self.max_logits is None else torch.maximum(self.max_logits, m_H)
+        y = (s_BHTT.softmax(-1) @ v).transpose(1, 2).reshape(B, T, -1)
+        return x_BTD + self.o_proj(y)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=32, dim=32, heads=4, layers=2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.layers = nn.ModuleList(Attention(dim, heads) for _ in range(layers))
+        self.lm_head = nn.Linear(dim, vocab, bias=False)
+
+    def forward(self, ids_BT):
+        x = self.embed(ids_BT)
+        for layer in self.layers:
+            x = layer(x)
+        return self.lm_head(x)
+
+
+def _loss(model, ids_BT):
+    logits = model(ids_BT[:, :-1])
+    return nn.functional.cross_entropy(logits.flatten(0, 1), ids_BT[:, 1:].flatten())
+
+
+def test_muonclip_caps_logits_end_to_end():
+    torch.manual_seed(0)
+    model = TinyLM()
+    tau = 3.0
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=tau, lr=0.05, ns_backend="torch")
+    ids = torch.randint(0, 32, (4, 16))
+    clipped_total = 0
+    for _ in range(8):
+        opt.zero_grad()
+        _loss(model, ids).backward()
+        recorded = [layer.max_logits.clone() for layer in model.layers]
+        opt.step()
+        stats = opt.last_stats
+        assert all(layer.max_logits is None for layer in model.layers)  # records reset
+        assert stats["max_logit_per_layer"] == [float(r.max()) for r in recorded]
+        assert stats["max_logit"] == max(stats["max_logit_per_layer"])
+        assert stats["clipped_heads_per_layer"] == [int((r > tau).sum()) for r in recorded]
+        assert stats["clipped_heads"] == sum(stats["clipped_heads_per_layer"])
+        clipped_total += stats["clipped_heads"]
+    assert clipped_total > 0
+
+    # A step with lr = 0 only clips: re-running the same batch gives exactly tau on the
+    # clipped heads of the first layer (its input does not depend on attention weights).
+    opt_clip_only = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=tau, lr=0.0)
+    opt_clip_only.zero_grad()
+    _loss(model, ids).backward()
+    before_H = model.layers[0].max_logits.clone()
+    opt_clip_only.step()
+    with torch.no_grad():
+        model(ids[:, :-1])
+    after_H = model.layers[0].max_logits
+    over_H = before_H > tau
+    assert over_H.any()
+    torch.testing.assert_close(after_H[over_H], torch.full_like(after_H[over_H], tau), rtol=1e-5, atol=0)
+    assert torch.equal(after_H[~over_H], before_H[~over_H])
+
+
+def test_no_layers_is_plain_muon_and_no_record_means_no_clip():
+    torch.manual_seed(0)
+    a, b = TinyLM(), TinyLM()
+    b.load_state_dict(a.state_dict())
+    opt_a = MuonClip(muon_param_groups(a), attention_layers=None, lr=0.05)
+    opt_b = Muon(muon_param_groups(b), lr=0.05)
+    ids = torch.randint(0, 32, (2, 8))
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        for _ in range(3):
+            opt.zero_grad()
+            _loss(model, ids).backward()
+            opt.step()
+    for x, y in zip(a.parameters(), b.parameters()):
+        assert torch.equal(x, y)
+    assert opt_a.last_stats == {"max_logit": -math.inf, "max_logit_per_layer": [], "clipped_heads": 0, "clipped_heads_per_layer": []}
+
+    for layer in a.layers:
+        layer.reset_max_logits()  # plain Muon never resets them
+    opt = MuonClip(muon_param_groups(a), attention_layers=list(a.layers), tau=1e-3)
+    for p in a.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()  # no forward since the last step: nothing recorded, nothing clipped
+    assert opt.last_stats["max_logit_per_layer"] == [-math.inf, -math.inf] and opt.last_stats["clipped_heads"] == 0
+
+
+def test_nan_logit_names_the_layer():
+    model = TinyLM()
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers))
+    model.layers[1].max_logits = torch.tensor([1.0, math.nan, 0.0, 0.0])
+    model.layers[0].max_logits = torch.zeros(4)
+    with pytest.raises(ValueError, match=r"attention_layers\[1\].*non-finite"):
+        opt.step()
+
+
+def test_bad_args():
+    model = TinyLM()
+    with pytest.raises(ValueError, match="tau"):
+        MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=0.0)
+    with pytest.raises(ValueError, match=r"attention_layers\[0\] \(Linear\)"):
+        MuonClip(muon_param_groups(model), attention_layers=[model.lm_head])
+    with pytest.raises(ValueError, match="not initialised"):
+        opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), process_group=object())
+        opt.qk_clip_()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_rank_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        layer = Attention(8, 2)  # same weights on both ranks
+        opt = MuonClip([layer.q_proj.weight, layer.k_proj.weight], attention_layers=[layer], tau=10.0, lr=0.0)
+        # rank 0 saw head 0 at 40, rank 1 saw head 1 at 20: both must clip both heads
+        layer.max_logits = torch.tensor([40.0, 5.0]) if rank == 0 else torch.tensor([1.0, 20.0])
+        for p in (layer.q_proj.weight, layer.k_proj.weight):
+            p.grad = torch.zeros_like(p)
+        opt.step()
+        results[rank] = (opt.last_stats, layer.q_proj.weight.detach().clone(), layer.k_proj.weight.detach().clone())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_max_reduced_across_ranks():
+    ctx = mp.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        port = _free_port()
+        procs = [ctx.Process(target=_two_rank_worker, args=(rank, port, results)) for rank in (0, 1)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+        (s0, q0, k0), (s1, q1, k1) = results[0], results[1]
+    assert s0 == s1 and s0["max_logit_per_layer"] == [40.0] and s0["clipped_heads"] == 2
+    assert torch.equal(q0, q1) and torch.equal(k0, k1)
+    torch.manual_seed(0)
+    ref = Attention(8, 2)
+    expected_q = ref.q_proj.weight.detach().view(2, 4, 8) * torch.tensor([0.25, 0.5]).sqrt()[:, None, None]
+    torch.testing.assert_close(q0, expected_q.reshape(8, 8))
