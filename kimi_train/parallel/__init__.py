@@ -9,16 +9,21 @@ where every function here is a no-op.
     model = parallelize_model(model, dims, mesh, mixed_precision=...)
     dims.dp_rank, dims.dp_size                   # data sharding
     dims.dp_group                                # max-logit / expert-load all-reduce (None: single process)
+
+See docs/distributed.md for the mesh layout, the EP gradient-scaling trap and how to launch.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+
+from .dims import ParallelDims
+
+__all__ = ["init_distributed", "ParallelDims", "parallelize_model", "apply_ep", "apply_fsdp"]
 
 
 def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torch.device]:
@@ -36,25 +41,25 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torc
     return rank, world_size, local_rank, device
 
 
-@dataclass
-class ParallelDims:
-    world_size: int = 1
-    dp_replicate: int = 1
-    dp_shard: int = 1
-    ep: int = 1
-    dp_rank: int = 0
-    dp_size: int = 1
-    dp_group: Any = None
-
-    @classmethod
-    def from_config(cls, parallel_cfg: Any, world_size: int, model_cfg: Any = None) -> "ParallelDims":
-        if world_size != 1:
-            raise NotImplementedError("multi-process training lands with the distributed issue")
-        return cls()
-
-    def build_mesh(self, device_type: str):
-        return None
-
-
 def parallelize_model(model: torch.nn.Module, dims: ParallelDims, mesh: Any, mixed_precision: bool = False):
-    return model
+    """Apply expert parallelism (when dims.ep > 1) then FSDP2; identity for a single process."""
+    if mesh is None:
+        return model
+    from .expert_parallel import apply_ep
+    from .fsdp import apply_fsdp
+
+    if dims.ep > 1:
+        apply_ep(model, mesh["ep"])
+    return apply_fsdp(model, dims, mesh, mixed_precision=mixed_precision)
+
+
+def __getattr__(name: str):  # lazy: keep `import kimi_train.parallel` light for single-process runs
+    if name == "apply_ep":
+        from .expert_parallel import apply_ep
+
+        return apply_ep
+    if name == "apply_fsdp":
+        from .fsdp import apply_fsdp
+
+        return apply_fsdp
+    raise AttributeError(name)

@@ -1,0 +1,117 @@
+"""Parallel dimensions: validated against the world size and the model, then turned into a mesh.
+
+Layout (torchtitan-like; no tensor/pipeline parallelism here, so every rank is a data rank):
+
+    world = dp_replicate * dp_shard            dp_shard = efsdp * ep   (EP borrows from dp_shard)
+
+    mesh dims ("dp_replicate", "efsdp", "ep"), plus the flattened ("efsdp", "ep") -> "dp_shard"
+
+- Dense parameters: FSDP over "dp_shard" (HSDP over ("dp_replicate", "dp_shard") when
+  dp_replicate > 1).
+- Routed experts [E, out, in]: Shard(0) over "ep" (E/ep whole experts per rank), then FSDP
+  over "efsdp" (and replicated over "dp_replicate").
+- "ep" is the innermost dim, so an EP group is consecutive ranks (one node when ep <= GPUs
+  per node): the token all-to-all stays on NVLink.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+
+def _get(cfg: Any, key: str, default: int) -> int:
+    if cfg is None:
+        return default
+    value = cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+@dataclass
+class ParallelDims:
+    """Sizes of each parallel dimension (after inference) and this rank's data-parallel place."""
+
+    world_size: int = 1
+    dp_replicate: int = 1
+    dp_shard: int = 1
+    ep: int = 1
+    dp_rank: int = 0
+    dp_size: int = 1
+    dp_group: Any = None
+    mesh: Any = field(default=None, repr=False)
+
+    @property
+    def efsdp(self) -> int:
+        """FSDP degree of the routed experts: the part of dp_shard that EP does not take."""
+        return self.dp_shard // self.ep
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @classmethod
+    def from_config(cls, parallel_cfg: Any, world_size: int, model_cfg: Any = None) -> "ParallelDims":
+        """Infer -1 sizes and validate; raises ValueError (one line) before any collective."""
+        dp_replicate = _get(parallel_cfg, "dp_replicate", 1)
+        dp_shard = _get(parallel_cfg, "dp_shard", -1)
+        ep = _get(parallel_cfg, "ep", 1)
+        for key, value in (("dp_replicate", dp_replicate), ("ep", ep)):
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"parallel.{key}={value!r}; valid: an int >= 1")
+        if not (isinstance(dp_shard, int) and (dp_shard >= 1 or dp_shard == -1)):
+            raise ValueError(f"parallel.dp_shard={dp_shard!r}; valid: an int >= 1, or -1 to infer")
+        if world_size % dp_replicate:
+            raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world_size}")
+        if dp_shard == -1:
+            dp_shard = world_size // dp_replicate
+        if dp_replicate * dp_shard != world_size:
+            raise ValueError(
+                f"parallel.dp_replicate * parallel.dp_shard = {dp_replicate} * {dp_shard} = "
+                f"{dp_replicate * dp_shard}, but the world size is {world_size}; set dp_shard=-1 to infer it"
+            )
+        if dp_shard % ep:
+            raise ValueError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard} (EP borrows from dp_shard)")
+        if ep > 1 and model_cfg is not None:
+            experts = getattr(model_cfg, "n_routed_experts", 0) or 0
+            if experts == 0:
+                raise ValueError(f"parallel.ep={ep} but the model has no routed experts; use ep=1")
+            if experts % ep:
+                raise ValueError(f"parallel.ep={ep} must divide model.n_routed_experts={experts}")
+        distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+        rank = dist.get_rank() if distributed else 0
+        return cls(
+            world_size=world_size,
+            dp_replicate=dp_replicate,
+            dp_shard=dp_shard,
+            ep=ep,
+            dp_rank=rank,  # every rank is a data rank (no TP/PP)
+            dp_size=world_size,
+            dp_group=dist.group.WORLD if distributed else None,
+        )
+
+    def build_mesh(self, device_type: str):
+        """The ("dp_replicate", "efsdp", "ep") mesh with "dp_shard" flattened; None for one process."""
+        if self.world_size == 1:
+            return None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(
+            device_type, (self.dp_replicate, self.efsdp, self.ep), mesh_dim_names=("dp_replicate", "efsdp", "ep")
+        )
+        mesh["efsdp", "ep"]._flatten("dp_shard")
+        self.mesh = mesh
+        return mesh
+
+    def dense_mesh(self, mesh):
+        """Mesh FSDP uses for dense parameters: dp_shard, or (dp_replicate, dp_shard) for HSDP."""
+        return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+
+    def expert_fsdp_mesh(self, mesh):
+        """Mesh FSDP uses for routed experts (after EP took the "ep" dim)."""
+        return mesh["dp_replicate", "efsdp"] if self.dp_replicate > 1 else mesh["efsdp"]
+
+
+def world_group() -> Optional[Any]:
+    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None

@@ -1,0 +1,46 @@
+"""FSDP2 (``fully_shard``) applied from outside the model, one unit per decoder layer plus the root.
+
+Order (torchtitan's): expert parallelism first (routed experts become DTensors on "ep"), then
+FSDP: routed experts of each MoE layer as their own unit over the expert-FSDP mesh, then each
+decoder layer over the dense mesh, then the root (embedding, final norm, lm_head).
+
+Gradient scaling under EP (the trap): FSDP divides a reduced gradient by the size of its own
+mesh. Dense parameters: every rank computed d(local mean loss)/dW, FSDP averages over all
+dp_replicate * dp_shard ranks: right. A local routed expert's gradient, however, already SUMS
+over the slots of all ``ep`` ranks (the combine all-to-all's backward brings them home), and the
+expert FSDP mesh is only dp_replicate * efsdp ranks: the default average would be ``ep`` times too
+large. So the expert units divide by the full data-parallel size instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from kimi_train.model.moe import GroupedExperts, MoE
+
+from .dims import ParallelDims
+
+
+def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh, mixed_precision: bool = False) -> nn.Module:
+    """Shard ``model`` (a KimiForCausalLM) with FSDP2 on ``mesh`` (from ``dims.build_mesh``).
+
+    mixed_precision: bf16 parameters in forward/backward, fp32 gradient reduction; the sharded
+    master weights (what the optimizer owns and QK-Clip rescales) stay fp32.
+    """
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    dense_mesh = dims.dense_mesh(mesh)
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, MoE) and dims.ep > 1:
+            experts: GroupedExperts = layer.mlp.experts
+            fully_shard(experts, mesh=dims.expert_fsdp_mesh(mesh), mp_policy=mp)
+            experts.set_gradient_divide_factor(float(dims.dp_replicate * dims.dp_shard))
+            # Only NCCL has PREMUL_SUM; elsewhere sum, then scale. Not when efsdp == 1:
+            # its 1-rank "reduce-scatter" (torch 2.13) would then divide twice (local copy + after).
+            if dist.get_backend() != "nccl" and dims.efsdp > 1:
+                experts.set_force_sum_reduction_for_comms(True)
+        fully_shard(layer, mesh=dense_mesh, mp_policy=mp)
+    fully_shard(model, mesh=dense_mesh, mp_policy=mp)
+    return model
