@@ -118,9 +118,14 @@ class MLAttention(_MaxLogitRecorder):
         q_BHTQ = torch.cat([q_nope_BHTN, q_rope_BHTR], dim=-1)
         k_BHTQ = torch.cat([k_nope_BHTN, k_rope_B1TR.expand(B, H, T, Dr)], dim=-1)
         self._record(q_BHTQ, k_BHTQ, self.softmax_scale)
-        # SDPA accepts Dv != Dqk (math / memory-efficient / cuDNN backends; flash wants equal dims).
-        o_BHTV = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.softmax_scale)
-        return self.o_proj(o_BHTV.transpose(1, 2).reshape(B, T, H * Dv))
+        # Flash attention (CUDA, and torch's CPU kernel) wants v's head dim equal to q/k's; with
+        # Dv < Dqk SDPA would fall back to the O(T^2)-memory math path. Zero-padding v costs
+        # (Dqk - Dv) / Dv more PV work and changes nothing else (the padded outputs are 0).
+        pad = Dn + Dr - Dv
+        if pad > 0:
+            v_BHTV = F.pad(v_BHTV, (0, pad))
+        o_BHTX = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(o_BHTX[..., :Dv].transpose(1, 2).reshape(B, T, H * Dv))
 
 
 class GQAttention(_MaxLogitRecorder):

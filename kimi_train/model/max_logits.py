@@ -42,13 +42,14 @@ def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scal
         end = min(start + chunk_size, T)
         C = end - start
         q_BKXD = q_BKGTD[:, :, :, start:end].reshape(B, Hkv, G * C, D)
-        # Only keys j < end can be seen by this block of queries.
-        s_BKXJ = (q_BKXD @ k_BKTD[:, :, :end].transpose(-1, -2)) * softmax_scale
-        s_BKGCJ = s_BKXJ.view(B, Hkv, G, C, end)
-        future_CJ = pos_T[None, :end] > pos_T[start:end, None]
-        s_BKGCJ = s_BKGCJ.masked_fill(future_CJ, float("-inf"))
+        # Only keys j < end can be seen by this block of queries; of those, only the diagonal
+        # block [start, end) has future keys to mask.
+        s_BKGCJ = (q_BKXD @ k_BKTD[:, :, :end].transpose(-1, -2)).view(B, Hkv, G, C, end)
+        future_CC = pos_T[None, start:end] > pos_T[start:end, None]
+        s_BKGCJ[..., start:end].masked_fill_(future_CC, float("-inf"))
         max_H = torch.maximum(max_H, s_BKGCJ.amax(dim=(0, 3, 4)).reshape(H))
-    return max_H
+    # The scale is positive, so it commutes with the max: one multiply on [H], not on the scores.
+    return max_H * softmax_scale
 
 
 @torch.no_grad()
