@@ -57,7 +57,7 @@ def per_head_max_logits(
     q_BHTD: torch.Tensor,
     k_BHTD: torch.Tensor,
     softmax_scale: float,
-    chunk_size: int = 1024,
+    chunk_size: int = 128,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Per-head max causal logit [H] fp32 (max over batch, queries and visible keys).
