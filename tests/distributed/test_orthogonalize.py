@@ -147,7 +147,35 @@ def test_orthogonalize_matches_full_ns(world):
     spawn(_worker_orthogonalize, world)
 
 
+def _worker_muon_step(rank: int, world: int) -> None:
+    """Muon (Muon + AdamW groups) on DTensor params == Muon on the full tensors, 3 steps (1e-6 abs)."""
+    from optim import Muon
+
+    torch.manual_seed(4)
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("a", "b"))
+    specs = [((10, 7), [Shard(0), Replicate()]), ((6, 9), [Shard(1), Shard(0)]), ((4, 6, 5), [Shard(0), Shard(0)]),
+             ((3, 5, 8), [Replicate(), Shard(1)]), ((5, 5), [Replicate(), Replicate()])]
+    adamw_specs = [((9,), [Shard(0), Replicate()]), ((7, 3), [Replicate(), Shard(0)])]
+    full = [torch.randn(s) for s, _ in specs + adamw_specs]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in full]
+    dist_params = [torch.nn.Parameter(distribute_tensor(t.clone(), mesh, pl)) for t, (_, pl) in zip(full, specs + adamw_specs)]
+    kw = dict(lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, ns_backend="torch")
+    k = len(specs)
+    opts = [Muon([{"params": ps[:k]}, {"params": ps[k:], "use_muon": False}], **kw) for ps in (ref_params, dist_params)]
+    for _ in range(3):
+        for rp, dp_, (_, pl) in zip(ref_params, dist_params, specs + adamw_specs):
+            g = torch.randn(rp.shape)
+            rp.grad = g.clone()
+            dp_.grad = distribute_tensor(g.clone(), mesh, pl)
+        for opt in opts:
+            opt.step()
+        for i, (rp, dp_) in enumerate(zip(ref_params, dist_params)):
+            expected = distribute_tensor(rp.detach().clone(), mesh, dp_.placements).to_local()
+            torch.testing.assert_close(dp_.to_local(), expected, atol=1e-6, rtol=0, msg=lambda m: f"param {i}: {m}")
+
+
 def _worker_small_cases(rank: int, world: int) -> None:
+    _worker_muon_step(rank, world)
     _worker_local_only(rank, world)
     _worker_traffic(rank, world)
     _worker_scale_rows(rank, world)
