@@ -51,3 +51,28 @@ def test_transformers_logits_match(case, rope_interleave, tmp_path):
     back = load(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(back(ids_BT), ours_BTV)
+
+
+def test_export_command_reexports_and_fails_in_one_line(tmp_path, capsys):
+    from kimi_train.hf import main
+
+    model = _model("mla_no_qlora")
+    export(model, tmp_path / "a")
+    main([str(tmp_path / "a"), str(tmp_path / "b"), "--rope-interleave"])
+    assert '"exported"' in capsys.readouterr().out
+    ids_BT = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "b")(ids_BT), model(ids_BT))
+    for src in [tmp_path / "missing", tmp_path / "empty"]:
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        with pytest.raises(SystemExit) as info:
+            main([str(src), str(tmp_path / "c")])
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("kimi-train-export: ") and "\n" not in err
+
+
+def test_gqa_models_do_not_export(tmp_path):
+    model = KimiForCausalLM(load_model_config("tiny", attention_type="gqa", num_hidden_layers=1))
+    with pytest.raises(ValueError, match="model.attention_type='gqa'"):
+        export(model, tmp_path)

@@ -93,3 +93,22 @@ def test_tiny_learns_with_muon():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_training_forward_matches_cpu_max_logits():
+    torch.manual_seed(0)
+    model = KimiForCausalLM(load_model_config("tiny", q_lora_rank=32)).train()
+    ids = torch.randint(0, 256, (2, 128))
+    model(ids)
+    cpu_max = [a.max_logits.clone() for a in model.attention_layers()]
+    for a in model.attention_layers():
+        a.reset_max_logits()
+    model.cuda()
+    logits = model(ids.cuda())  # auto backends: Triton max-logit kernel, grouped GEMM, flash SDPA
+    logits.float().logsumexp(-1).mean().backward()
+    for got, ref in zip([a.max_logits for a in model.attention_layers()], cpu_max):
+        torch.testing.assert_close(got.cpu(), ref, rtol=1e-4, atol=1e-4)
+    model.to(torch.bfloat16)
+    assert model.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
+    assert torch.isfinite(model(ids.cuda()).float()).all()
