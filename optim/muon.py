@@ -180,11 +180,17 @@ class Muon(torch.optim.Optimizer):
         return f"#{idx} of param group {self.param_groups.index(group)}"
 
     def _check_finite_grads(self) -> None:
-        """One host sync per device for all gradients."""
+        """One host sync per device for all gradients; raises before any state changes.
+
+        With DTensor (sharded) gradients a NaN may sit in one rank's shard only; the verdict
+        is then MAX-reduced over the default group so that every rank raises, none hangs.
+        """
         grads, owners = [], []
+        sharded = False
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
+                    sharded = sharded or _is_dtensor(p.grad)
                     grads.append(_local(p.grad))
                     owners.append((group, p))
         if not grads:
@@ -193,12 +199,20 @@ class Muon(torch.optim.Optimizer):
         for i, g in enumerate(grads):
             if g.numel():
                 by_device[g.device].append(i)
+        bad = None
         for idx in by_device.values():
             amax = torch.stack([n.float() for n in torch._foreach_norm([grads[i] for i in idx], ord=math.inf)])
             finite = torch.isfinite(amax)  # max |g| is nan/inf iff some entry is
-            if bool(finite.all()):
-                continue
-            group, p = owners[idx[int((~finite).nonzero()[0])]]
+            if not bool(finite.all()):
+                bad = idx[int((~finite).nonzero()[0])]
+                break
+        if sharded and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([0.0 if bad is None else 1.0], device=grads[0].device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if bad is None and flag.item() > 0:
+                raise ValueError("Muon: non-finite gradient (nan/inf) on another rank; step refused, state unchanged")
+        if bad is not None:
+            group, p = owners[bad]
             raise ValueError(
                 f"Muon: non-finite gradient (nan/inf) in parameter {self._name(group, p)}; step refused, state unchanged"
             )
@@ -274,18 +288,26 @@ class Muon(torch.optim.Optimizer):
 
 
 def _orthogonalize_batched(updates: list[Tensor], ns_fn: Callable[[Tensor], Tensor]) -> list[Tensor]:
-    """NS of every update, stacking same-shape matrices into one batched call. Returns fp32."""
+    """NS of every update in as few batched calls as possible. Returns fp32.
+
+    Matrices are grouped by their wide orientation: an [n, m] and an [m, n] matrix (an MLP's
+    up and down projections) share one call, the tall one transposed going in and coming out.
+    """
     by_shape: dict[tuple[Any, ...], list[int]] = defaultdict(list)
     for i, u in enumerate(updates):
-        by_shape[(u.device, tuple(u.shape[-2:]))].append(i)
+        n, m = u.shape[-2:]
+        by_shape[(u.device, min(n, m), max(n, m))].append(i)
     out: list[Optional[Tensor]] = [None] * len(updates)
-    for (_, (n, m)), idx in by_shape.items():
-        X_Bnm = torch.cat([updates[i].reshape(-1, n, m) for i in idx])
-        O_Bnm = ns_fn(X_Bnm).float()
+    for (_, n, m), idx in by_shape.items():
+        wide = [updates[i].reshape(-1, *updates[i].shape[-2:]) for i in idx]
+        wide = [u if u.shape[-2] == n else u.mT for u in wide]
+        O_Bnm = ns_fn(torch.cat(wide) if len(wide) > 1 else wide[0]).float()
         start = 0
         for i in idx:
-            count = updates[i].numel() // (n * m)
-            out[i] = O_Bnm[start : start + count].view(updates[i].shape)
+            u = updates[i]
+            count = u.numel() // (n * m)
+            O_i = O_Bnm[start : start + count]
+            out[i] = (O_i if u.shape[-2] == n else O_i.mT).reshape(u.shape)
             start += count
     return out  # type: ignore[return-value]
 
