@@ -75,7 +75,8 @@ def per_head_max_logits(
             return kernel(q_BHTD, k_BHTD, softmax_scale)
         if backend == "triton":
             raise ValueError("per_head_max_logits backend='triton': kimi_train.kernels.max_logits_triton is not importable")
-    return _chunked_max_logits(q_BHTD, k_BHTD, softmax_scale, max(1, int(chunk_size)))
+    with torch.autocast(q_BHTD.device.type, enabled=False):  # exact fp32 logits even under autocast
+        return _chunked_max_logits(q_BHTD, k_BHTD, softmax_scale, max(1, int(chunk_size)))
 
 
 _TRITON_KERNEL: list = []

@@ -89,7 +89,8 @@ class Router(_Fp32Buffers):
 
     def forward(self, x_TD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (weights_TK fp32, expert indices_TK int64)."""
-        scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
+        with torch.autocast(x_TD.device.type, enabled=False):  # fp32 even under bf16 autocast
+            scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         choice_TE = scores_TE.detach() + self.e_score_correction_bias
         if self.n_group > 1:
             T, G = choice_TE.shape[0], self.n_group
@@ -127,10 +128,16 @@ class GroupedExperts(nn.Module):
 
     def forward(self, x_SD: torch.Tensor, num_tokens_per_expert_E: torch.Tensor, backend: str = "auto") -> torch.Tensor:
         offs_E = torch.cumsum(num_tokens_per_expert_E, dim=0).to(torch.int32)
+        w_gate, w_up, w_down = self.gate_proj, self.up_proj, self.down_proj
+        device_type = x_SD.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Autocast does not know grouped GEMMs: cast like it casts nn.Linear.
+            dtype = torch.get_autocast_dtype(device_type)
+            x_SD, w_gate, w_up, w_down = (t.to(dtype) for t in (x_SD, w_gate, w_up, w_down))
         # [E, out, in] -> [E, in, out] views: grouped_gemm computes x @ w per block.
-        gate_SI = grouped_gemm(x_SD, self.gate_proj.transpose(-2, -1), offs_E, backend=backend)
-        up_SI = grouped_gemm(x_SD, self.up_proj.transpose(-2, -1), offs_E, backend=backend)
-        return grouped_gemm(F.silu(gate_SI) * up_SI, self.down_proj.transpose(-2, -1), offs_E, backend=backend)
+        gate_SI = grouped_gemm(x_SD, w_gate.transpose(-2, -1), offs_E, backend=backend)
+        up_SI = grouped_gemm(x_SD, w_up.transpose(-2, -1), offs_E, backend=backend)
+        return grouped_gemm(F.silu(gate_SI) * up_SI, w_down.transpose(-2, -1), offs_E, backend=backend)
 
 
 class MoE(_Fp32Buffers):

@@ -112,3 +112,24 @@ def test_cuda_bf16_training_forward_matches_cpu_max_logits():
     model.to(torch.bfloat16)
     assert model.moe_layers()[0].gate.e_score_correction_bias.dtype == torch.float32
     assert torch.isfinite(model(ids.cuda()).float()).all()
+
+
+def test_autocast_keeps_router_and_max_logits_fp32():
+    torch.manual_seed(0)
+    model = KimiForCausalLM(load_model_config("tiny", num_hidden_layers=2)).train()
+    ids = torch.randint(0, 256, (2, 32))
+    model(ids)
+    ref = model.attention_layers()[1].max_logits.clone()
+    model.attention_layers()[1].reset_max_logits()
+    moe = model.moe_layers()[0]
+    seen = {}
+    moe.gate.register_forward_hook(lambda m, i, o: seen.update(router=o[0].dtype))
+    moe.experts.register_forward_hook(lambda m, i, o: seen.update(experts=o.dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(ids)
+    assert logits.dtype == torch.bfloat16 and seen == {"router": torch.float32, "experts": torch.bfloat16}
+    got = model.attention_layers()[1].max_logits
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.01)  # bf16 activations, fp32 logit maths
+    logits.float().mean().backward()
+    assert moe.experts.gate_proj.grad.dtype == torch.float32
