@@ -173,7 +173,8 @@ class MoE(_Fp32Buffers):
 
         with torch.no_grad():
             idx_S = idx_TK.reshape(-1)
-            num_tokens_per_expert_E = torch.bincount(idx_S, minlength=self.num_experts)
+            # scatter_add, not bincount: bincount syncs with the host on CUDA.
+            num_tokens_per_expert_E = idx_S.new_zeros(self.num_experts).scatter_add_(0, idx_S, torch.ones_like(idx_S))
             if self.training:
                 self.tokens_per_expert += num_tokens_per_expert_E.float()
             order_S = torch.argsort(idx_S, stable=True)  # slot s = token s // K, its k-th choice
