@@ -9,6 +9,7 @@ where every function here is a no-op.
     model = parallelize_model(model, dims, mesh, mixed_precision=...)
     dims.dp_rank, dims.dp_size                   # data sharding
     dims.dp_group                                # max-logit / expert-load all-reduce (None: single process)
+    grad_norm = clip_grad_norm_(model.parameters(), max_norm)   # works across the EP and dense meshes
 
 See docs/distributed.md for the mesh layout, the EP gradient-scaling trap and how to launch.
 """
@@ -22,8 +23,9 @@ import torch
 import torch.distributed as dist
 
 from .dims import ParallelDims
+from .grad_norm import clip_grad_norm_
 
-__all__ = ["init_distributed", "ParallelDims", "parallelize_model", "apply_ep", "apply_fsdp"]
+__all__ = ["init_distributed", "ParallelDims", "parallelize_model", "apply_ep", "apply_fsdp", "clip_grad_norm_"]
 
 
 def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torch.device]:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from kimi_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kimi_train.model import KimiForCausalLM, load_model_config
 from kimi_train.model.moe import update_expert_bias
-from kimi_train.parallel import ParallelDims, parallelize_model
+from kimi_train.parallel import ParallelDims, clip_grad_norm_, parallelize_model
 from optim import MuonClip, muon_param_groups
 
 STEPS = 10
@@ -59,7 +59,7 @@ def train(parallel: dict | None = None, steps: int = STEPS, load_dir: str | None
     if load_dir is not None:
         start = load_checkpoint(latest_checkpoint(load_dir), model, opt)["step"]
     per_rank = BATCH // dims.dp_size
-    losses, clipped, grads0 = [], [], None
+    losses, clipped, grads0, grad_norm0 = [], [], None, None
     for step in range(start, steps):
         batch = batches(cfg.vocab_size)[step]
         local = batch[dims.dp_rank * per_rank : (dims.dp_rank + 1) * per_rank]
@@ -68,6 +68,8 @@ def train(parallel: dict | None = None, steps: int = STEPS, load_dir: str | None
         loss.backward()
         if grads0 is None:
             grads0 = {n: _full(p.grad) for n, p in model.named_parameters()}
+            # the global norm across the dense and expert meshes (max_norm large: measure only)
+            grad_norm0 = float(clip_grad_norm_(model.parameters(), 1e9))
         opt.step()
         opt.zero_grad(set_to_none=True)
         update_expert_bias(model.moe_layers(), rate=1e-3, group=dims.dp_group)
@@ -81,4 +83,4 @@ def train(parallel: dict | None = None, steps: int = STEPS, load_dir: str | None
             save_checkpoint(save_dir, step + 1, model, opt, {}, keep=1)
     params = {n: _full(p) for n, p in model.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if "e_score_correction_bias" in n}
-    return {"losses": losses, "clipped": clipped, "grads0": grads0, "params": params, "buffers": buffers}
+    return {"losses": losses, "clipped": clipped, "grads0": grads0, "grad_norm0": grad_norm0, "params": params, "buffers": buffers}

@@ -59,6 +59,7 @@ def test_parity_with_single_process(tmp_path, reference, world, parallel):
     got = _run(tmp_path, world, parallel)
     _assert_losses(got["losses"], reference["losses"])
     assert got["clipped"] == reference["clipped"] and sum(got["clipped"]) > 0, (got["clipped"], reference["clipped"])
+    assert got["grad_norm0"] == pytest.approx(reference["grad_norm0"], rel=1e-5)
     for name, g in reference["grads0"].items():
         torch.testing.assert_close(got["grads0"][name], g, rtol=1e-4, atol=1e-8, msg=lambda m: f"grad {name}: {m}")
     for name, p in reference["params"].items():

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# One node, all its GPUs (default 8), one kimi-train process per GPU.
+#
+#   launch/torchrun_single_node.sh run_name=k2mini model=k2_mini parallel.ep=8
+#   NPROC=4 launch/torchrun_single_node.sh parallel.ep=2 train.steps=100
+#
+# Every argument is a Hydra override passed to kimi-train. Set run_name (or run_dir): every rank
+# must agree on the run directory, and restarts with the same name resume from its latest checkpoint.
+set -euo pipefail
+NPROC="${NPROC:-${NPROC_PER_NODE:-8}}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
+exec torchrun --standalone --nnodes 1 --nproc_per_node "$NPROC" -m kimi_train.train "$@"
