@@ -76,3 +76,24 @@ def test_gqa_models_do_not_export(tmp_path):
     model = KimiForCausalLM(load_model_config("tiny", attention_type="gqa", num_hidden_layers=1))
     with pytest.raises(ValueError, match="model.attention_type='gqa'"):
         export(model, tmp_path)
+
+
+def test_export_command_from_a_training_run_dir(tmp_path, capsys):
+    checkpoint = pytest.importorskip("kimi_train.checkpoint")
+    from omegaconf import OmegaConf
+
+    import optim
+    from kimi_train.hf import main
+
+    model = _model("mla_qlora_groups")
+    run = tmp_path / "run"
+    run.mkdir()
+    OmegaConf.save(OmegaConf.create({"model": model.config.to_dict()}), run / "config.yaml")
+    opt = optim.Muon(optim.muon_param_groups(model))
+    checkpoint.save_checkpoint(run, 3, model, opt, trainer_state={}, keep=1)
+    main([str(run), str(tmp_path / "hf")])
+    capsys.readouterr()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    ids_BT = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        assert (hf(ids_BT).logits - model(ids_BT)).abs().max().item() < 1e-4
