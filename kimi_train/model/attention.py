@@ -1,16 +1,16 @@
 """Attention: Multi-head Latent Attention (MLA, Kimi K2 / DeepSeek-V3) and GQA/MHA.
 
-Legend: B batch, T sequence, D hidden size, H query heads, Hkv key/value heads,
-Dn qk_nope_head_dim, Dr qk_rope_head_dim, Dqk = Dn + Dr, Dv v_head_dim, Rq q_lora_rank,
-Rkv kv_lora_rank, Dh GQA head dim, D2 rotary pairs.
+Legend (shape suffixes): B batch, T sequence, D hidden size, H query heads, K key/value heads
+(GQA), N qk_nope_head_dim, R qk_rope_head_dim, Q = N + R, V v_head_dim, L kv_lora_rank,
+X a fused width (e.g. [latent | k_rope]), E the GQA head dim, D2 rotary pairs.
 
 MLA (arXiv 2405.04434, SPEC section 3):
 
-    q          = q_b(RMSNorm(q_a(x)))            (or q_proj(x) without q LoRA)  -> [H, Dn | Dr]
-    c_kv, k_r  = kv_a_proj_with_mqa(x)            -> [Rkv | Dr]; k_r shared by every head
-    k_n, v     = kv_b(RMSNorm(c_kv))              -> per head [Dn | Dv]
+    q          = q_b(RMSNorm(q_a(x)))            (or q_proj(x) without q LoRA)  -> per head [N | R]
+    c_kv, k_r  = kv_a_proj_with_mqa(x)            -> [L | R]; k_r shared by every head
+    k_n, v     = kv_b(RMSNorm(c_kv))              -> per head [N | V]
     q_r, k_r   = RoPE(q_r), RoPE(k_r)             (rope parts only)
-    attention  = softmax(scale * [q_n|q_r] . [k_n|k_r]) v,   scale = Dqk^-0.5 (* YaRN mscale^2)
+    attention  = softmax(scale * [q_n|q_r] . [k_n|k_r]) v,   scale = Q^-0.5 (* YaRN mscale^2)
 
 Both modules implement optim's QKClipAttention protocol: while `record_max_logits` is on
 and the module is in training mode, every forward folds the exact per-head max logit into
@@ -50,10 +50,10 @@ class _MaxLogitRecorder(nn.Module):
     def reset_max_logits(self) -> None:
         self.max_logits = None
 
-    def _record(self, q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float) -> None:
+    def _record(self, q_BHTQ: torch.Tensor, k_BKTQ: torch.Tensor, softmax_scale: float) -> None:
         if not (self.record_max_logits and self.training):
             return
-        m_H = per_head_max_logits(q_BHTD.detach(), k_BHTD.detach(), softmax_scale, self.max_logits_chunk)
+        m_H = per_head_max_logits(q_BHTQ.detach(), k_BKTQ.detach(), softmax_scale, self.max_logits_chunk)
         self.max_logits = m_H if self.max_logits is None else torch.maximum(self.max_logits, m_H)
 
 
@@ -108,8 +108,8 @@ class MLAttention(_MaxLogitRecorder):
         q_nope_BHTN, q_rope_BHTR = q_BHTQ.split([Dn, Dr], dim=-1)
 
         ckv_BTX = self.kv_a_proj_with_mqa(x_BTD)
-        c_kv_BTR, k_rope_BTR = ckv_BTX.split([self.kv_lora_rank, Dr], dim=-1)
-        kv_BHTX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTR)).view(B, T, H, Dn + Dv).transpose(1, 2)
+        c_kv_BTL, k_rope_BTR = ckv_BTX.split([self.kv_lora_rank, Dr], dim=-1)
+        kv_BHTX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTL)).view(B, T, H, Dn + Dv).transpose(1, 2)
         k_nope_BHTN, v_BHTV = kv_BHTX.split([Dn, Dv], dim=-1)
 
         q_rope_BHTR = apply_rope(q_rope_BHTR, cos_TD2, sin_TD2)
@@ -124,8 +124,8 @@ class MLAttention(_MaxLogitRecorder):
         pad = Dn + Dr - Dv
         if pad > 0:
             v_BHTV = F.pad(v_BHTV, (0, pad))
-        o_BHTX = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.softmax_scale)
-        return self.o_proj(o_BHTX[..., :Dv].transpose(1, 2).reshape(B, T, H * Dv))
+        o_BHTQ = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.softmax_scale)
+        return self.o_proj(o_BHTQ[..., :Dv].transpose(1, 2).reshape(B, T, H * Dv))
 
 
 class GQAttention(_MaxLogitRecorder):
@@ -157,14 +157,14 @@ class GQAttention(_MaxLogitRecorder):
     def forward(self, x_BTD: torch.Tensor, cos_TD2: torch.Tensor, sin_TD2: torch.Tensor) -> torch.Tensor:
         B, T, _ = x_BTD.shape
         H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BHTD = apply_rope(self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2), cos_TD2, sin_TD2)
-        k_BKTD = apply_rope(self.k_proj(x_BTD).view(B, T, Hkv, Dh).transpose(1, 2), cos_TD2, sin_TD2)
-        v_BKTD = self.v_proj(x_BTD).view(B, T, Hkv, Dh).transpose(1, 2)
-        self._record(q_BHTD, k_BKTD, self.softmax_scale)
-        o_BHTD = F.scaled_dot_product_attention(
-            q_BHTD, k_BKTD, v_BKTD, is_causal=True, scale=self.softmax_scale, enable_gqa=Hkv != H
+        q_BHTE = apply_rope(self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2), cos_TD2, sin_TD2)
+        k_BKTE = apply_rope(self.k_proj(x_BTD).view(B, T, Hkv, Dh).transpose(1, 2), cos_TD2, sin_TD2)
+        v_BKTE = self.v_proj(x_BTD).view(B, T, Hkv, Dh).transpose(1, 2)
+        self._record(q_BHTE, k_BKTE, self.softmax_scale)
+        o_BHTE = F.scaled_dot_product_attention(
+            q_BHTE, k_BKTE, v_BKTE, is_causal=True, scale=self.softmax_scale, enable_gqa=Hkv != H
         )
-        return self.o_proj(o_BHTD.transpose(1, 2).reshape(B, T, H * Dh))
+        return self.o_proj(o_BHTE.transpose(1, 2).reshape(B, T, H * Dh))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:
