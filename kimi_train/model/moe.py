@@ -1,6 +1,6 @@
 """Fine-grained Mixture-of-Experts with DeepSeek-V3's aux-loss-free (noaux_tc) routing.
 
-Legend: T tokens (batch * sequence, flattened), D hidden size, E routed experts,
+Legend: T tokens (batch * sequence, flattened), D hidden size, E routed experts, X experts per group,
 K experts per token (num_experts_per_tok), I expert width, G expert groups, S = T * K routed slots.
 
 Router (SPEC section 3):
