@@ -109,7 +109,7 @@ if TRITON_AVAILABLE:
     _ROWS_CONFIGS = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
         for bm, bn, bk, w, s in [
-            (128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 3)
+            (128, 128, 64, 8, 3), (128, 64, 64, 8, 3), (64, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 64, 64, 4, 3)
         ]
     ]
     _DW_CONFIGS = [
