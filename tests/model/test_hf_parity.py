@@ -97,3 +97,28 @@ def test_export_command_from_a_training_run_dir(tmp_path, capsys):
     ids_BT = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         assert (hf(ids_BT).logits - model(ids_BT)).abs().max().item() < 1e-4
+
+
+def test_load_reads_transformers_saved_and_fused_expert_layouts(tmp_path):
+    from kimi_train.hf import from_hf_state_dict, to_hf_state_dict
+
+    model = _model("mla_qlora_groups")
+    export(model, tmp_path / "ours", rope_interleave=True)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ours"), dtype=torch.float32)
+    hf.save_pretrained(str(tmp_path / "theirs"))  # transformers' own writer, interleaved rope
+    ids_BT = torch.randint(0, 97, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(load(tmp_path / "theirs")(ids_BT), model(ids_BT))
+
+    # transformers' in-memory layout: experts fused as gate_up_proj [E, 2I, D].
+    sd = to_hf_state_dict(model)
+    for i in range(1, model.config.num_hidden_layers):
+        p = f"model.layers.{i}.mlp.experts"
+        E = model.config.n_routed_experts
+        gate = torch.stack([sd.pop(f"{p}.{j}.gate_proj.weight") for j in range(E)])
+        up = torch.stack([sd.pop(f"{p}.{j}.up_proj.weight") for j in range(E)])
+        sd[f"{p}.gate_up_proj"] = torch.cat([gate, up], dim=1)
+        sd[f"{p}.down_proj"] = torch.stack([sd.pop(f"{p}.{j}.down_proj.weight") for j in range(E)])
+    ours = {k: v for k, v in model.state_dict().items() if not k.endswith("tokens_per_expert")}
+    back = from_hf_state_dict(sd, model.config, rope_interleave=False)
+    assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
