@@ -94,7 +94,7 @@ if TRITON_AVAILABLE:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
     ]
-    _INTERPRETER_META = {"BLOCK_M": 16, "BLOCK_N": 16}
+    _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 16}  # BLOCK_M > BLOCK_N like most GPU configs
     _compiled: dict = {}
 
     def _kernel(device: torch.device):

@@ -52,10 +52,12 @@ def cases():
     yield "grouped dw", gg._grouped_dw_kernel, dict(c.kwargs, **tf32), c
     c = ml._CONFIGS[0]
     yield "max logits D=192", ml._max_logits_kernel, dict(c.kwargs, BLOCK_D1=128, BLOCK_D2=64, **tf32), c
-    fa_meta = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128, **tf32)
-    c = triton.Config({}, num_warps=4, num_stages=2)
-    for kernel in (fa._fwd_kernel, fa._bwd_dkdv_kernel, fa._bwd_dq_kernel):
-        yield f"flash attention {kernel.__name__}", kernel, fa_meta, c
+    dims = dict(BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128, **tf32)  # MLA: q.k over 192, v 128
+    fwd = dict(BLOCK_M=128, BLOCK_N=64, **dims)
+    yield "flash attention forward", fa._fwd_kernel, fwd, triton.Config({}, num_warps=8, num_stages=2)
+    bwd = dict(BLOCK_M=32, BLOCK_N=32, **dims)
+    for kernel in (fa._bwd_dkdv_kernel, fa._bwd_dq_kernel):
+        yield f"flash attention {kernel.__name__}", kernel, bwd, triton.Config({}, num_warps=4, num_stages=2)
 
 
 def main():
