@@ -71,25 +71,28 @@ def to_train_config(cfg: DictConfig) -> tuple[TrainConfig, dict]:
     run_name = cfg.run_name or (Path(run_dir).name if (cfg.run_dir or hc.mode.name == "MULTIRUN")
                                 else f"{choices.get('model')}-{choices.get('optim')}")
     cfg.run_dir, cfg.run_name = run_dir, run_name
-    container = OmegaConf.to_container(cfg, resolve=True)
-    return OmegaConf.to_object(cfg), container
+    # Re-merge into the bare schema: catches keys appended with "+key=..." that it does not know.
+    typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
+    return OmegaConf.to_object(typed), OmegaConf.to_container(typed, resolve=True)
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base=None)
 def _hydra_main(cfg: DictConfig) -> None:
     from kimi_train.parallel import ParallelDims
 
-    train_cfg, resolved = to_train_config(cfg)
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
+        train_cfg, resolved = to_train_config(cfg)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         try:
             dp_size = ParallelDims.from_config(train_cfg.parallel, world_size, train_cfg.model).dp_size
         except ValueError as e:
             raise ConfigError(str(e)) from None
         validate(train_cfg, dp_size)
-    except ConfigError as e:
+    except (ConfigError, OmegaConfBaseException) as e:
         # Exit from inside the job: Hydra would otherwise add its own multi-line report.
-        print(f"kimi-train: config error: {e}", file=sys.stderr)
+        print(f"kimi-train: config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
     from kimi_train.trainer import Trainer
@@ -104,7 +107,7 @@ def _one_line(ex: BaseException) -> str:
     if isinstance(ex, MissingConfigException) and getattr(ex, "options", None):
         group = Path(ex.missing_cfg_file or "").parent.name or "group"
         name = Path(ex.missing_cfg_file or "").name
-        return f"{group}={name!r} is not a known config; valid values: {', '.join(ex.options)}"
+        return f"{group}={name!r} is not a known config; valid values: {', '.join(o for o in ex.options if not o.startswith('base_'))}"
     parts = [str(ex).strip()]
     if ex.__cause__ is not None:
         parts.append(str(ex.__cause__).strip())

@@ -6,6 +6,7 @@ text have been read (0 = no cap), so the same config always gives the same corpu
 
 from __future__ import annotations
 
+import functools
 import sysconfig
 from pathlib import Path
 from typing import Iterator, Optional
@@ -16,11 +17,12 @@ _FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json
                   ".parquet": "parquet"}
 
 
-def stdlib_files() -> list[Path]:
+@functools.lru_cache(maxsize=1)
+def stdlib_files() -> tuple[Path, ...]:
     """The running interpreter's standard-library .py files (no tests, no site-packages), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+    return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
 
 
 def _capped(docs: Iterator[str], max_bytes: int) -> Iterator[str]:

@@ -1,0 +1,49 @@
+"""Bad configs end with ONE line on stderr naming the key, and exit code 2, before any work."""
+
+import pytest
+
+from kimi_train.train import main
+
+from conftest import run_cli
+
+BAD = [
+    # (override, text the one-line message must contain)
+    ("train.stepz=10", "Key 'stepz' not in 'TrainLoopConfig'"),
+    ("+train.extra=1", "Key 'extra' not in 'TrainLoopConfig'"),
+    ("train.steps=abc", "train.steps=abc"),
+    ("optim=sgd", "optim='sgd' is not a known config; valid values: adamw, muon, muonclip"),
+    ("model=huge", "model='huge' is not a known config; valid values:"),
+    ("train.steps=0", "train.steps=0 is not valid; must be >= 1"),
+    ("optim.lr=-0.1", "optim.lr=-0.1 is not valid"),
+    ("optim.qk_clip.tau=0", "optim.qk_clip.tau=0.0 is not valid"),
+    ("optim.ns_method=newton", "optim.ns_method='newton' is not valid; valid values: keller, polar_express, gram"),
+    ("optim.ns_backend=cuda", "optim.ns_backend='cuda' is not valid; valid values: auto, torch, triton"),
+    ("resume=sometimes", "resume='sometimes' is not valid; valid values: auto, never"),
+    ("checkpoint.every=-1", "checkpoint.every=-1 is not valid"),
+    ("train.dtype=fp8", "train.dtype='fp8' is not valid; valid values: auto, fp32, bf16"),
+    ("schedule.type=step", "schedule.type='step' is not valid; valid values: wsd, cosine, constant"),
+    ("train.global_batch_size=6", "train.global_batch_size=6 is not valid; must be a positive multiple of"),
+    ("train.seq_len=100000", "train.seq_len=100000 is not valid; must be <= model.max_position_embeddings"),
+    ("data.source=s3", "data.source='s3' is not valid; valid values: stdlib, files, hub"),
+    ("data=files", "data.paths=[] is not valid; data.source=files needs a list of local files"),
+    ("logging.wandb=maybe", "logging.wandb='maybe' is not valid; valid values: offline, online, disabled"),
+    ("model.num_experts_per_tok=99", "model.num_experts_per_tok=99"),
+    ("model.vocab_size=100", "model.vocab_size=100 is not valid; must be >= 256 for data.tokenizer=byte"),
+]
+
+
+@pytest.mark.parametrize("override,expected", BAD, ids=[b[0] for b in BAD])
+def test_bad_config_is_one_line_and_exit_2(override, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([f"run_dir={tmp_path / 'run'}", "train.micro_batch_size=4", "logging.wandb=disabled", override])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert err.startswith("kimi-train: config error: ") and expected in err, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # no work was done
+
+
+def test_cli_process_exits_2_with_one_line(tmp_path):
+    proc = run_cli(["train.nope=1", f"run_dir={tmp_path}"])
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Key 'nope' not in 'TrainLoopConfig'" in proc.stderr

@@ -1,0 +1,43 @@
+"""Exact resume after a real SIGKILL, and a checkpoint interrupted mid-write being ignored."""
+
+import signal
+
+from kimi_train.checkpoint import complete_checkpoints, latest_checkpoint
+
+from conftest import read_metrics, run_cli
+
+
+def test_sigkill_mid_save_then_resume_matches_uninterrupted_run_exactly(tmp_path, small_overrides):
+    common = [*small_overrides, "train.steps=40", "checkpoint.every=5", "checkpoint.keep=2"]
+    full = run_cli([*common, f"run_dir={tmp_path / 'full'}"])
+    assert full.returncode == 0, full.stderr[-2000:]
+
+    # Killed with SIGKILL while writing the step-25 checkpoint (after its tensors, before COMPLETE).
+    run_dir = tmp_path / "killed"
+    killed = run_cli([*common, f"run_dir={run_dir}"], env_extra={"KIMI_TRAIN_DEBUG_KILL_IN_SAVE": "25"})
+    assert killed.returncode == -signal.SIGKILL
+    assert (run_dir / "checkpoints" / "step_00000025.tmp").is_dir()  # the interrupted write is there ...
+    assert latest_checkpoint(run_dir).name == "step_00000020"  # ... and ignored
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [15, 20]  # keep=2
+
+    resumed = run_cli([*common, f"run_dir={run_dir}", "resume=auto"])
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step_00000020" in resumed.stdout
+
+    want, got = read_metrics(tmp_path / "full"), read_metrics(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 41))  # one record per step, none duplicated
+    for a, b in zip(want, got):
+        for key in ("loss", "grad_norm", "lr", "max_logit", "max_logit_per_layer", "expert_load_imbalance",
+                    "val_loss"):
+            assert a.get(key) == b.get(key), (a["step"], key, a.get(key), b.get(key))
+    assert [s for s, _ in complete_checkpoints(run_dir)] == [35, 40]
+    assert not (run_dir / "checkpoints" / "step_00000025.tmp").exists()  # replaced by the real step 25
+
+
+def test_resume_never_starts_over(tmp_path, small_overrides):
+    args = [*small_overrides, "train.steps=3", f"run_dir={tmp_path}"]
+    assert run_cli(args).returncode == 0
+    again = run_cli([*args, "resume=never", "train.steps=2"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
