@@ -34,8 +34,10 @@ def _model(case: str) -> KimiForCausalLM:
     return model
 
 
-@pytest.mark.parametrize("rope_interleave", [False, True])
-@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("case,rope_interleave", [
+    ("mla_no_qlora", False), ("mla_no_qlora", True), ("mla_qlora_groups", True),
+    ("yarn_unnormalised_tied", False), ("all_dense", True),
+])  # fmt: skip
 def test_transformers_logits_match(case, rope_interleave, tmp_path):
     model = _model(case)
     ids_BT = torch.randint(0, 97, (2, 24), generator=torch.Generator().manual_seed(1))
