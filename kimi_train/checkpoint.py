@@ -164,13 +164,19 @@ def _prune(run_dir: str | Path, keep: int) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
 
+def _dcp_load(state: dict, path: Path) -> None:
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path))
+
+
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
     """Load model (and optimizer) tensors and this rank's RNG states; return the trainer state."""
     path = Path(path)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         state["optim"] = get_optimizer_state_dict(model, optimizer)
-    dcp.load(state, checkpoint_id=str(path))
+    _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     if optimizer is not None:
         set_optimizer_state_dict(model, optimizer, state["optim"])
@@ -226,6 +232,6 @@ def load_model_from_run(run_dir: str | Path, step: Optional[int] = None, device:
     with torch.device(device):
         model = KimiForCausalLM(model_cfg)
     state = {"model": get_model_state_dict(model)}
-    dcp.load(state, checkpoint_id=str(path))
+    _dcp_load(state, path)
     set_model_state_dict(model, state["model"])
     return model

@@ -43,8 +43,21 @@ def _run_dir(run_dir: Optional[str], run_name: Optional[str], model: str, optim:
     return f"runs/{model}-{optim}" if optim else f"runs/{model}"
 
 
-def _safe_dirname(override_dirname: str, job_num: Any) -> str:
-    name = re.sub(r"[^A-Za-z0-9=,._+\-\[\]]", "_", str(override_dirname or ""))
+def _sweep_dir(run_dir: Optional[str], run_name: Optional[str]) -> str:
+    return str(run_dir) if run_dir else f"runs/{run_name or 'multirun'}"
+
+
+def _sweep_subdir(override_dirname: str, job_num: Any) -> str:
+    """This job's values of the swept keys only, e.g. "optim=adamw,optim.lr=0.01" (else "job<N>")."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
+        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
+    except Exception:  # noqa: BLE001 - an unparsable argv falls back to every override
+        swept = None
+    parts = [kv for kv in str(override_dirname or "").split(",") if swept is None or kv.split("=", 1)[0] in swept]
+    name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", ",".join(parts))
     return name[:200] if name else f"job{job_num}"
 
 
@@ -53,7 +66,9 @@ def _rank0_only(value: str) -> Optional[str]:
 
 
 def register_resolvers() -> None:
-    for name, fn in (("kt_run_dir", _run_dir), ("kt_safe_dirname", _safe_dirname), ("kt_rank0_only", _rank0_only)):
+    resolvers = {"kt_run_dir": _run_dir, "kt_sweep_dir": _sweep_dir, "kt_sweep_subdir": _sweep_subdir,
+                 "kt_rank0_only": _rank0_only}
+    for name, fn in resolvers.items():
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -1,0 +1,159 @@
+"""In-process trainer checks: non-finite steps, gradient accumulation, checkpoints, load_model_from_run, plots."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from kimi_train import checkpoint as ckpt
+from kimi_train.config import (CheckpointConfig, DataConfig, LoggingConfig, ScheduleConfig, TrainConfig,
+                               TrainLoopConfig, validate)
+from kimi_train.model.config import ModelConfig
+from kimi_train.plots import main as plot_main
+from kimi_train.trainer import Trainer, TrainingError
+
+from conftest import read_metrics, run_cli
+
+
+def small_cfg(**train) -> TrainConfig:
+    model = ModelConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2)
+    t = dict(steps=4, seq_len=32, micro_batch_size=4, log_every=1, val_every=0, val_batches=1, max_skipped_steps=1)
+    cfg = TrainConfig(model=model, train=TrainLoopConfig(**{**t, **train}), schedule=ScheduleConfig(warmup_steps=0),
+                      data=DataConfig(max_bytes=60_000), checkpoint=CheckpointConfig(every=0, keep=1),
+                      logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False))
+    return validate(cfg)
+
+
+def _poison(trainer, steps):
+    """Make the loss NaN at the given (1-based) steps."""
+    loss_fn = trainer._loss
+
+    def loss(batch):
+        out = loss_fn(batch)
+        return out * float("nan") if trainer.step + 1 in steps else out
+
+    trainer._loss = loss
+
+
+def test_non_finite_step_is_skipped_and_params_untouched(tmp_path):
+    trainer = Trainer(small_cfg(), tmp_path)
+    _poison(trainer, {2})
+    trainer.train_step()
+    trainer.step += 1
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    with pytest.warns(UserWarning, match=r"step 2: non-finite loss=nan .* step skipped \(1/1\)"):
+        record = trainer.train_step()
+    assert record["skipped"] and trainer.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+    assert all(p.grad is None for p in trainer.model.parameters())
+    assert all(m.tokens_per_expert.sum() == 0 for m in trainer.model.moe_layers())
+
+
+def test_too_many_non_finite_steps_stop_with_a_clear_error_and_no_checkpoint(tmp_path):
+    trainer = Trainer(small_cfg(), tmp_path)
+    _poison(trainer, {2, 3})
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=r"2 skipped steps > train.max_skipped_steps=1"):
+        trainer.fit()
+    assert ckpt.latest_checkpoint(tmp_path) is None
+    records = read_metrics(tmp_path)
+    assert records[-1]["step"] == 2 and records[-1]["skipped_steps"] == 1 and records[-1]["loss"] == "nan"
+
+
+def test_checkpoint_with_non_finite_values_is_refused(tmp_path):
+    trainer = Trainer(small_cfg(), tmp_path)
+    with torch.no_grad():
+        next(trainer.model.parameters())[0, 0] = math.inf
+    with pytest.raises(TrainingError, match="refusing to write a checkpoint"):
+        trainer.save()
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_grad_accumulation_matches_one_big_micro_batch(tmp_path):
+    one = Trainer(small_cfg(micro_batch_size=4), tmp_path / "a")
+    two = Trainer(small_cfg(micro_batch_size=2, global_batch_size=4), tmp_path / "b")
+    assert two.accum == 2 and one.accum == 1
+    for _ in range(2):
+        r1, r2 = one.train_step(), two.train_step()
+        one.step += 1
+        two.step += 1
+        assert r1["loss"] == pytest.approx(r2["loss"], rel=1e-5)
+        assert r1["grad_norm"] == pytest.approx(r2["grad_norm"], rel=1e-4)
+
+
+def test_interrupted_or_unmarked_checkpoints_are_ignored_and_pruned(tmp_path):
+    trainer = Trainer(small_cfg(), tmp_path)
+    trainer.step = 2
+    trainer.save()
+    good = ckpt.checkpoint_path(tmp_path, 2)
+    torn = ckpt.checkpoint_path(tmp_path, 3).with_name("step_00000003.tmp")
+    torn.mkdir()
+    (torn / "trainer_state.json").write_text("{}")
+    unmarked = ckpt.checkpoint_path(tmp_path, 4)  # e.g. copied by hand, no COMPLETE marker
+    unmarked.mkdir()
+    (unmarked / "trainer_state.json").write_text("{}")
+    assert ckpt.latest_checkpoint(tmp_path) == good
+    state = ckpt.load_checkpoint(good, trainer.model, trainer.optimizer)
+    assert state["step"] == 2 and state["data"]["position"] == 0
+    trainer.step = 5
+    trainer.save()  # keep=1: step 2 goes, and the stale lower-numbered leftovers with it
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005"]
+
+
+def test_rng_state_round_trip_is_json():
+    state = json.loads(json.dumps(ckpt.rng_state()))
+    a = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    ckpt.set_rng_state(state)
+    b = (torch.rand(3), __import__("random").random(), __import__("numpy").random.rand())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_fit_writes_outputs_and_load_model_from_run_restores_weights(tmp_path):
+    cfg = small_cfg(steps=3, val_every=2)
+    cfg.logging.plots = True
+    trainer = Trainer(cfg, tmp_path, resolved_config={"model": cfg.model.to_dict(), "optim": {"name": "muonclip"}})
+    summary = trainer.fit()
+    assert summary["steps"] == 3 and 0 < summary["unigram_entropy"] < math.log(256)
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "max_logit", "max_logit_per_layer", "clipped_heads",
+                "expert_load_imbalance", "skipped_steps"):
+        assert key in records[-1], key
+    assert len(records[-1]["max_logit_per_layer"]) == 2 and "val_loss" in records[1] and "val_loss" not in records[0]
+    for name in ("loss", "max_logit", "clipped_heads", "expert_load", "lr"):
+        assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+    model = ckpt.load_model_from_run(tmp_path)
+    for (n, a), b in zip(model.state_dict().items(), trainer.model.state_dict().values()):
+        assert torch.equal(a, b), n
+    with pytest.raises(ValueError, match="has no config.yaml"):
+        ckpt.load_model_from_run(tmp_path / "nothing")
+
+
+def test_plot_cli_overlays_runs(tmp_path, capsys):
+    for name, scale in (("a", 1.0), ("b", 2.0)):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [{"step": s, "loss": scale / s, "lr": 1e-3, "max_logit": 5.0 * s, "max_logit_per_layer": [s, 2 * s],
+                 "clipped_heads": s % 2, "expert_load_imbalance_per_layer": [1.5]} for s in range(1, 5)]
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plot_main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "cmp")])
+    assert len(capsys.readouterr().out.split()) == 5
+    assert (tmp_path / "cmp" / "max_logit.png").is_file()
+    with pytest.raises(SystemExit) as exc:
+        plot_main([str(tmp_path / "missing")])
+    assert exc.value.code == 2
+
+
+def test_multirun_gives_each_run_its_own_directory(tmp_path, small_overrides):
+    proc = run_cli(["-m", "optim=muonclip,adamw", *small_overrides, "train.steps=2", "train.val_batches=0",
+                    f"run_dir={tmp_path}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
+    assert len(runs) == 2 and runs[0] != runs[1]
+    names = {p.name for p in runs}
+    assert names == {"optim=adamw", "optim=muonclip"}
+    for run in runs:
+        assert [r["step"] for r in read_metrics(run)] == [1, 2]
+        assert (run / "config.yaml").read_text().count(f"run_dir: {run}") == 1
