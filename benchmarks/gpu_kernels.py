@@ -20,7 +20,9 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
@@ -32,6 +34,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
+    p.add_argument("--no-isolate", action="store_true",
+                   help="run every section in this process (default on GPU: one subprocess per section, so a "
+                        "CUDA fault or hang in one kernel cannot take the others down)")
     return p.parse_args(argv)
 
 
@@ -45,6 +50,7 @@ import torch.nn.functional as F  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from kimi_train.kernels.flash_attn_triton import flash_attention_with_max  # noqa: E402
 from kimi_train.kernels.grouped_gemm import grouped_gemm  # noqa: E402
+from kimi_train.kernels.grouped_gemm import resolve_backend as grouped_gemm_backend  # noqa: E402
 from kimi_train.kernels.max_logits_triton import max_logits_triton  # noqa: E402
 from kimi_train.model.max_logits import per_head_max_logits  # noqa: E402
 from optim.newton_schulz import newton_schulz  # noqa: E402
@@ -54,6 +60,9 @@ NS_MIN_SPEEDUP = 1.6  # Triton NS over torch NS at 4096 x 4096, bf16, 5 steps
 GROUPED_MIN_VS_LOOP = 4.0  # grouped expert MLP (fwd+bwd) over the per-expert loop
 GROUPED_MIN_VS_GROUPED_MM = 1.0  # ... and over torch grouped_mm
 MAX_LOGIT_MAX_FRACTION = 0.15  # max-logit kernel time / flash SDPA forward time at seq 4096
+
+# Wall-clock limit per section when isolated (seconds); the sum stays within 8 minutes.
+SECTION_TIMEOUT_S = {"ns": 180, "grouped_mlp": 120, "max_logits": 90, "fused_attention": 90}
 
 
 def timer(fn, warmup: int, reps: int, cuda: bool) -> float:
@@ -157,7 +166,7 @@ def bench_grouped_mlp(cfg):
             mlp(backend)
 
     result = dict(s, rows=T, min_tokens_per_expert=int(counts_E.min()), max_tokens_per_expert=int(counts_E.max()))
-    for backend, label in (("loop", "loop"), ("torch", "grouped_mm"), ("triton", "triton")):
+    for backend, label in (("loop", "loop"), ("torch", "grouped_mm"), ("triton", "triton"), ("auto", "auto")):
         for mode, fn in (("fwd_bwd", fwd_bwd), ("fwd", fwd)):
             try:
                 result[f"{label}_{mode}_ms"] = timer(lambda: fn(backend), **cfg["t"])
@@ -165,6 +174,9 @@ def bench_grouped_mlp(cfg):
                 result[f"{label}_{mode}_ms"] = None
                 result[f"{label}_error"] = repr(e)[:200]
             x.grad = w_gate.grad = w_up.grad = w_down.grad = None
+    h_TI = torch.empty(T, I, device=dev, dtype=dtype)  # the down projection's input
+    result["auto_picks"] = {"gate_up": grouped_gemm_backend(x, w_gate.transpose(1, 2), offs_E),
+                            "down": grouped_gemm_backend(h_TI, w_down.transpose(1, 2), offs_E)}
     tri, loop, gmm = (result.get(f"{k}_fwd_bwd_ms") for k in ("triton", "loop", "grouped_mm"))
     if tri:
         result["triton_vs_loop"] = loop / tri if loop else None
@@ -320,8 +332,9 @@ def report(results) -> str:
         out += ["**CPU smoke run through the Triton interpreter: the timings are meaningless.**", ""]
     tables = {
         "ns": ["shape", "torch_ms", "triton_ms", "gram_ms", "triton_speedup", "gram_speedup"],
-        "grouped_mlp": ["rows", "loop_fwd_bwd_ms", "grouped_mm_fwd_bwd_ms", "triton_fwd_bwd_ms", "loop_fwd_ms",
-                        "grouped_mm_fwd_ms", "triton_fwd_ms", "triton_vs_loop", "triton_vs_grouped_mm"],
+        "grouped_mlp": ["rows", "loop_fwd_bwd_ms", "grouped_mm_fwd_bwd_ms", "triton_fwd_bwd_ms", "auto_fwd_bwd_ms",
+                        "loop_fwd_ms", "grouped_mm_fwd_ms", "triton_fwd_ms", "auto_fwd_ms", "triton_vs_loop",
+                        "triton_vs_grouped_mm", "auto_picks"],
         "max_logits": ["seq", "heads", "qk_dim", "triton_ms", "chunked_torch_ms", "sdpa_fwd_ms",
                        "triton_fraction_of_sdpa", "triton_vs_chunked"],
         "fused_attention": ["seq", "heads", "fused_fwd_ms", "sdpa_fwd_ms", "sdpa_fwd_plus_max_kernel_ms",
@@ -345,6 +358,35 @@ def report(results) -> str:
 
 SECTIONS = {"ns": bench_ns, "grouped_mlp": bench_grouped_mlp, "max_logits": bench_max_logits,
             "fused_attention": bench_fused_attention}
+
+
+def run_section(name, cfg):
+    try:
+        torch.manual_seed(0)
+        return SECTIONS[name](cfg)
+    except Exception as e:  # one broken section must not lose the others
+        traceback.print_exc()
+        return {"error": repr(e)[:500]}
+    finally:
+        if cfg["device"] == "cuda":
+            torch.cuda.empty_cache()
+
+
+def run_section_isolated(name, args):
+    """The section in a fresh process: a CUDA fault poisons only that process's context."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "section.json")
+        cmd = [sys.executable, os.path.abspath(__file__), "--no-isolate", "--sections", name, "--out", out,
+               "--warmup", str(args.warmup), "--reps", str(args.reps)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SECTION_TIMEOUT_S[name])
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {SECTION_TIMEOUT_S[name]}s"}
+        sys.stderr.write(proc.stderr[-3000:])
+        if proc.returncode != 0 or not os.path.exists(out):
+            return {"error": f"exit code {proc.returncode}: {proc.stderr.strip()[-500:]}"}
+        with open(out) as f:
+            return json.load(f)[name]
 
 
 def run(args) -> dict:
@@ -371,15 +413,10 @@ def run(args) -> dict:
         raise SystemExit(f"--sections: unknown {unknown}; valid: {', '.join(SECTIONS)}")
     for name in wanted:
         t0 = time.perf_counter()
-        try:
-            torch.manual_seed(0)
-            results[name] = SECTIONS[name](cfg)
-        except Exception as e:  # one broken section must not lose the others
-            traceback.print_exc()
-            results[name] = {"error": repr(e)[:500]}
-        finally:
-            if not smoke:
-                torch.cuda.empty_cache()
+        if smoke or args.no_isolate:
+            results[name] = run_section(name, cfg)
+        else:
+            results[name] = run_section_isolated(name, args)
         print(f"[{name}] {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     results["acceptance"] = acceptance(results, smoke)
     return results
