@@ -105,9 +105,14 @@ def _is_whole_locally(p: DTensor) -> bool:
 _GROUP_CACHE: dict = {}
 
 
+def _mesh_key(mesh) -> tuple:
+    """Identifies a mesh by its layout (ids of dead meshes can be reused)."""
+    return tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), mesh.mesh_dim_names
+
+
 def _mesh_group(mesh) -> tuple[Optional[dist.ProcessGroup], list[int]]:
     """A process group spanning every rank of ``mesh`` and its global ranks in group-rank order."""
-    key = (tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), mesh.mesh_dim_names)
+    key = _mesh_key(mesh)
     if key not in _GROUP_CACHE:
         if mesh.ndim == 1:
             pg = mesh.get_group(0)
@@ -214,7 +219,7 @@ _PLAN_CACHE: dict = {}
 
 
 def _plan_key(params: list[DTensor], idx: list[int]) -> tuple:
-    return tuple((tuple(params[i].shape), tuple(params[i].placements), id(params[i].device_mesh)) for i in idx)
+    return tuple((tuple(params[i].shape), tuple(params[i].placements), _mesh_key(params[i].device_mesh)) for i in idx)
 
 
 def _get_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:

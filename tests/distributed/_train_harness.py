@@ -55,6 +55,8 @@ def train(parallel: dict | None = None, steps: int = STEPS, load_dir: str | None
     model = parallelize_model(model, dims, mesh)
     opt = MuonClip(muon_param_groups(model), attention_layers=model.attention_layers(), tau=TAU,
                    lr=0.02, weight_decay=0.1, ns_dtype=torch.float32, ns_backend="torch")
+    # state for every parameter on every rank from construction (same checkpoint layout everywhere)
+    assert all(opt.state[p] for group in opt.param_groups for p in group["params"])
     start = 0
     if load_dir is not None:
         start = load_checkpoint(latest_checkpoint(load_dir), model, opt)["step"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from optim.distributed import comm_stats, orthogonalize_dtensors, scale_rows_
 
@@ -106,6 +106,12 @@ def _worker_local_only(rank: int, world: int) -> None:
     out = orthogonalize_dtensors(ups, ups, ns_fp32)
     assert comm_stats.bytes_sent == comm_stats.bytes_recv == comm_stats.calls == 0
     torch.testing.assert_close(out[0], ns_fp32(ups[0].to_local()), atol=ATOL, rtol=0)
+    bad = DTensor.from_local(torch.randn(4, 4), mesh, [Partial()])
+    with pytest.raises(ValueError, match="Partial placements"):
+        orthogonalize_dtensors([bad], [bad], ns_fp32)
+    vec = distribute_tensor(torch.randn(8), mesh, [Shard(0)])
+    with pytest.raises(ValueError, match=r"has shape \(8,\); valid: 2-D"):
+        orthogonalize_dtensors([vec], [vec], ns_fp32)
 
 
 def _worker_traffic(rank: int, world: int) -> None:
@@ -142,11 +148,6 @@ def _worker_scale_rows(rank: int, world: int) -> None:
         scale_rows_(w, torch.ones(3))
 
 
-@pytest.mark.parametrize("world", [2, 4])
-def test_orthogonalize_matches_full_ns(world):
-    spawn(_worker_orthogonalize, world)
-
-
 def _worker_muon_step(rank: int, world: int) -> None:
     """Muon (Muon + AdamW groups) on DTensor params == Muon on the full tensors, 3 steps (1e-6 abs)."""
     from optim import Muon
@@ -174,7 +175,8 @@ def _worker_muon_step(rank: int, world: int) -> None:
             torch.testing.assert_close(dp_.to_local(), expected, atol=1e-6, rtol=0, msg=lambda m: f"param {i}: {m}")
 
 
-def _worker_small_cases(rank: int, world: int) -> None:
+def _worker_all(rank: int, world: int) -> None:
+    _worker_orthogonalize(rank, world)
     _worker_muon_step(rank, world)
     _worker_local_only(rank, world)
     _worker_traffic(rank, world)
@@ -182,8 +184,9 @@ def _worker_small_cases(rank: int, world: int) -> None:
 
 
 @pytest.mark.parametrize("world", [2, 4])
-def test_local_only_traffic_scale_rows(world):
-    spawn(_worker_small_cases, world)
+def test_distributed_orthogonalize_muon_and_scale_rows(world):
+    """One process group per world size (spawning dominates): every check above, in order."""
+    spawn(_worker_all, world)
 
 
 def test_plain_tensor_scale_rows():
