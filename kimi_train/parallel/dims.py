@@ -17,7 +17,7 @@ Layout (torchtitan-like; no tensor/pipeline parallelism here, so every rank is a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch.distributed as dist
 
@@ -112,6 +112,3 @@ class ParallelDims:
         """Mesh FSDP uses for routed experts (after EP took the "ep" dim)."""
         return mesh["dp_replicate", "efsdp"] if self.dp_replicate > 1 else mesh["efsdp"]
 
-
-def world_group() -> Optional[Any]:
-    return dist.group.WORLD if dist.is_available() and dist.is_initialized() else None
