@@ -159,19 +159,27 @@ if TRITON_AVAILABLE:
             (64, 64, 64, 4, 4),
         ]
     ]
+    # fp32 (IEEE dot products) is for checking, not speed: one small tile that compiles in seconds.
+    _SYM_CONFIGS_FP32 = [triton.Config({"BLOCK": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
+    _AXPBY_CONFIGS_FP32 = [
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=3)
+    ]
     # The interpreter runs each program in Python: few, small tiles keep the tests quick.
     _INTERPRETER_SYM = {"BLOCK": 32, "BLOCK_K": 32}
     _INTERPRETER_AXPBY = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
     _compiled: dict = {}
 
-    def _kernels(device: torch.device):
+    def _kernels(device: torch.device, dtype: torch.dtype):
         """(sym_mm, axpby_mm, fixed meta-parameters) for tensors on ``device``."""
-        kind = "cuda" if device.type == "cuda" else "interpreter"
+        kind = ("cuda", dtype == torch.float32) if device.type == "cuda" else "interpreter"
         if kind not in _compiled:
-            if kind == "cuda":
-                sym = triton.autotune(_SYM_CONFIGS, key=["n", "k", "HAS_Z"])(triton.jit(_sym_mm_kernel))
-                axpby = triton.autotune(_AXPBY_CONFIGS, key=["n", "m"])(triton.jit(_axpby_mm_kernel))
+            if kind != "interpreter":
+                fp32 = kind[1]
+                sym = triton.autotune(_SYM_CONFIGS_FP32 if fp32 else _SYM_CONFIGS, key=["n", "k", "HAS_Z"])(
+                    triton.jit(_sym_mm_kernel))
+                axpby = triton.autotune(_AXPBY_CONFIGS_FP32 if fp32 else _AXPBY_CONFIGS, key=["n", "m"])(
+                    triton.jit(_axpby_mm_kernel))
                 _compiled[kind] = (sym, axpby, {}, {})
             else:
                 from triton.runtime.interpreter import InterpretedFunction
@@ -237,7 +245,7 @@ def ns_iterate_triton(X_Bnm: torch.Tensor, coeffs: Sequence[tuple[float, float, 
     if not coeffs or X.numel() == 0:
         return X.clone()
     Bt, n, m = X.shape
-    sym, axpby, sym_meta, axpby_meta = _kernels(X.device)
+    sym, axpby, sym_meta, axpby_meta = _kernels(X.device, X.dtype)
     # fp32 on CUDA would silently drop to TF32 otherwise; the reference does not.
     precision = "ieee" if X.dtype == torch.float32 else "tf32"
     A = torch.empty(Bt, n, n, device=X.device, dtype=X.dtype)

@@ -116,17 +116,23 @@ if TRITON_AVAILABLE:
         triton.Config({"BLOCK_K": bk, "BLOCK_N": bn, "BLOCK_T": bt}, num_warps=w, num_stages=s)
         for bk, bn, bt, w, s in [(128, 128, 64, 8, 3), (128, 128, 32, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4)]
     ]
+    # fp32 (IEEE dot products) is for checking, not speed: one small tile that compiles in seconds.
+    _ROWS_CONFIGS_FP32 = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=3)]
+    _DW_CONFIGS_FP32 = [triton.Config({"BLOCK_K": 64, "BLOCK_N": 64, "BLOCK_T": 32}, num_warps=4, num_stages=3)]
     _INTERPRETER_ROWS = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "NUM_PROGRAMS": 4}
     _INTERPRETER_DW = {"BLOCK_K": 32, "BLOCK_N": 32, "BLOCK_T": 16}
     _compiled: dict = {}
 
-    def _kernels(device: torch.device):
-        kind = "cuda" if device.type == "cuda" else "interpreter"
+    def _kernels(device: torch.device, dtype: torch.dtype):
+        kind = ("cuda", dtype == torch.float32) if device.type == "cuda" else "interpreter"
         if kind not in _compiled:
-            if kind == "cuda":
+            if kind != "interpreter":
+                fp32 = kind[1]
                 sms = torch.cuda.get_device_properties(device).multi_processor_count
-                rows = triton.autotune(_ROWS_CONFIGS, key=["K", "N", "E"])(triton.jit(_grouped_rows_kernel))
-                dw = triton.autotune(_DW_CONFIGS, key=["K", "N"])(triton.jit(_grouped_dw_kernel))
+                rows = triton.autotune(_ROWS_CONFIGS_FP32 if fp32 else _ROWS_CONFIGS, key=["K", "N", "E"])(
+                    triton.jit(_grouped_rows_kernel))
+                dw = triton.autotune(_DW_CONFIGS_FP32 if fp32 else _DW_CONFIGS, key=["K", "N"])(
+                    triton.jit(_grouped_dw_kernel))
                 _compiled[kind] = (rows, dw, {"NUM_PROGRAMS": 2 * sms}, {})
             else:
                 from triton.runtime.interpreter import InterpretedFunction
@@ -155,7 +161,7 @@ def _grouped_rows(x_TK: torch.Tensor, w_EKN: torch.Tensor, ends_E: torch.Tensor)
     out_TN = torch.empty(T, N, device=x_TK.device, dtype=x_TK.dtype)
     if T == 0 or N == 0 or E == 0:
         return out_TN
-    rows, _, meta, _ = _kernels(x_TK.device)
+    rows, _, meta, _ = _kernels(x_TK.device, x_TK.dtype)
     grid = (meta["NUM_PROGRAMS"],)
     rows[grid](
         x_TK, w_EKN, ends_E, out_TN, E, K, N,
@@ -171,7 +177,7 @@ def _grouped_dw(x_TK: torch.Tensor, dy_TN: torch.Tensor, ends_E: torch.Tensor, d
     if E == 0 or K == 0 or N == 0:
         return dw_EKN
     starts_E = torch.cat([ends_E.new_zeros(1), ends_E[:-1]])
-    _, dw, _, meta = _kernels(x_TK.device)
+    _, dw, _, meta = _kernels(x_TK.device, x_TK.dtype)
 
     def grid(META):
         return (triton.cdiv(K, META["BLOCK_K"]) * triton.cdiv(N, META["BLOCK_N"]), E)

@@ -94,14 +94,17 @@ if TRITON_AVAILABLE:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4), (64, 32, 4, 4)]
     ]
+    # fp32 (IEEE dot products) is for checking, not speed: one small tile that compiles quickly.
+    _CONFIGS_FP32 = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=2)]
     _INTERPRETER_META = {"BLOCK_M": 32, "BLOCK_N": 16}  # BLOCK_M > BLOCK_N like most GPU configs
     _compiled: dict = {}
 
-    def _kernel(device: torch.device):
-        kind = "cuda" if device.type == "cuda" else "interpreter"
+    def _kernel(device: torch.device, dtype: torch.dtype):
+        kind = ("cuda", dtype == torch.float32) if device.type == "cuda" else "interpreter"
         if kind not in _compiled:
-            if kind == "cuda":
-                _compiled[kind] = (triton.autotune(_CONFIGS, key=["T", "D"])(triton.jit(_max_logits_kernel)), {})
+            if kind != "interpreter":
+                configs = _CONFIGS_FP32 if kind[1] else _CONFIGS
+                _compiled[kind] = (triton.autotune(configs, key=["T", "D"])(triton.jit(_max_logits_kernel)), configs)
             else:
                 from triton.runtime.interpreter import InterpretedFunction
 
@@ -109,7 +112,7 @@ if TRITON_AVAILABLE:
                     raise RuntimeError(
                         "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
                     )
-                _compiled[kind] = (InterpretedFunction(_max_logits_kernel), _INTERPRETER_META)
+                _compiled[kind] = (InterpretedFunction(_max_logits_kernel), None)
         return _compiled[kind]
 
 
@@ -148,9 +151,10 @@ def max_logits_triton(q_BHTD: torch.Tensor, k_BHkvTD: torch.Tensor, softmax_scal
         raise ValueError(f"max_logits_triton dtypes differ: q {q_BHTD.dtype}, k {k_BHkvTD.dtype}")
     if B == 0 or T == 0:
         return torch.full((H,), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
-    kernel, meta = _kernel(q_BHTD.device)
+    kernel, configs = _kernel(q_BHTD.device, q_BHTD.dtype)
+    meta = _INTERPRETER_META if configs is None else {}
     # One partial per (batch, head, query block); sized for the smallest BLOCK_M an autotune config may pick.
-    min_block_m = meta.get("BLOCK_M", min(c.kwargs["BLOCK_M"] for c in _CONFIGS))
+    min_block_m = meta.get("BLOCK_M") or min(c.kwargs["BLOCK_M"] for c in configs)
     partial = torch.full((B * H, triton.cdiv(T, min_block_m)), float("-inf"), device=q_BHTD.device,
                          dtype=torch.float32)
     d1, d2 = _split_head_dim(D)
