@@ -78,15 +78,23 @@ def _triton_usable(x_TK: torch.Tensor) -> bool:
     return TRITON_AVAILABLE
 
 
-def _time_ms(fn, reps: int = 3) -> float:
-    fn()  # warm-up; also compiles and autotunes the Triton kernel for this shape
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
+def _time_backend_ms(backend: str, x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Tensor,
+                     reps: int = 3) -> float:
+    """Forward time of one backend at this shape (CUDA events, after one warm-up call)."""
+    if backend == "triton":
+        from kimi_train.kernels.grouped_gemm_triton import grouped_gemm_triton as run
+    else:
+        run = _grouped_mm_torch
+    with torch.no_grad():
+        x_TK, w_EKN = x_TK.detach(), w_EKN.detach()
+        run(x_TK, w_EKN, offs_E)  # warm-up; also compiles and autotunes the Triton kernel for this shape
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            run(x_TK, w_EKN, offs_E)
+        end.record()
+        torch.cuda.synchronize()
     return start.elapsed_time(end) / reps
 
 
@@ -102,17 +110,12 @@ def _pick_cuda_backend(x_TK: torch.Tensor, w_EKN: torch.Tensor, offs_E: torch.Te
         return _auto_choice[key]
     if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
         return "torch"  # cannot time here; do not cache, a later eager call will measure
-    from kimi_train.kernels.grouped_gemm_triton import grouped_gemm_triton
-
     times = {}
-    with torch.no_grad():
-        x, w = x_TK.detach(), w_EKN.detach()
-        for name, fn in (("torch", lambda: _grouped_mm_torch(x, w, offs_E)),
-                         ("triton", lambda: grouped_gemm_triton(x, w, offs_E))):
-            try:
-                times[name] = _time_ms(fn)
-            except Exception:  # e.g. grouped_mm unsupported on this GPU generation
-                times[name] = float("inf")
+    for name in ("torch", "triton"):
+        try:
+            times[name] = _time_backend_ms(name, x_TK, w_EKN, offs_E)
+        except Exception:  # e.g. grouped_mm unsupported on this GPU generation
+            times[name] = float("inf")
     _auto_choice[key] = min(times, key=times.get) if min(times.values()) < float("inf") else "loop"
     return _auto_choice[key]
 
