@@ -250,11 +250,12 @@ def ns_iterate_triton(X_Bnm: torch.Tensor, coeffs: Sequence[tuple[float, float, 
     precision = "ieee" if X.dtype == torch.float32 else "tf32"
     A = torch.empty(Bt, n, n, device=X.device, dtype=X.dtype)
     B = torch.empty_like(A)
-    X_next = torch.empty_like(X)
-    X_cur = X.clone() if X is X_Bnm else X  # never write into the caller's tensor
-    for a, b, c in coeffs:
-        _sym_mm(sym, sym_meta, X_cur, A, 1.0, precision=precision)
+    # Two ping-pong buffers for X; the caller's tensor is only ever read.
+    buffers = [torch.empty_like(X), torch.empty_like(X) if len(coeffs) > 1 else None]
+    for step, (a, b, c) in enumerate(coeffs):
+        X_next = buffers[step % 2]
+        _sym_mm(sym, sym_meta, X, A, 1.0, precision=precision)
         _sym_mm(sym, sym_meta, A, B, c, z=A, beta=b, precision=precision)
-        _axpby_mm(axpby, axpby_meta, B, X_cur, X_next, a, precision=precision)
-        X_cur, X_next = X_next, X_cur
-    return X_cur
+        _axpby_mm(axpby, axpby_meta, B, X, X_next, a, precision=precision)
+        X = X_next
+    return X
