@@ -97,7 +97,7 @@ class TrainLoopConfig:
     steps: int = 300
     seed: int = 0
     seq_len: int = 128
-    micro_batch_size: int = 16
+    micro_batch_size: int = 8
     global_batch_size: Optional[int] = None  # sequences per optimizer step; null = micro_batch_size * dp
     log_every: int = 10
     val_every: int = 100  # 0 = only at the end

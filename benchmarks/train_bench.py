@@ -1,0 +1,178 @@
+"""Training-step benchmark: our model vs transformers' DeepseekV3ForCausalLM, and MuonClip vs AdamW.
+
+    python benchmarks/train_bench.py                       # CPU, 2 threads, the reference config
+    python benchmarks/train_bench.py --quick               # smoke run (seconds)
+    python benchmarks/train_bench.py --device cuda --batch 32 --seq 1024 --json out.json
+
+Variants, each in its own subprocess (so peak memory is per variant), same weights, same
+batch, same loss (cross-entropy in fp32 over the logits):
+
+    ours+adamw      KimiForCausalLM + torch.optim.AdamW
+    hf+adamw        transformers DeepseekV3ForCausalLM built from our export's config.json
+                    (kimi_train.hf.export) with the same weights + torch.optim.AdamW
+    ours+muonclip   KimiForCausalLM + optim.MuonClip (Muon + AdamW groups + QK-Clip)
+
+One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
+over --steps timed steps after --warmup, tokens/s = batch * seq / median, and peak memory
+(CUDA: max allocated; CPU: the subprocess's peak resident set size). Our model records
+its per-head max logits in every variant (as in training); the HF model does not.
+
+Reference config (the issue's): hidden 256, 4 layers (first dense), 16 routed experts top-4
+plus 1 shared, MLA kv_lora_rank 64, 4 heads (nope 32, rope 16, v 32), byte vocab 256,
+batch 8 x 256 tokens, fp32 on CPU (bf16 autocast on CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip")
+
+
+def model_config(args):
+    from kimi_train.model import ModelConfig
+
+    return ModelConfig(
+        vocab_size=256, hidden_size=args.hidden, intermediate_size=4 * args.hidden, moe_intermediate_size=args.hidden // 2,
+        num_hidden_layers=args.layers, num_attention_heads=4, n_routed_experts=args.experts, num_experts_per_tok=4,
+        n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32,
+        qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=max(4096, args.seq),
+    ).validate()
+
+
+def run_variant(args) -> dict:
+    """Inside the subprocess: build one variant and time its training steps."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    from kimi_train.hf import export
+    from kimi_train.model import KimiForCausalLM
+
+    torch.manual_seed(0)
+    ours = KimiForCausalLM(model_config(args))
+    if args.variant.startswith("hf"):
+        from transformers import AutoModelForCausalLM
+
+        with tempfile.TemporaryDirectory() as d:
+            export(ours, d)
+            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+        del ours
+        forward = lambda x: model(input_ids=x).logits  # noqa: E731
+    else:
+        model = ours
+        forward = model
+    model.to(device).train()
+    if args.variant.endswith("muonclip"):
+        from optim import MuonClip, muon_param_groups
+
+        opt = MuonClip(muon_param_groups(model), attention_layers=model.attention_layers(), tau=100.0, lr=1e-3,
+                       ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    g = torch.Generator().manual_seed(1)
+    batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g).to(device)
+    x, y = batch[:, :-1], batch[:, 1:]
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times, losses = [], []
+    for i in range(args.warmup + args.steps):
+        if i == args.warmup and device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sync()
+        t0 = time.perf_counter()
+        with amp:
+            logits = forward(x)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    median = statistics.median(times)
+    if device.type == "cuda":
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    return {"variant": args.variant, "step_ms": 1000 * median, "tokens_per_s": args.batch * args.seq / median,
+            "peak_mem_mb": peak_mb, "first_loss": losses[0], "last_loss": losses[-1],
+            "num_params": sum(p.numel() for p in model.parameters())}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: checks that everything runs")
+    p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--variant", default=None, help=argparse.SUPPRESS)  # internal: run one variant
+    args = p.parse_args(argv)
+    if args.quick:
+        args.hidden, args.layers, args.experts, args.batch, args.seq, args.warmup, args.steps = 64, 2, 4, 2, 32, 1, 2
+    if args.variant:
+        print(json.dumps(run_variant(args)))
+        return
+
+    results = []
+    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
+    passthrough = [a for a in passthrough if not a.startswith("--variants")]
+    for variant in args.variants.split(","):
+        if variant not in VARIANTS:
+            sys.exit(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
+        env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, "--variant", variant],
+                              capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+
+    by = {r["variant"]: r for r in results}
+    ratios = {}
+    if "ours+adamw" in by and "hf+adamw" in by:
+        ratios["ours_vs_hf_tokens_per_s"] = by["ours+adamw"]["tokens_per_s"] / by["hf+adamw"]["tokens_per_s"]
+    if "ours+adamw" in by and "ours+muonclip" in by:
+        ratios["muonclip_vs_adamw_step_time"] = by["ours+muonclip"]["step_ms"] / by["ours+adamw"]["step_ms"]
+    report = {
+        "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
+                                                  "warmup", "steps")},
+        "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
+        "results": results,
+        "ratios": ratios,
+    }
+    print(f"| variant | step ms | tokens/s | peak mem MB | params |\n|---|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['variant']} | {r['step_ms']:.1f} | {r['tokens_per_s']:.0f} | {r['peak_mem_mb']:.0f} | "
+              f"{r['num_params'] / 1e6:.2f}M |")
+    for k, v in ratios.items():
+        print(f"{k}: {v:.2f}x")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
