@@ -41,6 +41,11 @@ from .newton_schulz import NS_BACKENDS, NS_METHODS, newton_schulz
 __all__ = ["Muon", "ADJUST_LR", "muon_scale"]
 
 ADJUST_LR = ("match_rms_adamw", "original", "none")
+# ns_dtype may be given as a string (config files): these names map to dtypes
+NS_DTYPE_NAMES = {
+    "bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+    "fp32": torch.float32, "float32": torch.float32, "fp64": torch.float64, "float64": torch.float64,
+}
 
 try:  # DTensor exists in every torch >= 2.4 build, but keep the optimizer importable without it
     from torch.distributed.tensor import DTensor
@@ -76,7 +81,8 @@ class Muon(torch.optim.Optimizer):
             builds both groups for a model and names every parameter ("param_names").
         lr, weight_decay: shared by both kinds (with match_rms_adamw Muon reuses AdamW's).
         momentum, nesterov: Muon momentum mu and the Nesterov variant.
-        ns_steps, ns_method, ns_dtype, ns_backend: Newton-Schulz settings (see newton_schulz).
+        ns_steps, ns_method, ns_dtype, ns_backend: Newton-Schulz settings (see newton_schulz);
+            ns_dtype also takes a name ("bf16", "fp32", "bfloat16", ...).
         adjust_lr: "match_rms_adamw" | "original" | "none" (see module docstring).
         adamw_betas, adamw_eps: for the AdamW groups.
     """
@@ -90,7 +96,7 @@ class Muon(torch.optim.Optimizer):
         weight_decay: float = 0.1,
         ns_steps: int = 5,
         ns_method: str = "keller",
-        ns_dtype: torch.dtype = torch.bfloat16,
+        ns_dtype: torch.dtype | str = torch.bfloat16,
         adjust_lr: str = "match_rms_adamw",
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
@@ -328,8 +334,10 @@ def _check_group(group: dict[str, Any], where: str) -> None:
         raise bad("ns_steps", "an int >= 1")
     if group["ns_method"] not in NS_METHODS:
         raise bad("ns_method", " | ".join(NS_METHODS))
+    if isinstance(group["ns_dtype"], str) and group["ns_dtype"] in NS_DTYPE_NAMES:
+        group["ns_dtype"] = NS_DTYPE_NAMES[group["ns_dtype"]]
     if group["ns_dtype"] not in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
-        raise bad("ns_dtype", "torch.bfloat16 | torch.float16 | torch.float32 | torch.float64")
+        raise bad("ns_dtype", "torch.bfloat16 | float16 | float32 | float64, or one of " + ", ".join(NS_DTYPE_NAMES))
     if group["ns_backend"] not in NS_BACKENDS:
         raise bad("ns_backend", " | ".join(NS_BACKENDS))
     if group["adjust_lr"] not in ADJUST_LR:

@@ -14,10 +14,13 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
-__all__ = ["muon_param_groups", "DEFAULT_ADAMW_PATTERNS"]
+__all__ = ["muon_param_groups", "DEFAULT_ADAMW_PATTERNS", "DEFAULT_ADAMW_OWNERS"]
 
-# Matched (re.search) against each dot-separated component of a parameter's name.
-DEFAULT_ADAMW_PATTERNS = (r"embed", r"^lm_head$", r"^output$", r"^wte$", r"^wpe$", r"norm")
+# AdamW by default: a module path component containing "embed" or "norm" anywhere, or an
+# output head / position table as the module that owns the parameter (torchtitan's `output`,
+# GPT-2's `wte`/`wpe`; not BERT's `attention.output.dense`, a hidden matrix).
+DEFAULT_ADAMW_PATTERNS = (r"embed", r"norm")
+DEFAULT_ADAMW_OWNERS = ("lm_head", "output", "wte", "wpe")
 
 
 def muon_param_groups(
@@ -32,8 +35,8 @@ def muon_param_groups(
     """Param groups for ``optim.Muon`` / ``optim.MuonClip``: ``[muon_group, adamw_group]``.
 
     Default rule: a trainable parameter goes to AdamW when it has fewer than 2 dims, belongs
-    to an ``nn.Embedding``, or a component of its name matches DEFAULT_ADAMW_PATTERNS
-    (embed*, lm_head, output, wte, wpe, *norm*); every other matrix (2-D, or 3-D expert
+    to an ``nn.Embedding``, a component of its module path contains "embed" or "norm", or
+    its owning module is named lm_head, output, wte or wpe; every other matrix (2-D, or 3-D expert
     weights [E, out, in]) goes to Muon. ``muon_patterns`` / ``adamw_patterns`` are regexes
     searched in the full name that override the rule (a name matching both is an error).
     Each group carries ``param_names`` (used in error messages) and ``use_muon``. ``lr`` /
@@ -66,6 +69,7 @@ def muon_param_groups(
                 p.ndim < 2
                 or id(p) in embedding_params
                 or any(r.search(c) for r in default_res for c in components)
+                or (components and components[-1] in DEFAULT_ADAMW_OWNERS)
             )
         names, params = muon if to_muon else adamw
         names.append(name)

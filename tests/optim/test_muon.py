@@ -271,13 +271,16 @@ def test_muon_param_groups_routing():
             self.lm_head = nn.Linear(8, 10, bias=False)
             self.frozen = nn.Linear(8, 8)
             self.frozen.requires_grad_(False)
+            self.output = nn.Linear(8, 10, bias=False)  # torchtitan's head name
+            self.attention = nn.ModuleDict({"output": nn.ModuleDict({"dense": nn.Linear(8, 8, bias=False)})})
 
     model = Block()
     muon, adamw = muon_param_groups(model, lr=0.1, weight_decay=0.0)
     assert muon["use_muon"] and not adamw["use_muon"] and muon["lr"] == adamw["lr"] == 0.1
-    assert muon["param_names"] == ["experts", "q_proj.weight"]
+    assert muon["param_names"] == ["experts", "q_proj.weight", "attention.output.dense.weight"]  # BERT-style: hidden
     assert sorted(adamw["param_names"]) == sorted(
-        ["embed_tokens.weight", "q_proj.bias", "input_layernorm.weight", "input_layernorm.bias", "lm_head.weight"]
+        ["embed_tokens.weight", "q_proj.bias", "input_layernorm.weight", "input_layernorm.bias", "lm_head.weight",
+         "output.weight"]
     )
     muon, adamw = muon_param_groups(model, muon_patterns=[r"^lm_head\."], adamw_patterns=["q_proj"], adamw_lr=3e-4)
     assert "lm_head.weight" in muon["param_names"] and "q_proj.weight" in adamw["param_names"]
@@ -306,6 +309,13 @@ def test_muon_param_groups_routing():
 def test_bad_args(kwargs, match):
     with pytest.raises(ValueError, match=match):
         Muon(_params(), **kwargs)
+
+
+def test_ns_dtype_by_name():
+    opt = Muon(_params(), ns_dtype="fp32")
+    assert opt.param_groups[0]["ns_dtype"] == torch.float32
+    opt = Muon([{"params": _params(), "ns_dtype": "bfloat16"}])
+    assert opt.param_groups[0]["ns_dtype"] == torch.bfloat16
 
 
 def test_bad_group_and_1d_param():
