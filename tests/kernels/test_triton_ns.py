@@ -43,6 +43,8 @@ def test_gram_matrix_is_symmetric_and_input_untouched(interpreter):
     out = ns_iterate_triton(X, [(0.0, 1.0, 0.0)])
     torch.testing.assert_close(out, (X @ X.mT) @ X, atol=1e-6, rtol=1e-5)
     assert torch.equal(X, X_before)
+    ns_iterate_triton(X, ns_coefficients("keller", 3))  # ping-pong buffers: still never written
+    assert torch.equal(X, X_before)
 
 
 def test_newton_schulz_triton_backend(interpreter):
