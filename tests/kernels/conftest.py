@@ -23,6 +23,8 @@ def _interpreter_ready() -> str:
     except ImportError:
         return "triton is not installed"
     if not isinstance(tl.zeros, InterpretedFunction):
+        if torch.cuda.is_available():
+            return "CUDA present: the kernels are tested on the GPU (set TRITON_INTERPRET=1 to run these on CPU)"
         return "triton was imported before TRITON_INTERPRET=1 was set (run tests/kernels on its own)"
     return ""
 
