@@ -138,8 +138,8 @@ def main(argv=None) -> None:
         return
 
     results = []
-    passthrough = [a for a in (argv if argv is not None else sys.argv[1:]) if not a.startswith("--json")]
-    passthrough = [a for a in passthrough if not a.startswith("--variants")]
+    passthrough = [f"--{k}={getattr(args, k)}" for k in ("device", "threads", "hidden", "layers", "experts", "batch",
+                                                        "seq", "warmup", "steps")]
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             sys.exit(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
