@@ -52,6 +52,14 @@ def cases():
     yield "grouped dw", gg._grouped_dw_kernel, dict(c.kwargs, **tf32), c
     c = ml._CONFIGS[0]
     yield "max logits D=192", ml._max_logits_kernel, dict(c.kwargs, BLOCK_D1=128, BLOCK_D2=64, **tf32), c
+    # fp32 inputs (IEEE dots) use their own small tiles; the pointer dtype is set in main().
+    ieee = {"PRECISION": "ieee"}
+    c = ns._SYM_CONFIGS_FP32[0]
+    yield "fp32 ns symmetric", ns._sym_mm_kernel, dict(c.kwargs, HAS_Z=True, **ieee), c
+    c = ns._AXPBY_CONFIGS_FP32[0]
+    yield "fp32 ns aX + BX", ns._axpby_mm_kernel, dict(c.kwargs, **ieee), c
+    c = gg._ROWS_CONFIGS_FP32[0]
+    yield "fp32 grouped rows", gg._grouped_rows_kernel, dict(c.kwargs, NUM_PROGRAMS=264, **ieee), c
     dims = dict(BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128, **tf32)  # MLA: q.k over 192, v 128
     fwd = dict(BLOCK_M=128, BLOCK_N=64, **dims)
     yield "flash attention forward", fa._fwd_kernel, fwd, triton.Config({}, num_warps=8, num_stages=2)
@@ -71,6 +79,8 @@ def main():
     for name, fn, constexprs, config in cases():
         try:
             kernel_ptrs = dict(ptrs, K=bf) if fn.__name__.startswith(("_fwd", "_bwd")) else ptrs
+            if name.startswith("fp32"):
+                kernel_ptrs = {k: ("*fp32" if v == bf else v) for k, v in kernel_ptrs.items()}
             compile_sm90(fn, kernel_ptrs, constexprs, config.num_warps, config.num_stages)
             print(f"ok   {name}")
         except Exception as e:  # report every kernel, then fail
