@@ -6,7 +6,7 @@
 
 Step time: median ms per optimizer step over --iters steps after --warmup steps, every
 variant on its own copy of the same parameters and gradients, measured side by side in
-one process. Parameter sets:
+one process (interleaved: one step of each variant per round). Parameter sets:
 
 - dense: the matrices of a small dense GPT (L layers, width d, MLP 4d: q, k, v, o, fc,
   proj per layer) for Muon, plus token embedding, lm_head and norms for AdamW.
@@ -115,22 +115,33 @@ def deepspeed_available() -> tuple[bool, str]:
     return True, ""
 
 
-def time_steps(step: Callable[[], None], params, warmup: int, iters: int, device: torch.device) -> float:
-    g = torch.Generator().manual_seed(1)
+def _timed(step: Callable[[], None], device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def time_side_by_side(steps: dict[str, Callable[[], None]], warmup: int, iters: int, device) -> dict[str, float]:
+    """Median ms per step of each variant, the variants interleaved round by round so a
+    load change on a shared machine hits them all alike."""
+    for step in steps.values():
+        for _ in range(warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(iters):
+        for name, step in steps.items():
+            times[name].append(_timed(step, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def set_grads(params, device, seed=1) -> None:
+    g = torch.Generator().manual_seed(seed)
     for p in params:
         p.grad = torch.randn(p.shape, generator=g).to(device)
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 # ----------------------------------------------------------------------------- NS quality
@@ -165,7 +176,7 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    warmup = args.warmup if args.warmup is not None else 1
+    warmup = args.warmup if args.warmup is not None else 1  # plus the first step that checks each variant runs
     iters = args.iters if args.iters is not None else (3 if args.quick else 5)
 
     if args.quick:
@@ -186,20 +197,23 @@ def main(argv=None) -> dict:
         muon_w, adamw_w = make_tensors(muon_shapes, device, 0), make_tensors(adamw_shapes, device, 1)
         n_muon = sum(w.numel() for w in muon_w)
         n_adamw = sum(w.numel() for w in adamw_w)
-        results = {}
+        steps = {}
         for name in variants:
             if name == "deepspeed.MuonWithAuxAdam" and any(w.ndim == 3 for w in muon_w):
                 continue  # its Muon is 2-D only as well; not worth a second flattening path
             try:
                 step, params = build_variant(name, muon_w, adamw_w, lr=2e-4, wd=0.1)
-                results[name] = time_steps(step, params, warmup, iters, device)
-                print(f"[optim_bench] {set_name:5s} {name:28s} {results[name]:9.1f} ms/step", file=sys.stderr, flush=True)
+                set_grads(params, device)
+                step()  # fails here, not mid-measurement, if a variant cannot run
+                steps[name] = step
             except Exception as e:  # only DeepSpeed may fail here (distributed-only versions)
                 if not name.startswith("deepspeed"):
                     raise
                 ds_note = f"failed: {type(e).__name__}: {e}"
-                continue
-            del step, params
+        results = time_side_by_side(steps, warmup, iters, device)
+        for name, ms in results.items():
+            print(f"[optim_bench] {set_name:5s} {name:28s} {ms:9.1f} ms/step", file=sys.stderr, flush=True)
+        del steps
         ref = results["torch.optim.Muon+AdamW"]
         for name, ms in results.items():
             step_rows.append(dict(set=set_name, variant=name, median_ms=ms, ratio_vs_torch=ms / ref,
