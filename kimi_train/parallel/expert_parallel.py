@@ -54,16 +54,16 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             counts_send_RL = num_tokens_per_expert_E.to(torch.int64).view(R, L)
             counts_recv_RL = torch.empty_like(counts_send_RL)
             dist.all_to_all_single(counts_recv_RL, counts_send_RL, group=self.ep_group)
-            in_splits = counts_send_RL.sum(1).tolist()
-            out_splits = counts_recv_RL.sum(1).tolist()
+            # Index maths on the host (one sync: the splits are needed there anyway).
+            send_RL, recv_RL = counts_send_RL.cpu(), counts_recv_RL.cpu()
+            in_splits, out_splits = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
             # received order: (source r, expert l); GEMM order: (expert l, source r)
-            n_LR = counts_recv_RL.t().reshape(-1)
-            src_start_LR = (counts_recv_RL.reshape(-1).cumsum(0) - counts_recv_RL.reshape(-1)).view(R, L).t().reshape(-1)
+            n_LR = recv_RL.t().reshape(-1)
+            src_start_LR = (recv_RL.reshape(-1).cumsum(0) - recv_RL.reshape(-1)).view(R, L).t().reshape(-1)
             dst_start_LR = n_LR.cumsum(0) - n_LR
-            Q = int(n_LR.sum())
-            perm_Q = torch.arange(Q) + torch.repeat_interleave(src_start_LR - dst_start_LR, n_LR)
+            perm_Q = torch.arange(int(n_LR.sum())) + torch.repeat_interleave(src_start_LR - dst_start_LR, n_LR)
             perm_Q = perm_Q.to(x_SD.device)
-            local_counts_L = counts_recv_RL.sum(0)
+            local_counts_L = recv_RL.sum(0).to(num_tokens_per_expert_E.device)
 
         x_QD = _all_to_all(x_SD, out_splits, in_splits, self.ep_group)[perm_Q]
         # The model's own expert maths, on the local shards (E/R whole experts) of the weights.
@@ -72,7 +72,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             w = getattr(self, name)
             setattr(local, name, w.to_local() if isinstance(w, DTensor) else w)
         local.num_experts = L
-        y_QD = GroupedExperts.forward(local, x_QD, local_counts_L.to(num_tokens_per_expert_E.device), backend)
+        y_QD = GroupedExperts.forward(local, x_QD, local_counts_L, backend)
         y_back_QD = torch.empty_like(y_QD)
         y_back_QD = y_back_QD.index_copy(0, perm_Q, y_QD)  # differentiable un-permute
         return _all_to_all(y_back_QD, in_splits, out_splits, self.ep_group)
