@@ -30,7 +30,8 @@ import traceback
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu_kernels.json", help="where to write the JSON results")
-    p.add_argument("--sections", default="ns,grouped_mlp,max_logits,fused_attention", help="comma-separated subset to run")
+    p.add_argument("--sections", default="ns,grouped_mlp,max_logits,fused_attention",
+                   help="comma-separated subset to run")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU via TRITON_INTERPRET=1")
@@ -295,7 +296,8 @@ def acceptance(results, smoke: bool):
                        "pass": "n/a (smoke)" if smoke else verdict})
 
     ns = results.get("ns")
-    ns_row = next((r for r in ns if r["n"] == r["m"] == (48 if smoke else 4096)), None) if isinstance(ns, list) else None
+    square = 48 if smoke else 4096
+    ns_row = next((r for r in ns if r["n"] == r["m"] == square), None) if isinstance(ns, list) else None
     add("NS Triton / torch speedup at 4096^2 bf16, 5 steps", ns_row and ns_row.get("triton_speedup"),
         f">= {NS_MIN_SPEEDUP}", lambda v: v >= NS_MIN_SPEEDUP)
     gm = results.get("grouped_mlp")

@@ -149,6 +149,8 @@ def grouped_gemm(
         return grouped_gemm_reference(x_TK, w_EKN, offs_E)
     if backend == "torch":
         return _grouped_mm_torch(x_TK, w_EKN, offs_E)
-    from kimi_train.kernels.grouped_gemm_triton import grouped_gemm_triton
-
+    try:
+        from kimi_train.kernels.grouped_gemm_triton import grouped_gemm_triton
+    except ImportError:
+        raise RuntimeError("grouped_gemm backend='triton' needs triton; use 'torch' or 'loop'") from None
     return grouped_gemm_triton(x_TK, w_EKN, offs_E)

@@ -3,9 +3,11 @@
 import pytest
 import torch
 
-from kimi_train.kernels import grouped_gemm as gg
-from kimi_train.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference, resolve_backend
-from kimi_train.kernels.grouped_gemm_triton import grouped_gemm_triton
+pytest.importorskip("triton")
+
+from kimi_train.kernels import grouped_gemm as gg  # noqa: E402
+from kimi_train.kernels.grouped_gemm import grouped_gemm, grouped_gemm_reference, resolve_backend  # noqa: E402
+from kimi_train.kernels.grouped_gemm_triton import grouped_gemm_triton  # noqa: E402
 
 
 def _problem(counts, K, N, seed=0, dtype=torch.float32, device="cpu"):

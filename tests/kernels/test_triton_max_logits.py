@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from kimi_train.kernels.max_logits_triton import _split_head_dim, max_logits_triton
-from kimi_train.model.max_logits import per_head_max_logits
+pytest.importorskip("triton")
+
+from kimi_train.kernels.max_logits_triton import _split_head_dim, max_logits_triton  # noqa: E402
+from kimi_train.model.max_logits import per_head_max_logits  # noqa: E402
 
 
 def _brute_force(q_BHTD, k_BHTD, scale):

@@ -3,8 +3,10 @@
 import pytest
 import torch
 
-from optim.newton_schulz import newton_schulz, ns_coefficients
-from optim.triton_ns import ns_iterate_triton
+pytest.importorskip("triton")
+
+from optim.newton_schulz import newton_schulz, ns_coefficients  # noqa: E402
+from optim.triton_ns import ns_iterate_triton  # noqa: E402
 
 
 def _reference(X_Bnm, coeffs):
@@ -49,7 +51,8 @@ def test_gram_matrix_is_symmetric_and_input_untouched(interpreter):
 
 def test_newton_schulz_triton_backend(interpreter):
     # Through optim's public entry point: 2-D, tall (transposed inside) and batched.
-    cases = ((torch.randn(24, 40), "keller"), (torch.randn(40, 24), "polar_express"), (torch.randn(3, 16, 48), "keller"))
+    cases = ((torch.randn(24, 40), "keller"), (torch.randn(40, 24), "polar_express"),
+             (torch.randn(3, 16, 48), "keller"))
     for G, method in cases:
         got = newton_schulz(G, steps=5, method=method, dtype=torch.float32, backend="triton")
         want = newton_schulz(G, steps=5, method=method, dtype=torch.float32, backend="torch")
