@@ -19,6 +19,6 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"
 node_rank_args=()
 if [ -n "${NODE_RANK:-}" ]; then node_rank_args=(--node_rank "$NODE_RANK"); fi
 exec torchrun \
-  --nnodes "$NNODES" "${node_rank_args[@]}" --nproc_per_node "$NPROC_PER_NODE" \
+  --nnodes "$NNODES" ${node_rank_args[@]+"${node_rank_args[@]}"} --nproc_per_node "$NPROC_PER_NODE" \
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$RDZV_ID" \
   -m kimi_train.train "$@"
