@@ -47,3 +47,30 @@ def test_cli_process_exits_2_with_one_line(tmp_path):
     proc = run_cli(["train.nope=1", f"run_dir={tmp_path}"])
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Key 'nope' not in 'TrainLoopConfig'" in proc.stderr
+
+
+def test_default_config_and_every_group_option_compose_and_validate():
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from kimi_train.config import TrainConfig, validate
+    from kimi_train.train import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        for overrides in ([], ["optim=muon"], ["optim=adamw"], ["model=small"]):
+            cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+            assert isinstance(cfg, TrainConfig)
+            validate(cfg)
+        assert cfg.optim.name == "muonclip" and cfg.train.steps == 300 and cfg.data.source == "stdlib"
+
+
+def test_run_dir_and_sweep_subdir_are_deterministic(monkeypatch):
+    from kimi_train.train import _run_dir, _sweep_subdir
+
+    assert _run_dir(None, None, "tiny", "muonclip") == "runs/tiny-muonclip"
+    assert _run_dir(None, "exp1", "tiny", "adamw") == "runs/exp1"
+    assert _run_dir("/x/y", "exp1", "tiny", "adamw") == "/x/y"
+    monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim=muonclip,adamw", "train.steps=5", "optim.lr=1e-3,2e-3"])
+    assert _sweep_subdir("optim=adamw,optim.lr=1e-3,train.steps=5", 3) == "optim=adamw,optim.lr=1e-3"
+    monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "train.steps=5"])
+    assert _sweep_subdir("train.steps=5", 0) == "job0"
