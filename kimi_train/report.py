@@ -19,6 +19,8 @@ the target and steps-to-target):
     steps_to  = step of the first record with smooth(i) <= target     (None: never reached)
     ratio     = steps_to / steps(REF)
 
+"max logit after 1st clip" is the largest per-step max logit logged after the step of the
+first clip (each step's logit is measured in its forward pass, before that step's clip).
 "heads clipped" sums the per-step count of heads QK-Clip rescaled over the logged
 records, so it is the exact total only with train.log_every=1. Tokens/s is the median
 over logged intervals, leaving out the first (which includes start-up). Non-finite
@@ -54,6 +56,7 @@ class RunSummary:
     heads_clipped: int
     first_clip_step: Optional[int]
     max_logit_after_first_clip: Optional[float]  # the stability acceptance: <= 1.1 tau?
+    median_max_logit_after_first_clip: Optional[float]
     tokens_per_s: Optional[float]
     elapsed_s: Optional[float]
     steps_to_target: Optional[int] = None
@@ -157,6 +160,7 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
         heads_clipped=sum(clipped),
         first_clip_step=first_clip,
         max_logit_after_first_clip=max(after) if after else None,
+        median_max_logit_after_first_clip=statistics.median(after) if after else None,
         tokens_per_s=statistics.median(tps) if tps else None,
         elapsed_s=_float(records[-1]["elapsed_s"]) if records[-1].get("elapsed_s") is not None else None,
         curve_steps=steps,
@@ -218,7 +222,10 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
         row = [r.label, r.optimizer, _fmt(r.lr, "g"), _fmt(r.tau, "g"), str(r.steps), _fmt(r.final_loss),
                _fmt(r.best_loss), _fmt(r.final_val_loss), _fmt(r.peak_max_logit, ".1f")]
         if with_clip:
-            row += [str(r.heads_clipped) if r.tau is not None else "-", _fmt(r.max_logit_after_first_clip, ".1f")]
+            after = _fmt(r.max_logit_after_first_clip, ".1f")
+            if r.max_logit_after_first_clip is not None and r.tau:
+                after += f" ({r.max_logit_after_first_clip / r.tau:.2f} tau)"
+            row += [str(r.heads_clipped) if r.tau is not None else "-", after]
         row += [_fmt(r.tokens_per_s, ".0f"), _fmt(r.elapsed_s, ".0f")]
         if with_target:
             row += [_fmt(r.steps_to_target) if r.steps_to_target is not None else "not reached",

@@ -48,6 +48,7 @@ def test_summary_figures(clip_run):
     assert s.heads_clipped == 6
     assert s.first_clip_step == 2
     assert s.max_logit_after_first_clip == 31.0  # steps 3..6; step 2 is the pre-clip logit
+    assert s.median_max_logit_after_first_clip == 29.75  # median of 31, 29, 30.5, 28
     assert s.tokens_per_s == 1000.0  # median of 900, 1100, 1000, 1200, 800
     assert s.elapsed_s == 3.0
 
@@ -104,7 +105,7 @@ def test_cli_table_json_and_plots(clip_run, tmp_path, capsys):
           "--plots", str(out)])
     text = capsys.readouterr().out
     assert text.startswith("target loss: 3.2000")
-    assert "| clip | muonclip | 0.01 | 30 | 6 |" in text
+    assert "| clip | muonclip | 0.01 | 30 | 6 |" in text and "| 6 | 31.0 (1.03 tau) |" in text
     rows = json.loads((tmp_path / "r.json").read_text())["runs"]
     assert [r["label"] for r in rows] == ["clip", "muon", "diverged"] and rows[1]["steps_to_target"] == 6
     for name in ("stability.png", "lr_sweep.png", "best_curves.png"):
