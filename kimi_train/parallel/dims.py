@@ -16,6 +16,7 @@ Layout (torchtitan-like; no tensor/pipeline parallelism here, so every rank is a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +107,11 @@ class ParallelDims:
 
     def dense_mesh(self, mesh):
         """Mesh FSDP uses for dense parameters: dp_shard, or (dp_replicate, dp_shard) for HSDP."""
-        return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
+        with warnings.catch_warnings():
+            # torch 2.13 warns that slicing a flattened dim from the root "will be deprecated";
+            # it is the documented way to get the 2-D HSDP mesh here and works.
+            warnings.filterwarnings("ignore", message="Slicing a flattened dim")
+            return mesh["dp_replicate", "dp_shard"] if self.dp_replicate > 1 else mesh["dp_shard"]
 
     def expert_fsdp_mesh(self, mesh):
         """Mesh FSDP uses for routed experts (after EP took the "ep" dim)."""
