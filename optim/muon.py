@@ -117,16 +117,23 @@ class Muon(torch.optim.Optimizer):
             use_muon=True,
         )
         _check_group(defaults, "defaults")
-        super().__init__(params, defaults)
-        for i, group in enumerate(self.param_groups):
-            _check_group(group, f"param group {i}")
-            if group["use_muon"]:
-                for p in group["params"]:
-                    if p.ndim < 2:
-                        raise ValueError(
-                            f"Muon: parameter {self._name(group, p)} has shape {tuple(p.shape)}; Muon groups take "
-                            f"2-D or 3-D matrices, put it in a group with use_muon=False (see optim.muon_param_groups)"
-                        )
+        super().__init__(params, defaults)  # calls add_param_group for each group
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's add_param_group, plus: check the group's settings, create its state."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group(group, f"param group {len(self.param_groups) - 1}")
+            for p in group["params"] if group["use_muon"] else ():
+                if p.ndim < 2:
+                    raise ValueError(
+                        f"Muon: parameter {self._name(group, p)} has shape {tuple(p.shape)}; Muon groups take "
+                        f"2-D or 3-D matrices, put it in a group with use_muon=False (see optim.muon_param_groups)"
+                    )
+        except ValueError:
+            self.param_groups.pop()  # a rejected group leaves the optimizer as it was
+            raise
         self.init_state()
 
     # ----------------------------------------------------------------- state

@@ -311,6 +311,20 @@ def test_bad_args(kwargs, match):
         Muon(_params(), **kwargs)
 
 
+def test_add_param_group_later_gets_state_and_checks():
+    params = _params()
+    opt = Muon(params[:2], lr=0.1)
+    opt.add_param_group({"params": params[2:], "lr": 0.01})
+    opt.add_param_group({"params": [nn.Parameter(torch.ones(3))], "use_muon": False})
+    assert all("momentum_buffer" in opt.state[p] for p in params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    with pytest.raises(ValueError, match="param group 3: adjust_lr"):
+        opt.add_param_group({"params": [nn.Parameter(torch.ones(3, 3))], "adjust_lr": "x"})
+    assert len(opt.param_groups) == 3
+
+
 def test_ns_dtype_by_name():
     opt = Muon(_params(), ns_dtype="fp32")
     assert opt.param_groups[0]["ns_dtype"] == torch.float32
