@@ -40,6 +40,11 @@ from torch import Tensor
 
 from .protocol import QKClipTarget
 
+try:  # keep QK-Clip importable on torch builds without torch.distributed
+    from torch.distributed.tensor import DTensor
+except Exception:  # pragma: no cover
+    DTensor = None  # type: ignore[assignment,misc]
+
 __all__ = ["clip_mha_", "clip_gqa_", "clip_mla_", "clip_target_"]
 
 
@@ -147,10 +152,6 @@ def _scale_rows_(w: Tensor, row_scale_R: Tensor) -> None:
     exactly 1.0 come out bit-identical. DTensor weights (FSDP shards) go to
     optim.distributed.scale_rows_, which picks the rows of the local shard.
     """
-    try:
-        from torch.distributed.tensor import DTensor
-    except Exception:  # pragma: no cover
-        DTensor = None  # type: ignore[assignment,misc]
     if DTensor is not None and isinstance(w, DTensor):
         from .distributed import scale_rows_
 
