@@ -397,7 +397,8 @@ def scale_rows_(w: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
     if row_scale.shape != (w.shape[0],):
         raise ValueError(f"row_scale has shape {tuple(row_scale.shape)}; expected ({w.shape[0]},) for weight {tuple(w.shape)}")
     if not isinstance(w, DTensor):
-        w.mul_(row_scale.to(w.dtype).view(-1, *([1] * (w.ndim - 1))))
+        # the scale stays at >= fp32: rounding gamma^0.5 to bf16 would miss tau
+        w.mul_(row_scale.to(device=w.device, dtype=torch.promote_types(w.dtype, torch.float32)).view(-1, *([1] * (w.ndim - 1))))
         return w
     coord = w.device_mesh.get_coordinate()
     if coord is None:
@@ -406,6 +407,6 @@ def scale_rows_(w: torch.Tensor, row_scale: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"scale_rows_ on placements {w.placements}; supported: Shard, Replicate")
     (off, size) = _local_box(w.shape, w.device_mesh.shape, coord, w.placements)
     local = w.to_local()
-    scale = row_scale.to(device=local.device, dtype=local.dtype)[off[0] : off[0] + size[0]]
+    scale = row_scale.to(device=local.device, dtype=torch.promote_types(local.dtype, torch.float32))[off[0] : off[0] + size[0]]
     local.mul_(scale.view(-1, *([1] * (local.ndim - 1))))
     return w
