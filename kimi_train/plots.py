@@ -69,6 +69,13 @@ def _per_layer(records: list[dict], key: str) -> tuple[list[int], list[list[floa
     return steps, layers
 
 
+def _layer_style(run_color: str, i: int, n_layers: int, n_runs: int, layer_label: str, run_label: str) -> dict:
+    """One run: a colour per layer. Several: the run's colour, layers told apart by shade."""
+    if n_runs == 1:
+        return {"color": plt.get_cmap("viridis")(i / max(n_layers - 1, 1)), "label": layer_label}
+    return {"color": run_color, "alpha": 0.35 + 0.65 * (i + 1) / n_layers, "label": run_label if i == 0 else None}
+
+
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Write the PNGs for one or several runs into out_dir; returns their paths."""
     out_dir = Path(out_dir)
@@ -107,8 +114,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     def max_logit(ax, records, info, c, label):
         steps, layers = _per_layer(records, "max_logit_per_layer")
         for i, ys in enumerate(layers):
-            ax.plot(steps, ys, color=c, alpha=0.35 + 0.65 * (i + 1) / len(layers), lw=1,
-                    label=f"{label} layer {i}" if len(runs) == 1 else (label if i == 0 else None))
+            ax.plot(steps, ys, lw=1, **_layer_style(c, i, len(layers), len(runs), f"{label} layer {i}", label))
         if info["tau"]:
             ax.axhline(info["tau"], color=c, ls="--", lw=1.5, label=f"{label} tau={info['tau']:g}")
 
@@ -118,8 +124,7 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     def load(ax, records, info, c, label):
         steps, layers = _per_layer(records, "expert_load_imbalance_per_layer")
         for i, ys in enumerate(layers):
-            ax.plot(steps, ys, color=c, alpha=0.35 + 0.65 * (i + 1) / len(layers), lw=1,
-                    label=f"{label} MoE layer {i}" if len(runs) == 1 else (label if i == 0 else None))
+            ax.plot(steps, ys, lw=1, **_layer_style(c, i, len(layers), len(runs), f"{label} MoE layer {i}", label))
         ax.axhline(1.0, color="gray", ls=":", lw=1)
 
     def lr(ax, records, info, c, label):

@@ -305,6 +305,8 @@ class Trainer:
                 tps = interval_tokens / max(train_time, 1e-9)
                 record.update(step=self.step, tokens=self.tokens_seen, tokens_per_s=tps,
                               skipped_steps=self.skipped_steps, elapsed_s=time.perf_counter() - start)
+                if self.step == 1:
+                    record["unigram_entropy"] = self.corpus.unigram_entropy  # the loss to beat, nats/token
                 if self.peak_flops:
                     record["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.world_size)
                 if t.val_batches and ((t.val_every and self.step % t.val_every == 0) or is_last):
