@@ -211,9 +211,8 @@ class Trainer:
             loss_sum += loss.detach()
         loss = self._mean_over_dp(loss_sum / self.accum)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
-        loss_f, grad_norm_f = float(loss), float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor")
-                                                  else grad_norm)
+        grad_norm = self._clip_grad_norm(max_norm)
+        loss_f, grad_norm_f = float(loss), float(grad_norm)
         record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
         if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
             self._skip_step(loss_f, grad_norm_f)
@@ -236,6 +235,12 @@ class Trainer:
             expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None,
         )
         return record
+
+    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Global gradient norm before clipping to max_norm (works across the EP and dense meshes)."""
+        from kimi_train.parallel import clip_grad_norm_
+
+        return clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _skip_step(self, loss: float, grad_norm: float) -> None:
         """Drop this step's gradients and records; stop after too many."""
