@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import shutil
-import signal
 import sys
 import time
 import warnings
@@ -292,7 +290,6 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=t.steps, initial=self.step, dynamic_ncols=True, desc="train")
-        kill_after = os.environ.get("KIMI_TRAIN_DEBUG_KILL_AFTER_STEP")  # test hook: simulate a crash
         train_time, interval_tokens, last = 0.0, 0, None
         start = time.perf_counter()
         while self.step < t.steps:
@@ -329,8 +326,6 @@ class Trainer:
                 bar.update(1)
             if (every and self.step % every == 0) or is_last:
                 self.save()
-            if kill_after == str(self.step):
-                os.kill(os.getpid(), signal.SIGKILL)
         if bar is not None:
             bar.close()
         return self._finish(last, time.perf_counter() - start)
