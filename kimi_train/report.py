@@ -59,6 +59,7 @@ class RunSummary:
     median_max_logit_after_first_clip: Optional[float]
     tokens_per_s: Optional[float]
     elapsed_s: Optional[float]
+    smooth: int = 1  # the loss figures and curves are means over this many logged records
     steps_to_target: Optional[int] = None
     target_ratio: Optional[float] = None
     # per logged record, for plots: step, (smoothed) loss, max logit over layers
@@ -163,6 +164,7 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
         median_max_logit_after_first_clip=statistics.median(after) if after else None,
         tokens_per_s=statistics.median(tps) if tps else None,
         elapsed_s=_float(records[-1]["elapsed_s"]) if records[-1].get("elapsed_s") is not None else None,
+        smooth=smooth,
         curve_steps=steps,
         curve_loss=loss,
         curve_max_logit=logits,
@@ -286,7 +288,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print()
     print(markdown_table(runs, args.smooth))
     if args.json:
-        rows = [{k: v for k, v in asdict(r).items() if not k.startswith(("curve_", "val_steps", "val_loss"))}
+        rows = [{k: v for k, v in asdict(r).items() if not k.startswith(("curve_", "val_steps", "val_loss", "smooth"))}
                 for r in runs]
         Path(args.json).write_text(json.dumps({"target_loss": target, "smooth": args.smooth, "runs": rows},
                                               indent=2, default=str) + "\n")

@@ -2,8 +2,9 @@
 
     stability.png    max attention logit per step (max over layers, log scale) for every run,
                      tau dashed for MuonClip runs | training loss beside it
+                     (when no optimizer has runs at two learning rates: a few arms to overlay)
     lr_sweep.png     final loss vs lr | peak max logit vs lr, one line per optimizer
-                     (only when some optimizer has runs at two or more learning rates)
+                     (instead, when some optimizer has runs at two or more learning rates)
     best_curves.png  the lowest-final-loss run of each optimizer, loss vs step, with the target loss
                      and the step each reaches it (only with a target: --steps-to-target-of / --target-loss)
 
@@ -28,11 +29,22 @@ from kimi_train.report import RunSummary, best_per_optimizer  # noqa: E402
 
 # One colour per optimizer, so the same optimizer reads the same in every figure.
 OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green"}
+# Muon and MuonClip curves coincide until the first clip: draw Muon wide, MuonClip dashed on top.
+OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--")}
 DPI = 90
 
 
 def _color(run: RunSummary, i: int) -> str:
     return OPTIM_COLORS.get(run.optimizer, plt.rcParams["axes.prop_cycle"].by_key()["color"][i % 10])
+
+
+def _style(run: RunSummary) -> dict:
+    return dict(OPTIM_STYLES.get(run.optimizer, {}))
+
+
+def _loss_title(runs: list[RunSummary], what: str) -> str:
+    n = runs[0].smooth if runs else 1
+    return what + (f" (mean of the last {n} steps)" if n > 1 else "")
 
 
 def _label(run: RunSummary) -> str:
@@ -58,15 +70,15 @@ def plot_stability(runs: list[RunSummary], path: str | Path) -> Path:
         c = _color(run, i)
         pts = [(s, v) for s, v in zip(run.curve_steps, run.curve_max_logit) if math.isfinite(v) and v > 0]
         if pts:
-            ax_l.plot(*zip(*pts), color=c, lw=1.3, label=_label(run))
+            ax_l.plot(*zip(*pts), color=c, label=_label(run), **{"lw": 1.3, **_style(run)})
         if run.tau is not None:
             ax_l.axhline(run.tau, color=c, ls="--", lw=1, label=f"tau = {run.tau:g}")
-        ax_r.plot(run.curve_steps, run.curve_loss, color=c, lw=1.1, label=f"{_label(run)} train")
+        ax_r.plot(run.curve_steps, run.curve_loss, color=c, label=f"{_label(run)} train", **{"lw": 1.1, **_style(run)})
         if run.val_steps:
             ax_r.plot(run.val_steps, run.val_loss, "o", color=c, ms=4, label=f"{_label(run)} val")
     ax_l.set_yscale("log")
     ax_l.set_title("max attention logit (max over layers and heads)")
-    ax_r.set_title("loss (nats/byte)")
+    ax_r.set_title(_loss_title(runs, "training loss, nats/token"))
     for ax in (ax_l, ax_r):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both")
@@ -92,17 +104,17 @@ def plot_lr_sweep(runs: list[RunSummary], path: str | Path) -> Path:
         lrs = [r.lr for r in rs]
         # a diverged run (non-finite loss) is drawn at the top edge as an x
         losses = [r.final_loss if math.isfinite(r.final_loss) else math.nan for r in rs]
-        ax_l.plot(lrs, losses, "o-", color=c, label=opt)
+        ax_l.plot(lrs, losses, marker="o", color=c, label=opt, **OPTIM_STYLES.get(opt, {}))
         top = max((v for v in losses if math.isfinite(v)), default=1.0)
         for lr, v in zip(lrs, losses):
             if not math.isfinite(v):
                 ax_l.plot([lr], [top], "x", color=c, ms=9)
         peaks = [r.peak_max_logit if r.peak_max_logit is not None else math.nan for r in rs]
-        ax_r.plot(lrs, peaks, "o-", color=c, label=opt)
+        ax_r.plot(lrs, peaks, marker="o", color=c, label=opt, **OPTIM_STYLES.get(opt, {}))
         taus.update(r.tau for r in rs if r.tau is not None)
     for tau in sorted(taus):
         ax_r.axhline(tau, color=OPTIM_COLORS["muonclip"], ls="--", lw=1, label=f"tau = {tau:g}")
-    ax_l.set_title("final training loss vs learning rate")
+    ax_l.set_title(_loss_title(runs, "final training loss vs lr"))
     ax_r.set_title("peak max attention logit vs learning rate")
     ax_r.set_yscale("log")
     for ax in (ax_l, ax_r):
@@ -119,7 +131,7 @@ def plot_best_curves(runs: list[RunSummary], path: str | Path, target: Optional[
     best = best_per_optimizer(runs)
     for i, run in enumerate(best):
         c = _color(run, i)
-        ax.plot(run.curve_steps, run.curve_loss, color=c, lw=1.2, label=_label(run))
+        ax.plot(run.curve_steps, run.curve_loss, color=c, label=_label(run), **{"lw": 1.2, **_style(run)})
         if run.steps_to_target is not None:
             ax.axvline(run.steps_to_target, color=c, ls=":", lw=1)
     if target is not None:
@@ -128,9 +140,9 @@ def plot_best_curves(runs: list[RunSummary], path: str | Path, target: Optional[
     if finite:
         lo, hi = min(finite), max(finite)
         ax.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
-    ax.set_title("best learning rate of each optimizer: training loss")
+    ax.set_title(_loss_title(runs, "best lr of each optimizer: training loss"))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats/byte)")
+    ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, Path(path))
@@ -142,13 +154,14 @@ def plot_all(runs: list[RunSummary], out_dir: str | Path, target: Optional[float
         raise ValueError("no runs to plot")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = [plot_stability(runs, out / "stability.png")]
     lrs_per_opt = defaultdict(set)
     for r in runs:
         if r.lr is not None:
             lrs_per_opt[r.optimizer].add(r.lr)
     if any(len(v) >= 2 for v in lrs_per_opt.values()):
-        paths.append(plot_lr_sweep(runs, out / "lr_sweep.png"))
+        paths = [plot_lr_sweep(runs, out / "lr_sweep.png")]
+    else:  # a few arms: overlay every curve
+        paths = [plot_stability(runs, out / "stability.png")]
     if target is not None:
         paths.append(plot_best_curves(runs, out / "best_curves.png", target))
     return paths

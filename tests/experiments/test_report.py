@@ -108,8 +108,11 @@ def test_cli_table_json_and_plots(clip_run, tmp_path, capsys):
     assert "| clip | muonclip | 0.01 | 30 | 6 |" in text and "| 6 | 31.0 (1.03 tau) |" in text
     rows = json.loads((tmp_path / "r.json").read_text())["runs"]
     assert [r["label"] for r in rows] == ["clip", "muon", "diverged"] and rows[1]["steps_to_target"] == 6
-    for name in ("stability.png", "lr_sweep.png", "best_curves.png"):
-        png = out / name
+    main([str(clip_run), str(muon), "--plots", str(tmp_path / "arms")])  # one lr per optimizer: the overlay
+    capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == ["best_curves.png", "lr_sweep.png"]
+    assert sorted(p.name for p in (tmp_path / "arms").iterdir()) == ["stability.png"]
+    for png in [*out.iterdir(), tmp_path / "arms" / "stability.png"]:
         assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size < 200_000
 
 
