@@ -76,8 +76,9 @@ def run_variant(args) -> dict:
     if args.variant.endswith("muonclip"):
         from optim import MuonClip, muon_param_groups
 
+        ns_dtype = torch.bfloat16 if args.ns_dtype == "bf16" else torch.float32
         opt = MuonClip(muon_param_groups(model), attention_layers=model.attention_layers(), tau=100.0, lr=1e-3,
-                       ns_dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
+                       ns_dtype=ns_dtype)
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -126,6 +127,8 @@ def main(argv=None) -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--ns-dtype", dest="ns_dtype", default="bf16", choices=("bf16", "fp32"),
+                   help="MuonClip's Newton-Schulz dtype (kimi-train's default: bf16)")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best median per variant is kept")
     p.add_argument("--quick", action="store_true", help="tiny shapes, 2 steps: checks that everything runs")
     p.add_argument("--json", default=None, help="also write the results to this file")
@@ -140,7 +143,7 @@ def main(argv=None) -> None:
         return
 
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("device", "threads", "hidden", "layers", "experts", "batch",
-                                                        "seq", "warmup", "steps")]
+                                                        "seq", "warmup", "steps")] + [f"--ns-dtype={args.ns_dtype}"]
     variants = args.variants.split(",")
     for variant in variants:
         if variant not in VARIANTS:
@@ -169,7 +172,7 @@ def main(argv=None) -> None:
         ratios["muonclip_vs_adamw_step_time"] = by["ours+muonclip"]["step_ms"] / by["ours+adamw"]["step_ms"]
     report = {
         "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
-                                                  "warmup", "steps", "rounds")},
+                                                  "warmup", "steps", "rounds", "ns_dtype")},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
         "results": results,
         "ratios": ratios,
