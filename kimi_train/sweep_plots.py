@@ -78,12 +78,12 @@ def plot_stability(runs: list[RunSummary], path: str | Path) -> Path:
             ax_r.plot(run.val_steps, run.val_loss, "o", color=c, ms=4, label=f"{_label(run)} val")
     ax_l.set_yscale("log")
     ax_l.set_title("max attention logit (max over layers and heads)")
-    ax_r.set_title(_loss_title(runs, "training loss, nats/token"))
+    ax_r.set_title(_loss_title(runs, "loss (nats/token)"))
     for ax in (ax_l, ax_r):
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
-    finite = [v for r in runs for v in r.curve_loss[len(r.curve_loss) // 10:] if math.isfinite(v)]
+    finite = [v for r in runs for v in [*r.curve_loss[len(r.curve_loss) // 10:], *r.val_loss] if math.isfinite(v)]
     if finite:  # the first steps (loss ~ ln V) would squash the interesting part
         lo, hi = min(finite), max(finite)
         ax_r.set_ylim(lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9))
