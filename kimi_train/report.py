@@ -23,7 +23,8 @@ the target and steps-to-target):
 first clip (each step's logit is measured in its forward pass, before that step's clip).
 "heads clipped" sums the per-step count of heads QK-Clip rescaled over the logged
 records, so it is the exact total only with train.log_every=1. Tokens/s is the median
-over logged intervals, leaving out the first (which includes start-up). Non-finite
+over logged intervals, leaving out the first (which includes start-up); "time" is the
+last record's elapsed_s (wall time of the last session, evaluation included). Non-finite
 values are written as "inf"/"nan" by the trainer and read back as floats.
 """
 
