@@ -219,7 +219,8 @@ _PLAN_CACHE: dict = {}
 
 
 def _plan_key(params: list[DTensor], idx: list[int]) -> tuple:
-    return tuple((tuple(params[i].shape), tuple(params[i].placements), _mesh_key(params[i].device_mesh)) for i in idx)
+    # the plan refers to positions in `params`: the same layouts at other positions need another plan
+    return (tuple(idx),) + tuple((tuple(params[i].shape), tuple(params[i].placements), _mesh_key(params[i].device_mesh)) for i in idx)
 
 
 def _get_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:

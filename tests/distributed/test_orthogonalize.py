@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
 from optim.distributed import comm_stats, orthogonalize_dtensors, scale_rows_
+from optim.newton_schulz import newton_schulz
 
 from _spawn import spawn
 
@@ -175,7 +176,25 @@ def _worker_muon_step(rank: int, world: int) -> None:
             torch.testing.assert_close(dp_.to_local(), expected, atol=1e-6, rtol=0, msg=lambda m: f"param {i}: {m}")
 
 
+def _worker_plan_cache_positions(rank: int, world: int) -> None:
+    """The same layouts at other positions of the list get their own plan (a cached plan is by position)."""
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(7)
+    full = [torch.randn(5, 5), torch.randn(8, 4)]
+    placements = [[Replicate()], [Shard(0)]]
+    dts = [distribute_tensor(t, mesh, pl) for t, pl in zip(full, placements)]
+
+    def ns_fn(X):
+        return newton_schulz(X, dtype=torch.float32, backend="torch")
+
+    orthogonalize_dtensors(dts, dts, ns_fn)
+    (out,) = orthogonalize_dtensors(dts[1:], dts[1:], ns_fn)  # the Shard(0) matrix alone, now at position 0
+    expected = distribute_tensor(ns_fn(full[1]), mesh, [Shard(0)]).to_local()
+    torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)
+
+
 def _worker_all(rank: int, world: int) -> None:
+    _worker_plan_cache_positions(rank, world)
     _worker_orthogonalize(rank, world)
     _worker_muon_step(rank, world)
     _worker_local_only(rank, world)
