@@ -119,6 +119,9 @@ class MuonClip(Muon):
             ]
         )
         if distributed:
+            # MAX may drop a NaN (gloo and NCCL compare with >): send it as +inf, which survives,
+            # so every rank sees the non-finite record and refuses the clip together
+            flat = torch.nan_to_num(flat, nan=math.inf, posinf=math.inf, neginf=-math.inf)
             dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=self.process_group)
         flat = flat.cpu()  # the one host sync of the clip
         out: list[Optional[torch.Tensor]] = []

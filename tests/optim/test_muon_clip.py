@@ -165,6 +165,13 @@ def _two_rank_worker(rank, port, results):
             p.grad = torch.zeros_like(p)
         opt.step()
         results[rank] = (opt.last_stats, layer.q_proj.weight.detach().clone(), layer.k_proj.weight.detach().clone())
+        # a NaN on one rank only must not vanish in the MAX reduce: every rank refuses the clip
+        layer.max_logits = torch.tensor([float("nan"), 1.0]) if rank == 1 else torch.tensor([5.0, 1.0])
+        try:
+            opt.qk_clip_()
+            results[f"nan{rank}"] = "no error"
+        except ValueError as e:
+            results[f"nan{rank}"] = str(e)
     finally:
         dist.destroy_process_group()
 
@@ -181,6 +188,8 @@ def test_max_reduced_across_ranks():
             p.join(60)
         assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
         (s0, q0, k0), (s1, q1, k1) = results[0], results[1]
+        nan_errors = results["nan0"], results["nan1"]
+    assert all("no error" != e for e in nan_errors), nan_errors
     assert s0 == s1 and s0["max_logit_per_layer"] == [40.0] and s0["clipped_heads"] == 2
     assert torch.equal(q0, q1) and torch.equal(k0, k1)
     torch.manual_seed(0)
