@@ -200,7 +200,9 @@ def all_finite(*modules_or_optims: Any) -> bool:
                 ok = False
                 break
     if dist.is_initialized():
-        flag = torch.tensor([1.0 if ok else 0.0])
+        # NCCL only reduces CUDA tensors: put the flag where the default group can reduce it
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        flag = torch.tensor([1.0 if ok else 0.0], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         ok = bool(flag.item() == 1.0)
     return ok
