@@ -39,6 +39,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from kimi_train.plots import read_metrics
+
 
 @dataclass
 class RunSummary:
@@ -77,16 +79,7 @@ def _float(value: Any) -> float:
 
 def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as a list of dicts, ordered by step (a line cut by a crash is skipped)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise ValueError(f"{run_dir} has no metrics.jsonl; pass the directory of a kimi-train run or sweep")
-    records = []
-    for line in path.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    records = [r for r in records if "step" in r and r.get("loss") is not None]
+    records = [r for r in read_metrics(run_dir) if "step" in r and r.get("loss") is not None]
     if not records:
         raise ValueError(f"{path} has no logged steps yet")
     return sorted(records, key=lambda r: r["step"])
