@@ -31,8 +31,13 @@ def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh, mixed_precision: bool
     master weights (what the optimizer owns and QK-Clip rescales) stay fp32.
     """
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else MixedPrecisionPolicy()
+    # The router scores in fp32 (SPEC): under bf16 mixed precision its weight gets a unit of its
+    # own that all-gathers fp32, else the layer's unit would hand it a bf16-rounded weight.
+    router_mp = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
     dense_mesh = dims.dense_mesh(mesh)
     for layer in model.model.layers:
+        if isinstance(layer.mlp, MoE) and mixed_precision:
+            fully_shard(layer.mlp.gate, mesh=dense_mesh, mp_policy=router_mp)
         if isinstance(layer.mlp, MoE) and dims.ep > 1:
             experts: GroupedExperts = layer.mlp.experts
             fully_shard(experts, mesh=dims.expert_fsdp_mesh(mesh), mp_policy=mp)
