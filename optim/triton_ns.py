@@ -168,6 +168,18 @@ if TRITON_AVAILABLE:
     _INTERPRETER_SYM = {"BLOCK": 32, "BLOCK_K": 32}
     _INTERPRETER_AXPBY = {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}
 
+    def interpreted(*kernels):
+        """The kernels wrapped for the Triton interpreter (CPU tensors); one clear error when
+        TRITON_INTERPRET=1 was not set before triton's first import (its own helpers were then
+        compiled for the GPU). Shared by every Triton kernel of the project."""
+        from triton.runtime.interpreter import InterpretedFunction
+
+        if not isinstance(tl.zeros, InterpretedFunction):
+            raise RuntimeError(
+                "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
+            )
+        return tuple(InterpretedFunction(k) for k in kernels)
+
     _compiled: dict = {}
 
     def _kernels(device: torch.device, dtype: torch.dtype):
@@ -182,19 +194,7 @@ if TRITON_AVAILABLE:
                     triton.jit(_axpby_mm_kernel))
                 _compiled[kind] = (sym, axpby, {}, {})
             else:
-                from triton.runtime.interpreter import InterpretedFunction
-
-                if not isinstance(tl.zeros, InterpretedFunction):
-                    # triton.language's own helpers were compiled for the GPU at import.
-                    raise RuntimeError(
-                        "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
-                    )
-                _compiled[kind] = (
-                    InterpretedFunction(_sym_mm_kernel),
-                    InterpretedFunction(_axpby_mm_kernel),
-                    _INTERPRETER_SYM,
-                    _INTERPRETER_AXPBY,
-                )
+                _compiled[kind] = (*interpreted(_sym_mm_kernel, _axpby_mm_kernel), _INTERPRETER_SYM, _INTERPRETER_AXPBY)
         return _compiled[kind]
 
 

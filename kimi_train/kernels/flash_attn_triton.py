@@ -28,6 +28,8 @@ import math
 
 import torch
 
+from .max_logits_triton import _split_head_dim
+
 try:
     import triton
     import triton.language as tl
@@ -236,25 +238,12 @@ if TRITON_AVAILABLE:
                 jitted = (triton.jit(f) for f in (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel))
                 _compiled[kind] = (*jitted, fwd_meta, bwd_meta)
             else:
-                from triton.runtime.interpreter import InterpretedFunction
+                from optim.triton_ns import interpreted
 
-                if not isinstance(tl.zeros, InterpretedFunction):
-                    raise RuntimeError(
-                        "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
-                    )
-                fns = (InterpretedFunction(f) for f in (_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel))
+                fns = interpreted(_fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel)
                 # Forward with BLOCK_M > BLOCK_N, as on the GPU.
                 _compiled[kind] = (*fns, {"BLOCK_M": 32, "BLOCK_N": 16}, {"BLOCK_M": 16, "BLOCK_N": 16})
         return _compiled[kind]
-
-
-def _split_head_dim(D: int) -> tuple[int, int]:
-    """Two power-of-two chunks (each >= 16) covering D: 192 -> (128, 64)."""
-    if D <= 16:
-        return 16, 0
-    d1 = 1 << (D.bit_length() - 1)
-    rest = D - d1
-    return d1, (0 if rest == 0 else max(16, 1 << (rest - 1).bit_length()))
 
 
 def _meta(q, v, meta):

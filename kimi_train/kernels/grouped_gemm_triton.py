@@ -135,18 +135,9 @@ if TRITON_AVAILABLE:
                     triton.jit(_grouped_dw_kernel))
                 _compiled[kind] = (rows, dw, {"NUM_PROGRAMS": 2 * sms}, {})
             else:
-                from triton.runtime.interpreter import InterpretedFunction
+                from optim.triton_ns import interpreted
 
-                if not isinstance(tl.zeros, InterpretedFunction):
-                    raise RuntimeError(
-                        "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
-                    )
-                _compiled[kind] = (
-                    InterpretedFunction(_grouped_rows_kernel),
-                    InterpretedFunction(_grouped_dw_kernel),
-                    _INTERPRETER_ROWS,
-                    _INTERPRETER_DW,
-                )
+                _compiled[kind] = (*interpreted(_grouped_rows_kernel, _grouped_dw_kernel), _INTERPRETER_ROWS, _INTERPRETER_DW)
         return _compiled[kind]
 
 

@@ -106,13 +106,9 @@ if TRITON_AVAILABLE:
                 configs = _CONFIGS_FP32 if kind[1] else _CONFIGS
                 _compiled[kind] = (triton.autotune(configs, key=["T", "D"])(triton.jit(_max_logits_kernel)), configs)
             else:
-                from triton.runtime.interpreter import InterpretedFunction
+                from optim.triton_ns import interpreted
 
-                if not isinstance(tl.zeros, InterpretedFunction):
-                    raise RuntimeError(
-                        "Triton kernels on CPU tensors need TRITON_INTERPRET=1 set before triton is first imported"
-                    )
-                _compiled[kind] = (InterpretedFunction(_max_logits_kernel), None)
+                _compiled[kind] = (*interpreted(_max_logits_kernel), None)
         return _compiled[kind]
 
 
