@@ -18,7 +18,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -47,16 +47,26 @@ def _sweep_dir(run_dir: Optional[str], run_name: Optional[str]) -> str:
     return str(run_dir) if run_dir else f"runs/{run_name or 'multirun'}"
 
 
-def _sweep_subdir(override_dirname: str, job_num: Any) -> str:
-    """This job's values of the swept keys only, e.g. "optim=adamw,optim.lr=0.01" (else "job<N>")."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
+def _sweep_subdir(override_dirname: str, job_num: Any, sweeper_params: Optional[Mapping[str, Any]] = None) -> str:
+    """This job's values of the swept keys only, e.g. "optim=adamw,optim.lr=0.01" (else "job<N>").
 
-    try:
-        parsed = OverridesParser.create().parse_overrides([a for a in sys.argv[1:] if not a.startswith("-")])
-        swept = {o.get_key_element() for o in parsed if o.is_sweep_override()}
-    except Exception:  # noqa: BLE001 - an unparsable argv falls back to every override
-        swept = None
-    parts = [kv for kv in str(override_dirname or "").split(",") if swept is None or kv.split("=", 1)[0] in swept]
+    A key is swept as Hydra's BasicSweeper decides: a sweep in the config's hydra.sweeper.params
+    or on the command line, the command line winning for a key given in both.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    final = {}
+    declared = [f"{key}={value}" for key, value in (sweeper_params or {}).items()]
+    for arg in declared + [a for a in sys.argv[1:] if not a.startswith("-")]:
+        try:
+            override = parser.parse_overrides([arg])[0]
+        except OverrideParseException:  # the value of a flag such as --config-name
+            continue
+        final[override.get_key_element()] = override
+    swept = {key for key, override in final.items() if override.is_sweep_override()}
+    parts = [kv for kv in str(override_dirname or "").split(",") if kv.split("=", 1)[0] in swept]
     name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", ",".join(parts))
     return name[:200] if name else f"job{job_num}"
 

@@ -85,6 +85,11 @@ class Muon(torch.optim.Optimizer):
             ns_dtype also takes a name ("bf16", "fp32", "bfloat16", ...).
         adjust_lr: "match_rms_adamw" | "original" | "none" (see module docstring).
         adamw_betas, adamw_eps: for the AdamW groups.
+        check_finite: refuse a step whose gradients hold a NaN/Inf (ValueError naming the
+            parameter, state unchanged), at the cost of one inf-norm per gradient and one host
+            sync per step. False skips the check, for callers that already check the loss or
+            grad norm; a NaN gradient then reaches the state and the weights, as in torch's
+            optimizers. For the whole optimizer, not per group, and not in the state_dict.
     """
 
     def __init__(
@@ -101,7 +106,11 @@ class Muon(torch.optim.Optimizer):
         adamw_betas: tuple[float, float] = (0.9, 0.95),
         adamw_eps: float = 1e-8,
         ns_backend: str = "auto",
+        check_finite: bool = True,
     ):
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"Muon: check_finite={check_finite!r} is invalid; expected True or False")
+        self.check_finite = check_finite
         defaults = dict(
             lr=lr,
             momentum=momentum,
@@ -174,7 +183,8 @@ class Muon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._check_finite_grads()  # before any state changes
+        if self.check_finite:
+            self._check_finite_grads()  # before any state changes
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:

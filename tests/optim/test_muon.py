@@ -7,7 +7,7 @@ import torch
 import torch.optim._muon as torch_muon
 from torch import nn
 
-from optim import Muon, muon_param_groups, newton_schulz
+from optim import Muon, MuonClip, muon_param_groups, newton_schulz
 
 MU = 0.95
 SHAPES = [(24, 40), (40, 24), (32, 32), (24, 40)]  # wide, tall, square, and a repeated shape (stacked)
@@ -176,6 +176,28 @@ def test_non_finite_grad_raises_with_name_and_leaves_state_alone():
     for k, st in saved["state"].items():
         for key, v in st.items():
             assert torch.equal(now["state"][k][key], v), key
+
+
+def test_check_finite_false_lets_a_nan_gradient_through_as_torch_optimizers_do():
+    # For callers that check the loss or grad norm themselves (kimi_train's trainer skips such steps).
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    model(torch.randn(3, 8)).sum().backward()
+    model[2].weight.grad[1, 2] = float("nan")
+    model[2].bias.grad[0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        MuonClip(muon_param_groups(model), lr=0.01).step()  # the default checks, also through MuonClip
+    opt = MuonClip(muon_param_groups(model), lr=0.01, check_finite=False)
+    opt.step()
+    assert int(opt.state[model[2].weight]["momentum_buffer"].isnan().sum()) == 1
+    assert bool(model[2].weight.isnan().all())  # Newton-Schulz mixes the whole matrix
+    assert bool(model[2].bias[0].isnan()) and bool(model[2].bias[1:].isfinite().all())  # AdamW: per entry
+    assert all(bool(p.isfinite().all()) for p in model[0].parameters())
+    # A switch of the optimizer, not of its state: a default one loading this state still checks.
+    checking = Muon(muon_param_groups(model), lr=0.01)
+    checking.load_state_dict(opt.state_dict())
+    assert checking.check_finite and not opt.check_finite
+    with pytest.raises(ValueError, match=r"check_finite=0 is invalid; expected True or False"):
+        Muon(muon_param_groups(model), check_finite=0)
 
 
 def test_unnamed_params_error_names_the_index():

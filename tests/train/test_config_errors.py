@@ -74,3 +74,9 @@ def test_run_dir_and_sweep_subdir_are_deterministic(monkeypatch):
     assert _sweep_subdir("optim=adamw,optim.lr=1e-3,train.steps=5", 3) == "optim=adamw,optim.lr=1e-3"
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "train.steps=5"])
     assert _sweep_subdir("train.steps=5", 0) == "job0"
+    # Sweeps a config declares in hydra.sweeper.params count too; the command line wins for a key in both.
+    params = {"optim": "muon,adamw", "train.steps": 5}
+    monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "--config-name", "config", "optim.lr=1e-3,2e-3"])
+    assert _sweep_subdir("optim=adamw,optim.lr=1e-3,train.steps=5", 1, params) == "optim=adamw,optim.lr=1e-3"
+    monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim=muon"])
+    assert _sweep_subdir("optim=muon,train.steps=5", 0, params) == "job0"
