@@ -121,6 +121,9 @@ class LoggingConfig:
     wandb_project: str = "kimi-train"
     progress_bar: bool = True
     plots: bool = True  # write PNG plots into run_dir at the end
+    # Diagnostic (one extra no-grad forward per step): also log the max logit of the updated,
+    # QK-clipped weights on the step's own batch, "max_logit_post_step" (docs/stability.md).
+    post_step_max_logit: bool = False
 
 
 @dataclass

@@ -60,6 +60,10 @@ class RunSummary:
     first_clip_step: Optional[int]
     max_logit_after_first_clip: Optional[float]  # the stability acceptance: <= 1.1 tau?
     median_max_logit_after_first_clip: Optional[float]
+    # logging.post_step_max_logit: the updated, clipped weights on the step's own batch, from the
+    # first clip's step on (that step's value is already after the clip)
+    max_post_step_after_first_clip: Optional[float]
+    median_post_step_after_first_clip: Optional[float]
     tokens_per_s: Optional[float]
     elapsed_s: Optional[float]
     smooth: int = 1  # the loss figures and curves are means over this many logged records
@@ -136,6 +140,8 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
     clipped = [int(r.get("clipped_heads") or 0) for r in records]
     first_clip = next((s for s, c in zip(steps, clipped) if c > 0), None)
     after = [v for s, v in zip(steps, logits) if first_clip is not None and s > first_clip and not math.isnan(v)]
+    post = [_float(r["max_logit_post_step"]) for s, r in zip(steps, records)
+            if first_clip is not None and s >= first_clip and r.get("max_logit_post_step") is not None]
     tps = [_float(r.get("tokens_per_s")) for r in records[1:] if r.get("tokens_per_s") is not None]
     if not tps and records[0].get("tokens_per_s") is not None:
         tps = [_float(records[0]["tokens_per_s"])]
@@ -156,6 +162,8 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
         first_clip_step=first_clip,
         max_logit_after_first_clip=max(after) if after else None,
         median_max_logit_after_first_clip=statistics.median(after) if after else None,
+        max_post_step_after_first_clip=max(post) if post else None,
+        median_post_step_after_first_clip=statistics.median(post) if post else None,
         tokens_per_s=statistics.median(tps) if tps else None,
         elapsed_s=_float(records[-1]["elapsed_s"]) if records[-1].get("elapsed_s") is not None else None,
         smooth=smooth,
@@ -205,11 +213,14 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
     """The runs as one GitHub-flavoured markdown table."""
     with_target = any(r.steps_to_target is not None or r.target_ratio is not None for r in runs)
     with_clip = any(r.tau is not None for r in runs)
+    with_post = any(r.max_post_step_after_first_clip is not None for r in runs)
     loss_note = f" (mean of {smooth})" if smooth > 1 else ""
     header = ["run", "optimizer", "lr", "tau", "steps", f"final loss{loss_note}", "best loss", "final val loss",
               "peak max logit"]
     if with_clip:
         header += ["heads clipped", "max logit after 1st clip"]
+    if with_post:
+        header += ["post-step max logit after 1st clip (median)"]
     header += ["tokens/s", "time (s)"]
     if with_target:
         header += ["steps to target", "x ref steps"]
@@ -222,6 +233,12 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
             if r.max_logit_after_first_clip is not None and r.tau:
                 after += f" ({r.max_logit_after_first_clip / r.tau:.2f} tau)"
             row += [str(r.heads_clipped) if r.tau is not None else "-", after]
+        if with_post:
+            post = _fmt(r.max_post_step_after_first_clip, ".1f")
+            if r.max_post_step_after_first_clip is not None and r.tau:
+                post += (f" ({r.max_post_step_after_first_clip / r.tau:.2f} tau; median "
+                         f"{r.median_post_step_after_first_clip / r.tau:.2f} tau)")
+            row.append(post)
         row += [_fmt(r.tokens_per_s, ".0f"), _fmt(r.elapsed_s, ".0f")]
         if with_target:
             row += [_fmt(r.steps_to_target) if r.steps_to_target is not None else "not reached",

@@ -59,10 +59,11 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dp_group: Any = No
                                  weight_decay=o.weight_decay)
     from optim import Muon, MuonClip, muon_param_groups
 
+    # check_finite=False: train_step already skips a step whose loss or global grad norm is not finite
     kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
                   ns_steps=o.ns_steps, ns_method=o.ns_method,
                   ns_dtype=torch.bfloat16 if o.ns_dtype == "bf16" else torch.float32, ns_backend=o.ns_backend,
-                  adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps)
+                  adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps, check_finite=False)
     groups = muon_param_groups(model, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "muonclip" and o.qk_clip.enabled:
         return MuonClip(groups, attention_layers=model.attention_layers(), tau=o.qk_clip.tau,
@@ -222,6 +223,10 @@ class Trainer:
         clip = getattr(self.optimizer, "last_stats", None)
         if clip is None:
             clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
+        if self.cfg.logging.post_step_max_logit:  # before the expert-bias update moves the routing
+            post = self._post_step_max_logits(micro_batches)
+            record.update(max_logit_post_step=post["max_logit"],
+                          max_logit_post_step_per_layer=post["max_logit_per_layer"])
         from kimi_train.model import update_expert_bias
 
         balance = update_expert_bias(self.model.moe_layers(), rate=self.cfg.train.expert_bias_rate,
@@ -233,6 +238,30 @@ class Trainer:
             expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None,
         )
         return record
+
+    @torch.no_grad()
+    def _post_step_max_logits(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
+        """Max logits of the weights after this step's update and QK-Clip, on this step's own batch.
+
+        The logged ``max_logit`` comes from the step's forward, before its update and clip; this
+        one separates what the clip leaves (tau on the clipped heads, times the growth of the
+        update it was applied after) from batch-to-batch variation. It runs before the
+        expert-bias update, with the MoE layers in eval mode so their routed-token counts
+        are untouched.
+        """
+        attention = self.model.attention_layers()
+        self.model.eval()
+        for layer in attention:  # attention records max logits only in train mode
+            layer.train()
+        try:
+            for mb in micro_batches:
+                with self.autocast():
+                    self.model(mb[:, :-1].to(self.device, non_blocking=True))
+            return read_max_logits(attention, self.dims.dp_group)
+        finally:
+            for layer in attention:
+                layer.reset_max_logits()
+            self.model.train()
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping to max_norm (works across the EP and dense meshes)."""

@@ -1,7 +1,8 @@
-"""`torchrun --nproc_per_node 2 -m kimi_train.train` end to end on CPU (gloo): FSDP 2, 2 steps.
+"""`torchrun --nproc_per_node 2 -m kimi_train.train` end to end on CPU (gloo): FSDP 2 x EP 2, 2 steps.
 
 Checks what only a real launch shows: every rank agrees on the run directory, only rank 0 writes
-Hydra's files and the metrics, and a checkpoint lands.
+Hydra's files and the metrics, and a checkpoint lands. The post-step max-logit diagnostic is on,
+so its extra no-grad forward runs through the sharded and expert-parallel model too.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def test_torchrun_two_ranks(tmp_path):
         f"run_dir={run_dir}", "train.steps=2", "train.seq_len=32", "train.micro_batch_size=2",
         "train.val_every=0", "train.val_batches=1", "train.log_every=1", "data.max_bytes=100000",
         "logging.wandb=disabled", "logging.progress_bar=false", "logging.plots=false",
-        "model.num_hidden_layers=2",
+        "model.num_hidden_layers=2", "parallel.ep=2", "logging.post_step_max_logit=true",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -35,5 +36,6 @@ def test_torchrun_two_ranks(tmp_path):
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 2, steps  # one writer: no duplicated steps
+    assert all(0 < r["max_logit_post_step"] < float("inf") for r in lines if "loss" in r)
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert (ckpt / "COMPLETE").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank

@@ -53,6 +53,26 @@ def test_summary_figures(clip_run):
     assert s.elapsed_s == 3.0
 
 
+def test_post_step_max_logit_columns(tmp_path, clip_run):
+    """logging.post_step_max_logit runs: max and median from the first clip's step on (inclusive:
+    that step's post-step value is already after its clip); absent from runs without it."""
+    post = write_run(tmp_path / "post", [
+        rec(1, 5.0, 0.2, max_logit_post_step=0.3),
+        rec(2, 4.0, 35.0, clipped=3, max_logit_post_step=31.0),
+        rec(3, 3.0, 31.0, clipped=1, max_logit_post_step=30.3),
+        rec(4, 3.5, 29.0, max_logit_post_step=33.0),
+        rec(5, 2.5, 30.5, clipped=2, max_logit_post_step=30.0),
+    ])
+    s = summarise(post)
+    assert s.max_post_step_after_first_clip == 33.0
+    assert s.median_post_step_after_first_clip == pytest.approx(30.65)  # 31, 30.3, 33, 30
+    assert summarise(clip_run).max_post_step_after_first_clip is None
+    table = markdown_table([summarise(clip_run), s], smooth=1)
+    assert "post-step max logit after 1st clip (median)" in table
+    assert "| 33.0 (1.10 tau; median 1.02 tau) |" in table
+    assert markdown_table([summarise(clip_run)], smooth=1).count("post-step") == 0
+
+
 def test_smoothing_is_a_trailing_mean(clip_run):
     assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert smoothed([1.0, 3.0, 5.0], 10) == [1.0, 2.0, 3.0]

@@ -62,6 +62,44 @@ def test_too_many_non_finite_steps_stop_with_a_clear_error_and_no_checkpoint(tmp
     assert records[-1]["step"] == 2 and records[-1]["skipped_steps"] == 1 and records[-1]["loss"] == "nan"
 
 
+def test_post_step_max_logit_is_tau_on_the_same_batch_when_the_update_is_negligible(tmp_path):
+    """logging.post_step_max_logit re-runs the step's batch (both micro-batches) after the update and
+    the clip. With a ~0 lr the update changes nothing, so layer 0, whose input the clip cannot
+    change, shows exactly tau. Layer 1's heads were clipped to tau on the old layer-0 output; the
+    clip of layer 0 changed that output a little, so its post-step max is tau only approximately."""
+    cfg = small_cfg(steps=2, global_batch_size=8)
+    cfg.optim.lr, cfg.optim.qk_clip.tau = 1e-12, 0.02
+    cfg.logging.post_step_max_logit = True
+    trainer = Trainer(validate(cfg), tmp_path)
+    record = trainer.train_step()
+    assert record["clipped_heads_per_layer"] == [cfg.model.num_attention_heads] * 2
+    assert min(record["max_logit_per_layer"]) > 2 * 0.02
+    post = record["max_logit_post_step_per_layer"]
+    assert post[0] == pytest.approx(0.02, rel=1e-5)
+    assert post[1] == pytest.approx(0.02, rel=1e-3) and post[1] != pytest.approx(0.02, rel=1e-6)
+    assert record["max_logit_post_step"] == max(post)
+    assert all(layer.max_logits is None for layer in trainer.model.attention_layers())
+    assert trainer.model.training
+
+
+def test_post_step_max_logit_leaves_the_training_trajectory_unchanged(tmp_path):
+    """The extra forward is no-grad and leaves the MoE token counts alone: the same losses, max
+    logits and weights as a run without it."""
+    records, params = {}, {}
+    for flag in (False, True):
+        cfg = small_cfg(steps=3)
+        cfg.optim.qk_clip.tau = 0.05
+        cfg.logging.post_step_max_logit = flag
+        trainer = Trainer(validate(cfg), tmp_path / str(flag))
+        records[flag] = [trainer.train_step() for _ in range(3)]
+        params[flag] = [p.detach().clone() for p in trainer.model.parameters()]
+    assert sum(r["clipped_heads"] for r in records[True]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(params[False], params[True]))
+    for off, on in zip(records[False], records[True]):
+        assert "max_logit_post_step" not in off and on["max_logit_post_step"] > 0
+        assert {k: on[k] for k in off} == off
+
+
 def test_checkpoint_with_non_finite_values_is_refused(tmp_path):
     trainer = Trainer(small_cfg(), tmp_path)
     with torch.no_grad():
@@ -157,3 +195,19 @@ def test_multirun_gives_each_run_its_own_directory(tmp_path, small_overrides):
     for run in runs:
         assert [r["step"] for r in read_metrics(run)] == [1, 2]
         assert (run / "config.yaml").read_text().count(f"run_dir: {run}") == 1
+
+
+def test_multirun_names_jobs_by_the_sweeps_a_config_declares(tmp_path, small_overrides):
+    # An experiment config may sweep in hydra.sweeper.params instead of on the command line;
+    # its swept keys name the job directories too, and a key it pins (train.steps) does not.
+    experiment = tmp_path / "configs" / "experiment" / "declared_sweep.yaml"
+    experiment.parent.mkdir(parents=True)
+    experiment.write_text("# @package _global_\n"
+                          "hydra:\n  sweeper:\n    params:\n      optim: muon,adamw\n      train.steps: 1\n")
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli(["-m", f"hydra.searchpath=[file://{tmp_path / 'configs'}]", "experiment=declared_sweep",
+                    *small_overrides, "train.val_batches=0", f"run_dir={sweep_dir}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = sorted(p.parent for p in sweep_dir.glob("*/metrics.jsonl"))
+    assert [run.name for run in runs] == ["optim=adamw", "optim=muon"]
+    assert all([r["step"] for r in read_metrics(run)] == [1] for run in runs)
