@@ -47,6 +47,8 @@ def _grouped_mm_ok(x_TK: torch.Tensor, w_EKN: torch.Tensor) -> bool:
         return False
     if x_TK.is_cuda and x_TK.dtype != torch.bfloat16:
         return False
+    if torch.compiler.is_compiling() and x_TK.dtype != torch.bfloat16:
+        return False  # torch.compile's shape rule for grouped_mm accepts bf16 only, on every device
     itemsize = x_TK.element_size()
     return (x_TK.shape[-1] * itemsize) % 16 == 0 and (w_EKN.shape[-1] * itemsize) % 16 == 0
 

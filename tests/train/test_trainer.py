@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -211,3 +212,16 @@ def test_multirun_names_jobs_by_the_sweeps_a_config_declares(tmp_path, small_ove
     runs = sorted(p.parent for p in sweep_dir.glob("*/metrics.jsonl"))
     assert [run.name for run in runs] == ["optim=adamw", "optim=muon"]
     assert all([r["step"] for r in read_metrics(run)] == [1] for run in runs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_model_trains_like_eager(tmp_path):
+    """train.compile=true: the same losses as eager (fp32, CPU) over a few steps. Regression: the
+    MoE's grouped GEMM used to hand fp32 to torch's grouped_mm, which compile rejects (bf16 only)."""
+    losses = {}
+    for compiled in (False, True):
+        trainer = Trainer(small_cfg(steps=3, compile=compiled), tmp_path / str(compiled))
+        losses[compiled] = [trainer.train_step()["loss"] for _ in range(3)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
