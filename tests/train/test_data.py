@@ -116,6 +116,31 @@ def test_local_files_through_datasets(tmp_path, fmt):
     assert stream == "\0".join(docs).encode()
 
 
+def test_hub_source_streams_a_dataset_repository_offline(tmp_path, monkeypatch):
+    """data.source=hub goes through datasets.load_dataset(name, subset, split, streaming=True). A
+    local directory laid out like a hub dataset repository (data/<split>-*.jsonl) is a valid name,
+    so the whole path runs here with the hub switched off; split and text_field are honoured and
+    max_bytes stops the stream."""
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    repo = tmp_path / "repo" / "data"
+    repo.mkdir(parents=True)
+    train_docs = [f"train story {i} " * 10 for i in range(40)]
+    (repo / "train-00000-of-00001.jsonl").write_text("".join(json.dumps({"story": d}) + "\n" for d in train_docs))
+    (repo / "validation-00000-of-00001.jsonl").write_text(json.dumps({"story": "held out"}) + "\n")
+    cfg = DataConfig(source="hub", name=str(tmp_path / "repo"), text_field="story", split="train", max_bytes=0,
+                     val_fraction=0.0, cache_dir=str(tmp_path))
+    c = load_corpus(cfg)
+    assert c.train_tokens.tobytes() == "\0".join(train_docs).encode()
+    one_doc = len(train_docs[0].encode())
+    capped = load_corpus(DataConfig(**{**cfg.__dict__, "max_bytes": 3 * one_doc}))
+    assert capped.num_documents == 3
+    val = load_corpus(DataConfig(**{**cfg.__dict__, "split": "validation"}))
+    assert val.train_tokens.tobytes() == b"held out"
+    with pytest.raises(ValueError, match=r"data.text_field='text' is not a column of .*\['story'\]"):
+        load_corpus(DataConfig(**{**cfg.__dict__, "text_field": "text"}))
+
+
 def test_missing_text_field_is_one_line_error(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"content": "hello"}) + "\n")
