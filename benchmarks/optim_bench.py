@@ -79,10 +79,13 @@ def build_variant(name, muon_w, adamw_w, lr, wd):
     muon_p = [nn.Parameter(w.clone()) for w in muon_w]
     adamw_p = [nn.Parameter(w.clone()) for w in adamw_w]
     if name.startswith("optim.Muon"):
-        method = name.split("[")[1].rstrip("]") if "[" in name else "keller"
+        # optim.Muon[gram]: another NS method; optim.Muon[unchecked]: check_finite=False
+        options = name.split("[")[1].rstrip("]").split(",") if "[" in name else []
+        method = next((o for o in options if o != "unchecked"), "keller")
         opt = Muon(
             [{"params": muon_p, "use_muon": True}, {"params": adamw_p, "use_muon": False}],
             lr=lr, weight_decay=wd, ns_method=method, ns_dtype=torch.bfloat16,
+            check_finite="unchecked" not in options,
         )
         return opt.step, muon_p + adamw_p
     if name == "torch.optim.Muon+AdamW":
@@ -187,7 +190,7 @@ def main(argv=None) -> dict:
         quality_shapes = [(1024, 1024), (512, 2048)]
 
     # polar_express costs exactly what keller does (same GEMMs); its quality is in the NS table
-    variants = ["optim.Muon", "optim.Muon[gram]", "torch.optim.Muon+AdamW"]
+    variants = ["optim.Muon", "optim.Muon[unchecked]", "optim.Muon[gram]", "torch.optim.Muon+AdamW"]
     ds_ok, ds_note = deepspeed_available()
     if ds_ok:
         variants.append("deepspeed.MuonWithAuxAdam")
