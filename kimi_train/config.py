@@ -236,6 +236,11 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(c.keep >= 1, "checkpoint.keep", c.keep, "must be >= 1")
     _one_of("resume", cfg.resume, RESUME_MODES)
     _one_of("logging.wandb", cfg.logging.wandb, WANDB_MODES)
+    clip_on = o.name == "muonclip" and o.qk_clip.enabled
+    _check(cfg.model.record_max_logits or not clip_on, "model.record_max_logits", cfg.model.record_max_logits,
+           "QK-Clip needs the max logits: keep it true, or set optim.qk_clip.enabled=false")
+    _check(cfg.model.record_max_logits or not cfg.logging.post_step_max_logit, "logging.post_step_max_logit",
+           cfg.logging.post_step_max_logit, "needs model.record_max_logits=true")
     for key, value in (("run_name", cfg.run_name), ("run_dir", cfg.run_dir)):
         _check(value is None or value.strip() != "", key, value, "must be a non-empty string or null")
     _check(cfg.run_name is None or "/" not in cfg.run_name, "run_name", cfg.run_name,

@@ -108,7 +108,8 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             flat = {k: v for k, v in record.items() if not isinstance(v, list)}
-            for key in ("max_logit_per_layer", "clipped_heads_per_layer", "expert_load_imbalance_per_layer"):
+            for key in ("max_logit_per_layer", "clipped_heads_per_layer", "expert_load_imbalance_per_layer",
+                        "max_logit_post_step_per_layer"):
                 for i, v in enumerate(record.get(key, [])):
                     flat[f"{key}/{i}"] = v
             self._wandb.log(flat, step=record["step"])

@@ -142,6 +142,7 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
     after = [v for s, v in zip(steps, logits) if first_clip is not None and s > first_clip and not math.isnan(v)]
     post = [_float(r["max_logit_post_step"]) for s, r in zip(steps, records)
             if first_clip is not None and s >= first_clip and r.get("max_logit_post_step") is not None]
+    post = [v for v in post if not math.isnan(v)]
     tps = [_float(r.get("tokens_per_s")) for r in records[1:] if r.get("tokens_per_s") is not None]
     if not tps and records[0].get("tokens_per_s") is not None:
         tps = [_float(records[0]["tokens_per_s"])]
@@ -220,7 +221,7 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
     if with_clip:
         header += ["heads clipped", "max logit after 1st clip"]
     if with_post:
-        header += ["post-step max logit after 1st clip (median)"]
+        header += ["post-step max logit after 1st clip: max (median)"]
     header += ["tokens/s", "time (s)"]
     if with_target:
         header += ["steps to target", "x ref steps"]

@@ -50,20 +50,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dp_group: Any = None) -> torch.optim.Optimizer:
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dp_group: Any = None,
+                    check_finite: bool = True) -> torch.optim.Optimizer:
     """optim=muonclip -> optim.MuonClip; muon (or muonclip with qk_clip.enabled=false) -> optim.Muon;
-    adamw -> torch.optim.AdamW over every parameter (the usual baseline)."""
+    adamw -> torch.optim.AdamW over every parameter (the usual baseline). check_finite=False drops
+    Muon's own non-finite-gradient check, for a caller that skips such steps before step()."""
     o = cfg.optim
     if o.name == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay)
     from optim import Muon, MuonClip, muon_param_groups
 
-    # check_finite=False: train_step already skips a step whose loss or global grad norm is not finite
     kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
                   ns_steps=o.ns_steps, ns_method=o.ns_method,
                   ns_dtype=torch.bfloat16 if o.ns_dtype == "bf16" else torch.float32, ns_backend=o.ns_backend,
-                  adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps, check_finite=False)
+                  adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps, check_finite=check_finite)
     groups = muon_param_groups(model, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "muonclip" and o.qk_clip.enabled:
         return MuonClip(groups, attention_layers=model.attention_layers(), tau=o.qk_clip.tau,
@@ -138,7 +139,8 @@ class Trainer:
         self.model = parallelize_model(model, self.dims, mesh, mixed_precision=use_bf16)
         if t.compile:
             self.model.compile()  # in place: parameter names (and checkpoints) stay the same
-        self.optimizer = build_optimizer(cfg, self.model, self.dims.dp_group)
+        # train_step skips a step whose loss or global grad norm is not finite before optimizer.step()
+        self.optimizer = build_optimizer(cfg, self.model, self.dims.dp_group, check_finite=False)
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         s = cfg.schedule
         self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
@@ -223,7 +225,7 @@ class Trainer:
         clip = getattr(self.optimizer, "last_stats", None)
         if clip is None:
             clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
-        if self.cfg.logging.post_step_max_logit:  # before the expert-bias update moves the routing
+        if self.cfg.logging.post_step_max_logit and self._is_logged(self.step + 1):  # before the bias update
             post = self._post_step_max_logits(micro_batches)
             record.update(max_logit_post_step=post["max_logit"],
                           max_logit_post_step_per_layer=post["max_logit_per_layer"])
@@ -311,6 +313,10 @@ class Trainer:
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
                              keep=self.cfg.checkpoint.keep)
 
+    def _is_logged(self, step: int) -> bool:
+        """Whether fit() logs the record of (1-based) step ``step``."""
+        return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or step == 1
+
     def fit(self) -> dict[str, Any]:
         t, every = self.cfg.train, self.cfg.checkpoint.every
         self._print_header()
@@ -332,7 +338,7 @@ class Trainer:
             train_time += dt
             interval_tokens += self.tokens_per_step
             is_last = self.step == t.steps
-            if self.step % t.log_every == 0 or is_last or self.step == 1:
+            if self._is_logged(self.step):
                 tps = interval_tokens / max(train_time, 1e-9)
                 record.update(step=self.step, tokens=self.tokens_seen, tokens_per_s=tps,
                               skipped_steps=self.skipped_steps, elapsed_s=time.perf_counter() - start)

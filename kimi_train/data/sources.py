@@ -92,6 +92,12 @@ def iter_documents(data_cfg) -> Iterator[str]:
     return _capped(docs, data_cfg.max_bytes)
 
 
+def _file_stamp(path: Path) -> str:
+    path = path.expanduser().resolve()
+    st = path.stat()
+    return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
 def describe_source(data_cfg) -> str:
     """A stable description of the corpus, used as a cache key."""
     import sys
@@ -99,12 +105,10 @@ def describe_source(data_cfg) -> str:
     if data_cfg.source == "stdlib":
         what = f"stdlib-{sys.version_info.major}.{sys.version_info.minor}-{sysconfig.get_paths()['stdlib']}"
     elif data_cfg.source == "files":
-        stats = []
-        for p in data_cfg.paths:
-            path = Path(p).expanduser().resolve()
-            st = path.stat()
-            stats.append(f"{path}:{st.st_size}:{st.st_mtime_ns}")
-        what = "files-" + ",".join(stats) + f"-{data_cfg.text_field}"
+        what = "files-" + ",".join(_file_stamp(Path(p)) for p in data_cfg.paths) + f"-{data_cfg.text_field}"
     else:
         what = f"hub-{data_cfg.name}-{data_cfg.subset}-{data_cfg.split}-{data_cfg.text_field}"
+        local = Path(str(data_cfg.name)).expanduser()
+        if local.is_dir():  # a local dataset repository: editing its files must change the key
+            what += "-" + ",".join(_file_stamp(f) for f in sorted(local.rglob("*")) if f.is_file())
     return f"{what}-max{data_cfg.max_bytes}"

@@ -68,7 +68,7 @@ def test_post_step_max_logit_columns(tmp_path, clip_run):
     assert s.median_post_step_after_first_clip == pytest.approx(30.65)  # 31, 30.3, 33, 30
     assert summarise(clip_run).max_post_step_after_first_clip is None
     table = markdown_table([summarise(clip_run), s], smooth=1)
-    assert "post-step max logit after 1st clip (median)" in table
+    assert "post-step max logit after 1st clip: max (median)" in table
     assert "| 33.0 (1.10 tau; median 1.02 tau) |" in table
     assert markdown_table([summarise(clip_run)], smooth=1).count("post-step") == 0
 

@@ -7,7 +7,7 @@ from kimi_train.train import main
 from conftest import run_cli
 
 BAD = [
-    # (override, text the one-line message must contain)
+    # (overrides separated by spaces, text the one-line message must contain)
     ("train.stepz=10", "Key 'stepz' not in 'TrainLoopConfig'"),
     ("+train.extra=1", "Key 'extra' not in 'TrainLoopConfig'"),
     ("train.steps=abc", "train.steps=abc"),
@@ -29,13 +29,16 @@ BAD = [
     ("logging.wandb=maybe", "logging.wandb='maybe' is not valid; valid values: offline, online, disabled"),
     ("model.num_experts_per_tok=99", "model.num_experts_per_tok=99"),
     ("model.vocab_size=100", "model.vocab_size=100 is not valid; must be >= 256 for data.tokenizer=byte"),
+    ("model.record_max_logits=false", "model.record_max_logits=False is not valid; QK-Clip needs the max logits"),
+    ("optim=muon model.record_max_logits=false logging.post_step_max_logit=true",
+     "logging.post_step_max_logit=True is not valid; needs model.record_max_logits=true"),
 ]
 
 
 @pytest.mark.parametrize("override,expected", BAD, ids=[b[0] for b in BAD])
 def test_bad_config_is_one_line_and_exit_2(override, expected, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
-        main([f"run_dir={tmp_path / 'run'}", "train.micro_batch_size=4", "logging.wandb=disabled", override])
+        main([f"run_dir={tmp_path / 'run'}", "train.micro_batch_size=4", "logging.wandb=disabled", *override.split()])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1, err

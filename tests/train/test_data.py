@@ -6,6 +6,7 @@ import torch
 
 from kimi_train.config import DataConfig
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, stdlib_files, unigram_entropy, val_batches
+from kimi_train.data.sources import describe_source
 
 
 def _windows(n_tokens=10_000, seq_len=16):
@@ -121,8 +122,11 @@ def test_hub_source_streams_a_dataset_repository_offline(tmp_path, monkeypatch):
     local directory laid out like a hub dataset repository (data/<split>-*.jsonl) is a valid name,
     so the whole path runs here with the hub switched off; split and text_field are honoured and
     max_bytes stops the stream."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+
+    # datasets reads the HF_*_OFFLINE variables at import: switch its flags off directly
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     repo = tmp_path / "repo" / "data"
     repo.mkdir(parents=True)
     train_docs = [f"train story {i} " * 10 for i in range(40)]
@@ -139,6 +143,10 @@ def test_hub_source_streams_a_dataset_repository_offline(tmp_path, monkeypatch):
     assert val.train_tokens.tobytes() == b"held out"
     with pytest.raises(ValueError, match=r"data.text_field='text' is not a column of .*\['story'\]"):
         load_corpus(DataConfig(**{**cfg.__dict__, "text_field": "text"}))
+    # the cache key (BPE and token caches) follows the directory's files, not just its name
+    key = describe_source(cfg)
+    (repo / "train-00000-of-00001.jsonl").write_text(json.dumps({"story": "edited"}) + "\n")
+    assert describe_source(cfg) != key
 
 
 def test_missing_text_field_is_one_line_error(tmp_path):

@@ -85,20 +85,34 @@ def test_post_step_max_logit_is_tau_on_the_same_batch_when_the_update_is_negligi
 
 def test_post_step_max_logit_leaves_the_training_trajectory_unchanged(tmp_path):
     """The extra forward is no-grad and leaves the MoE token counts alone: the same losses, max
-    logits and weights as a run without it."""
-    records, params = {}, {}
+    logits, weights, buffers and optimizer state as a run without it."""
+    records, states = {}, {}
     for flag in (False, True):
         cfg = small_cfg(steps=3)
         cfg.optim.qk_clip.tau = 0.05
         cfg.logging.post_step_max_logit = flag
         trainer = Trainer(validate(cfg), tmp_path / str(flag))
-        records[flag] = [trainer.train_step() for _ in range(3)]
-        params[flag] = [p.detach().clone() for p in trainer.model.parameters()]
+        records[flag] = []
+        for _ in range(3):
+            records[flag].append(trainer.train_step())
+            trainer.step += 1
+        states[flag] = (trainer.model.state_dict(), trainer.optimizer.state_dict()["state"])
     assert sum(r["clipped_heads"] for r in records[True]) > 0
-    assert all(torch.equal(a, b) for a, b in zip(params[False], params[True]))
     for off, on in zip(records[False], records[True]):
         assert "max_logit_post_step" not in off and on["max_logit_post_step"] > 0
         assert {k: on[k] for k in off} == off
+    (model_off, opt_off), (model_on, opt_on) = states[False], states[True]
+    assert model_off.keys() == model_on.keys()
+    assert all(torch.equal(model_off[k], model_on[k]) for k in model_off)
+    assert all(torch.equal(opt_off[i][k], opt_on[i][k]) for i in opt_off for k in opt_off[i])
+
+    # the counts the expert-bias update reads: a training forward adds to them, the diagnostic does not
+    micro_batches = trainer.train_loader.next_batch()
+    trainer._loss(micro_batches[0])
+    counts = [m.tokens_per_expert.clone() for m in trainer.model.moe_layers()]
+    assert sum(float(c.sum()) for c in counts) > 0
+    trainer._post_step_max_logits(micro_batches)
+    assert all(torch.equal(c, m.tokens_per_expert) for c, m in zip(counts, trainer.model.moe_layers()))
 
 
 def test_checkpoint_with_non_finite_values_is_refused(tmp_path):
