@@ -1,8 +1,9 @@
 """`torchrun --nproc_per_node 2 -m kimi_train.train` end to end on CPU (gloo): FSDP 2 x EP 2, 2 steps.
 
 Checks what only a real launch shows: every rank agrees on the run directory, only rank 0 writes
-Hydra's files and the metrics, and a checkpoint lands. The post-step max-logit diagnostic is on,
-so its extra no-grad forward runs through the sharded and expert-parallel model too.
+Hydra's files and the metrics, and a checkpoint lands; and that the run matches one process on
+the same global batch, including the post-step max-logit diagnostic, whose extra no-grad
+forward runs through the sharded and expert-parallel model.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ pytestmark = pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_torchrun_two_ranks(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [
-        "torchrun", "--standalone", "--nproc_per_node", "2", "-m", "kimi_train.train",
-        f"run_dir={run_dir}", "train.steps=2", "train.seq_len=32", "train.micro_batch_size=2",
-        "train.val_every=0", "train.val_batches=1", "train.log_every=1", "data.max_bytes=100000",
-        "logging.wandb=disabled", "logging.progress_bar=false", "logging.plots=false",
-        "model.num_hidden_layers=2", "parallel.ep=2", "logging.post_step_max_logit=true",
+    common = [
+        "train.steps=2", "train.seq_len=32", "train.val_every=0", "train.val_batches=1", "train.log_every=1",
+        "data.max_bytes=100000", "logging.wandb=disabled", "logging.progress_bar=false", "logging.plots=false",
+        "model.num_hidden_layers=2", "logging.post_step_max_logit=true", "optim.qk_clip.tau=0.15",
     ]
+    cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "kimi_train.train",
+           f"run_dir={run_dir}", "train.micro_batch_size=2", "parallel.ep=2", *common]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,6 +37,19 @@ def test_torchrun_two_ranks(tmp_path):
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines() if l.strip()]
     steps = [r["step"] for r in lines if "loss" in r]
     assert steps == sorted(set(steps)) and steps[-1] == 2, steps  # one writer: no duplicated steps
-    assert all(0 < r["max_logit_post_step"] < float("inf") for r in lines if "loss" in r)
+
+    # the same global batch (2 ranks x 2 sequences) in one process: the same losses, max logits
+    # before and after the step (QK-Clip fires at this tau) and clipped heads
+    single = subprocess.run([sys.executable, "-m", "kimi_train.train", f"run_dir={tmp_path / 'one'}",
+                             "train.micro_batch_size=4", *common],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr[-3000:]
+    ref = [json.loads(l) for l in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    got, ref = [r for r in lines if "loss" in r], [r for r in ref if "loss" in r]
+    assert sum(r["clipped_heads"] for r in ref) > 0
+    for a, b in zip(got, ref, strict=True):
+        assert a["clipped_heads_per_layer"] == b["clipped_heads_per_layer"]
+        for key in ("loss", "max_logit", "max_logit_post_step"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a[key], b[key])
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert (ckpt / "COMPLETE").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank
