@@ -40,7 +40,8 @@ class MuonClip(Muon):
 
     After each step, ``last_stats`` holds ``max_logit`` (float, over layers),
     ``max_logit_per_layer`` (list[float]; -inf for a layer with no recorded forward),
-    ``clipped_heads`` (int) and ``clipped_heads_per_layer`` (list[int]).
+    ``clipped_heads`` (int) and ``clipped_heads_per_layer`` (list[int]); with
+    ``step(remeasure=...)`` also ``max_logit_remeasured`` (+ ``_per_layer``).
     """
 
     def __init__(
@@ -67,9 +68,53 @@ class MuonClip(Muon):
         self.last_stats: dict[str, Any] = _stats([], [])
 
     @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+    def step(self, closure: Optional[Callable[[], Any]] = None, *,
+             remeasure: Optional[Callable[[], Any]] = None, remeasure_passes: int = 1) -> Any:
+        """One Muon step, then QK-Clip.
+
+        remeasure: K2 clips with the max logits of this step's forward, i.e. of the weights
+            *before* the update, so a clipped head lands on tau times whatever the update
+            added to it. Given a callable, MuonClip instead drops those records after the
+            update, calls ``remeasure()``, which must run a forward (typically the step's own
+            batch under no_grad, with the attention layers in training mode so they record),
+            and clips with the max logits it recorded. The clipped heads of the first
+            attention layer then give exactly tau on that batch. A later layer's input also
+            changes with the clips of the layers before it, so its heads can land a little
+            off tau; ``remeasure_passes`` > 1 re-runs remeasure() and clips again (pass k
+            makes layer k exact; two passes left a 2-layer toy model at tau to 1e-6, from
+            1.05 tau after one). Each pass costs one forward (under step's no_grad).
+            ``last_stats`` still reports the step's forward (``max_logit``, ...) and adds
+            ``max_logit_remeasured`` (+ ``_per_layer``), the updated weights before any clip;
+            ``clipped_heads`` counts the heads over tau there. Every rank must pass the same
+            arguments (the passes are collectives).
+        """
+        if not (isinstance(remeasure_passes, int) and remeasure_passes >= 1):
+            raise ValueError(f"MuonClip.step: remeasure_passes={remeasure_passes!r} must be an int >= 1")
         loss = super().step(closure)
-        self.last_stats = self.qk_clip_()
+        if remeasure is None or not self.attention_layers:
+            self.last_stats = self.qk_clip_()
+            return loss
+        seen_L = self._reduced_max_logits()
+        for layer in self.attention_layers:
+            layer.reset_max_logits()
+        for i in range(remeasure_passes):
+            remeasure()
+            pass_stats = self.qk_clip_()
+            if i == 0:
+                stats = pass_stats
+            if any(S_H is not None for S_H in seen_L) and pass_stats["max_logit"] == -math.inf:
+                raise RuntimeError(
+                    "MuonClip.step: remeasure() recorded no max logits; it must run a forward with the "
+                    "attention layers in training mode (they record only then)"
+                )
+        seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L], [0] * len(seen_L))
+        self.last_stats = {
+            **seen,
+            "clipped_heads": stats["clipped_heads"],
+            "clipped_heads_per_layer": stats["clipped_heads_per_layer"],
+            "max_logit_remeasured": stats["max_logit"],
+            "max_logit_remeasured_per_layer": stats["max_logit_per_layer"],
+        }
         return loss
 
     @torch.no_grad()

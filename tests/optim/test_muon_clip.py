@@ -100,6 +100,68 @@ def test_muonclip_caps_logits_end_to_end():
     assert torch.equal(after_H[~over_H], before_H[~over_H])
 
 
+def _clip_one_step(model, ids, tau, remeasure, passes=1):
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=tau, lr=0.2, ns_backend="torch")
+    opt.zero_grad()
+    _loss(model, ids).backward()
+    seen = [layer.max_logits.clone() for layer in model.layers]
+    if remeasure:
+        opt.step(remeasure=lambda: model(ids[:, :-1]), remeasure_passes=passes)
+    else:
+        opt.step()
+    assert all(layer.max_logits is None for layer in model.layers)
+    with torch.no_grad():
+        model(ids[:, :-1])  # the updated, clipped weights on the step's own batch
+    after = [layer.max_logits.clone() for layer in model.layers]
+    return opt.last_stats, seen, after
+
+
+def test_remeasure_clips_the_updated_weights_to_exactly_tau():
+    """K2's order clips with the pre-update max logits, so the clipped heads of layer 0
+    come out well over tau on their own batch at lr 0.2. step(remeasure=...) re-runs the batch after the
+    update and clips with those values: layer 0's clipped heads give exactly tau."""
+    torch.manual_seed(0)
+    base = TinyLM()
+    ids = torch.randint(0, 32, (4, 16))
+    tau = 0.6
+    results = {}
+    for remeasure, passes in ((False, 0), (True, 1), (True, 2)):
+        model = TinyLM()
+        model.load_state_dict(base.state_dict())
+        results[passes] = _clip_one_step(model, ids, tau, remeasure, passes)
+
+    stats_k2, seen_k2, after_k2 = results[0]
+    assert max(float(after_k2[0].max()), float(after_k2[1].max())) > 1.05 * tau  # the gap remeasure closes
+
+    stats, seen, after = results[1]
+    assert [torch.equal(a, b) for a, b in zip(seen, seen_k2)] == [True, True]
+    assert stats["max_logit_per_layer"] == [float(r.max()) for r in seen]  # the step's forward, as without it
+    assert stats["clipped_heads"] > 0 and stats["clipped_heads"] == sum(stats["clipped_heads_per_layer"])
+    remeasured = stats["max_logit_remeasured_per_layer"]
+    assert stats["max_logit_remeasured"] == max(remeasured) > tau
+    over0 = after[0] >= tau * (1 - 1e-6)
+    assert int(over0.sum()) == stats["clipped_heads_per_layer"][0] > 0
+    torch.testing.assert_close(after[0][over0], torch.full_like(after[0][over0], tau), rtol=1e-5, atol=0)
+    # layer 1 was clipped on its old input; layer 0's clip moved that input: a second pass fixes it
+    assert float(after[1].max()) > 1.02 * tau
+    stats2, _, after2 = results[2]
+    assert {k: v for k, v in stats2.items()} == stats  # the stats describe the first pass
+    torch.testing.assert_close(after2[0], after[0], rtol=1e-6, atol=0)
+    assert float(after2[1].max()) == pytest.approx(tau, rel=1e-5)
+
+
+def test_remeasure_that_records_nothing_is_an_error():
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=1.0, lr=0.05)
+    ids = torch.randint(0, 32, (2, 8))
+    _loss(model, ids).backward()
+    with pytest.raises(ValueError, match="remeasure_passes=0"):
+        opt.step(remeasure=lambda: None, remeasure_passes=0)
+    with pytest.raises(RuntimeError, match="remeasure.. recorded no max logits"):
+        opt.step(remeasure=lambda: None)
+
+
 def test_no_layers_is_plain_muon_and_no_record_means_no_clip():
     torch.manual_seed(0)
     a, b = TinyLM(), TinyLM()
@@ -172,6 +234,7 @@ def _two_rank_worker(rank, port, results):
             results[f"nan{rank}"] = "no error"
         except ValueError as e:
             results[f"nan{rank}"] = str(e)
+        dist.barrier()  # neither rank tears gloo down while the other still uses it
     finally:
         dist.destroy_process_group()
 
