@@ -40,6 +40,10 @@ class ConfigError(ValueError):
 class QKClipConfig:
     enabled: bool = True  # optim=muonclip only: rescale q/k rows of heads whose max logit exceeds tau
     tau: float = 100.0  # K2 used 100
+    # 0: K2's order, clip with the max logits of the step's forward (the weights before the update).
+    # n > 0: after the update, run the step's batch again n times (no grad) and clip after each, so
+    # the clipped heads give tau on that batch; one forward per pass (docs/muonclip.md)
+    remeasure: int = 0
 
 
 @dataclass
@@ -192,6 +196,8 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
     _check(math.isfinite(o.qk_clip.tau) and o.qk_clip.tau > 0, "optim.qk_clip.tau", o.qk_clip.tau,
            "must be a finite number > 0 (K2 uses 100)")
+    _check(isinstance(o.qk_clip.remeasure, int) and o.qk_clip.remeasure >= 0, "optim.qk_clip.remeasure",
+           o.qk_clip.remeasure, "must be an int >= 0 (0 = K2's order; n = n no-grad re-measure passes per step)")
 
     _one_of("schedule.type", s.type, SCHEDULE_TYPES)
     _one_of("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)

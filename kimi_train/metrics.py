@@ -108,10 +108,10 @@ class MetricsLogger:
         self._file.flush()
         if self._wandb is not None:
             flat = {k: v for k, v in record.items() if not isinstance(v, list)}
-            for key in ("max_logit_per_layer", "clipped_heads_per_layer", "expert_load_imbalance_per_layer",
-                        "max_logit_post_step_per_layer"):
-                for i, v in enumerate(record.get(key, [])):
-                    flat[f"{key}/{i}"] = v
+            for key, values in record.items():  # max_logit_per_layer -> max_logit_per_layer/0, /1, ...
+                if key.endswith("_per_layer") and isinstance(values, list):
+                    for i, v in enumerate(values):
+                        flat[f"{key}/{i}"] = v
             self._wandb.log(flat, step=record["step"])
 
     def summary(self, values: dict[str, Any]) -> None:

@@ -220,11 +220,18 @@ class Trainer:
             record.update(skipped=True)
             return record
 
-        self.optimizer.step()
+        passes = self.cfg.optim.qk_clip.remeasure
+        if passes and hasattr(self.optimizer, "qk_clip_"):
+            self.optimizer.step(remeasure=lambda: self._forward_no_grad(micro_batches), remeasure_passes=passes)
+        else:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         clip = getattr(self.optimizer, "last_stats", None)
         if clip is None:
             clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
+        if "max_logit_remeasured" in clip:
+            record.update(max_logit_remeasured=clip["max_logit_remeasured"],
+                          max_logit_remeasured_per_layer=clip["max_logit_remeasured_per_layer"])
         if self.cfg.logging.post_step_max_logit and self._is_logged(self.step + 1):  # before the bias update
             post = self._post_step_max_logits(micro_batches)
             record.update(max_logit_post_step=post["max_logit"],
@@ -252,17 +259,26 @@ class Trainer:
         are untouched.
         """
         attention = self.model.attention_layers()
+        try:
+            self._forward_no_grad(micro_batches)
+            return read_max_logits(attention, self.dims.dp_group)
+        finally:
+            for layer in attention:
+                layer.reset_max_logits()
+
+    @torch.no_grad()
+    def _forward_no_grad(self, micro_batches: list[torch.Tensor]) -> None:
+        """Run the batch through the current weights so the attention layers record their max
+        logits, and change nothing else: the MoE layers run in eval mode, so their routed-token
+        counts (which the expert-bias update reads) are untouched."""
         self.model.eval()
-        for layer in attention:  # attention records max logits only in train mode
+        for layer in self.model.attention_layers():  # attention records max logits only in train mode
             layer.train()
         try:
             for mb in micro_batches:
                 with self.autocast():
                     self.model(mb[:, :-1].to(self.device, non_blocking=True))
-            return read_max_logits(attention, self.dims.dp_group)
         finally:
-            for layer in attention:
-                layer.reset_max_logits()
             self.model.train()
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 Checks what only a real launch shows: every rank agrees on the run directory, only rank 0 writes
 Hydra's files and the metrics, and a checkpoint lands; and that the run matches one process on
-the same global batch, including the post-step max-logit diagnostic, whose extra no-grad
-forward runs through the sharded and expert-parallel model.
+the same global batch, including QK-Clip's re-measure pass (optim.qk_clip.remeasure=1) and the
+post-step max-logit diagnostic, whose extra no-grad forwards run through the sharded and
+expert-parallel model.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ def test_torchrun_two_ranks(tmp_path):
         "train.steps=2", "train.seq_len=32", "train.val_every=0", "train.val_batches=1", "train.log_every=1",
         "data.max_bytes=100000", "logging.wandb=disabled", "logging.progress_bar=false", "logging.plots=false",
         "model.num_hidden_layers=2", "logging.post_step_max_logit=true", "optim.qk_clip.tau=0.15",
+        "optim.qk_clip.remeasure=1",
     ]
     cmd = ["torchrun", "--standalone", "--nproc_per_node", "2", "-m", "kimi_train.train",
            f"run_dir={run_dir}", "train.micro_batch_size=2", "parallel.ep=2", *common]
@@ -39,7 +41,7 @@ def test_torchrun_two_ranks(tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 2, steps  # one writer: no duplicated steps
 
     # the same global batch (2 ranks x 2 sequences) in one process: the same losses, max logits
-    # before and after the step (QK-Clip fires at this tau) and clipped heads
+    # before, during (the re-measure pass) and after the step (QK-Clip fires at this tau) and clipped heads
     single = subprocess.run([sys.executable, "-m", "kimi_train.train", f"run_dir={tmp_path / 'one'}",
                              "train.micro_batch_size=4", *common],
                             capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
@@ -49,7 +51,10 @@ def test_torchrun_two_ranks(tmp_path):
     assert sum(r["clipped_heads"] for r in ref) > 0
     for a, b in zip(got, ref, strict=True):
         assert a["clipped_heads_per_layer"] == b["clipped_heads_per_layer"]
-        for key in ("loss", "max_logit", "max_logit_post_step"):
+        for key in ("loss", "max_logit", "max_logit_remeasured", "max_logit_post_step"):
             assert a[key] == pytest.approx(b[key], rel=1e-4), (key, a[key], b[key])
+    # the re-measured clip is exact on the step's batch for layer 0 (its input cannot change)
+    exact = [r["max_logit_post_step_per_layer"][0] for r in got if r["clipped_heads_per_layer"][0] > 0]
+    assert exact and all(m == pytest.approx(0.15, rel=1e-5) for m in exact), exact
     ckpt = run_dir / "checkpoints" / "step_00000002"
     assert (ckpt / "COMPLETE").is_file() and len(list(ckpt.glob("*.distcp"))) == 2  # one shard file per rank

@@ -83,6 +83,35 @@ def test_post_step_max_logit_is_tau_on_the_same_batch_when_the_update_is_negligi
     assert trainer.model.training
 
 
+def test_remeasure_clips_the_updated_weights_on_the_steps_batch(tmp_path):
+    """optim.qk_clip.remeasure=n clips with the max logits of the updated weights (n no-grad passes
+    over the step's batch) instead of the step's forward. At lr 0.05 K2's order leaves the clipped
+    heads over tau on their own batch; one pass puts layer 0 on tau, two passes both layers."""
+    post = {}
+    for passes in (0, 1, 2):
+        cfg = small_cfg(steps=1, global_batch_size=8)
+        cfg.optim.lr, cfg.optim.qk_clip.tau, cfg.optim.qk_clip.remeasure = 0.05, 0.05, passes
+        cfg.logging.post_step_max_logit = True
+        trainer = Trainer(validate(cfg), tmp_path / str(passes))
+        record = trainer.train_step()
+        post[passes] = record["max_logit_post_step_per_layer"]
+        biases = [m.gate.e_score_correction_bias.clone() for m in trainer.model.moe_layers()]
+        if passes == 0:
+            assert "max_logit_remeasured" not in record
+            base, base_biases = record, biases
+            continue
+        # the expert-bias update saw only the training forward's routed-token counts
+        assert all(torch.equal(a, b) for a, b in zip(biases, base_biases)) and biases[0].abs().sum() > 0
+        # the logged max logit is still the step's forward; the re-measurement is logged beside it
+        assert record["max_logit_per_layer"] == base["max_logit_per_layer"]
+        assert record["max_logit_remeasured"] == max(record["max_logit_remeasured_per_layer"])
+        assert record["clipped_heads"] > 0 and trainer.model.training
+    tau = 0.05
+    assert max(post[0]) > 1.05 * tau
+    assert post[1][0] == pytest.approx(tau, rel=1e-5)
+    assert all(p == pytest.approx(tau, rel=1e-5) for p in post[2])
+
+
 def test_post_step_max_logit_leaves_the_training_trajectory_unchanged(tmp_path):
     """The extra forward is no-grad and leaves the MoE token counts alone: the same losses, max
     logits, weights, buffers and optimizer state as a run without it."""
@@ -239,3 +268,29 @@ def test_compiled_model_trains_like_eager(tmp_path):
         trainer = Trainer(small_cfg(steps=3, compile=compiled), tmp_path / str(compiled))
         losses[compiled] = [trainer.train_step()["loss"] for _ in range(3)]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
+def test_metrics_logger_flattens_every_per_layer_list_for_wandb(tmp_path):
+    from kimi_train.metrics import MetricsLogger
+
+    class FakeRun:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, values, step):
+            self.logged.append((step, values))
+
+        def finish(self):
+            pass
+
+    logger = MetricsLogger(tmp_path, enabled=True, resume_step=0)
+    logger._wandb = FakeRun()
+    logger.log({"step": 3, "loss": 1.5, "max_logit": 2.0, "max_logit_per_layer": [1.0, 2.0],
+                "max_logit_remeasured_per_layer": [0.5, 3.0], "clipped_heads_per_layer": [0, 1], "skipped": None})
+    logger.close()
+    step, values = logger._wandb.logged[0]
+    assert step == 3 and values == {
+        "step": 3, "loss": 1.5, "max_logit": 2.0, "max_logit_per_layer/0": 1.0, "max_logit_per_layer/1": 2.0,
+        "max_logit_remeasured_per_layer/0": 0.5, "max_logit_remeasured_per_layer/1": 3.0,
+        "clipped_heads_per_layer/0": 0, "clipped_heads_per_layer/1": 1}
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["max_logit_per_layer"] == [1.0, 2.0]
