@@ -47,26 +47,45 @@ def _sweep_dir(run_dir: Optional[str], run_name: Optional[str]) -> str:
     return str(run_dir) if run_dir else f"runs/{run_name or 'multirun'}"
 
 
-def _sweep_subdir(override_dirname: str, job_num: Any, sweeper_params: Optional[Mapping[str, Any]] = None) -> str:
+# keys that never name a job directory in the fallback below (the same for every job, or cosmetic)
+_NOT_NAMING = {"run_dir", "run_name", "resume", "logging.wandb", "logging.progress_bar", "logging.plots"}
+
+
+def _sweep_subdir(task_overrides: Any, job_num: Any, sweeper_params: Optional[Mapping[str, Any]] = None) -> str:
     """This job's values of the swept keys only, e.g. "optim=adamw,optim.lr=0.01" (else "job<N>").
 
-    A key is swept as Hydra's BasicSweeper decides: a sweep in the config's hydra.sweeper.params
-    or on the command line, the command line winning for a key given in both.
+    task_overrides: the job's own overrides (hydra.overrides.task), one "key=value" each, so a
+    value with commas in it stays whole. A key is swept as Hydra's BasicSweeper decides: a sweep
+    in the config's hydra.sweeper.params or on the command line, the command line winning for a
+    key given in both. The command line is read from sys.argv; where that is not the kimi-train
+    -m command (a launcher that runs jobs in other processes), every override names the job,
+    which keeps the names unique.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
     parser = OverridesParser.create()
-    final = {}
-    declared = [f"{key}={value}" for key, value in (sweeper_params or {}).items()]
-    for arg in declared + [a for a in sys.argv[1:] if not a.startswith("-")]:
-        try:
-            override = parser.parse_overrides([arg])[0]
-        except OverrideParseException:  # the value of a flag such as --config-name
-            continue
-        final[override.get_key_element()] = override
-    swept = {key for key, override in final.items() if override.is_sweep_override()}
-    parts = [kv for kv in str(override_dirname or "").split(",") if kv.split("=", 1)[0] in swept]
+
+    def parsed(args: list[str]) -> list[tuple[str, Any]]:
+        out = []
+        for arg in args:
+            try:
+                out.append((arg, parser.parse_overrides([arg])[0]))
+            except OverrideParseException:  # the value of a flag such as --config-name
+                continue
+        return out
+
+    job = parsed([str(a) for a in (task_overrides or [])])
+    argv = sys.argv[1:]
+    if any(a in ("-m", "--multirun") for a in argv):
+        final = {}
+        declared = [f"{key}={value}" for key, value in (sweeper_params or {}).items()]
+        for _, override in parsed(declared + [a for a in argv if not a.startswith("-")]):
+            final[override.get_key_element()] = override
+        swept = {key for key, override in final.items() if override.is_sweep_override()}
+    else:
+        swept = {override.get_key_element() for _, override in job} - _NOT_NAMING
+    parts = [arg for arg, override in job if override.get_key_element() in swept]
     name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", ",".join(parts))
     return name[:200] if name else f"job{job_num}"
 

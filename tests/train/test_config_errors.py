@@ -75,12 +75,22 @@ def test_run_dir_and_sweep_subdir_are_deterministic(monkeypatch):
     assert _run_dir(None, "exp1", "tiny", "adamw") == "runs/exp1"
     assert _run_dir("/x/y", "exp1", "tiny", "adamw") == "/x/y"
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim=muonclip,adamw", "train.steps=5", "optim.lr=1e-3,2e-3"])
-    assert _sweep_subdir("optim=adamw,optim.lr=1e-3,train.steps=5", 3) == "optim=adamw,optim.lr=1e-3"
+    assert _sweep_subdir(["optim=adamw", "train.steps=5", "optim.lr=1e-3"], 3) == "optim=adamw,optim.lr=1e-3"
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "train.steps=5"])
-    assert _sweep_subdir("train.steps=5", 0) == "job0"
+    assert _sweep_subdir(["train.steps=5"], 0) == "job0"
     # Sweeps a config declares in hydra.sweeper.params count too; the command line wins for a key in both.
     params = {"optim": "muon,adamw", "train.steps": 5}
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "--config-name", "config", "optim.lr=1e-3,2e-3"])
-    assert _sweep_subdir("optim=adamw,optim.lr=1e-3,train.steps=5", 1, params) == "optim=adamw,optim.lr=1e-3"
+    assert _sweep_subdir(["optim=adamw", "optim.lr=1e-3", "train.steps=5"], 1, params) == "optim=adamw,optim.lr=1e-3"
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim=muon"])
-    assert _sweep_subdir("optim=muon,train.steps=5", 0, params) == "job0"
+    assert _sweep_subdir(["optim=muon", "train.steps=5"], 0, params) == "job0"
+    # A swept value with commas in it stays whole (the job's overrides come as a list).
+    monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "schedule.type=wsd,cosine", "optim.betas=[0.9,0.95]"])
+    assert _sweep_subdir(["schedule.type=cosine", "optim.betas=[0.9,0.95]"], 1) == "schedule.type=cosine"
+    monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim.betas=choice([0.9,0.95],[0.8,0.9])"])
+    assert _sweep_subdir(["optim.betas=[0.8,0.9]"], 1) == "optim.betas=_0.8,0.9_"
+    # A launcher that runs the job in another process (sys.argv is not the kimi-train command):
+    # every override but the run's name and cosmetics names the job, so jobs never share a directory.
+    monkeypatch.setattr("sys.argv", ["/usr/bin/python", "-c", "worker"])
+    assert _sweep_subdir(["optim=adamw", "optim.lr=1e-3", "run_name=x", "logging.plots=false"], 2, params) == \
+        "optim=adamw,optim.lr=1e-3"
