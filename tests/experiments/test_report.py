@@ -12,11 +12,12 @@ from kimi_train.report import build_report, main, markdown_table, smoothed, summ
 
 
 def write_run(run_dir: Path, records: list[dict], optim: str = "muonclip", lr: float = 0.01, tau: float = 30.0,
-              clip: bool = True) -> Path:
+              clip: bool = True, remeasure: int = 0) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "config.yaml").write_text(
-        f"optim:\n  name: {optim}\n  lr: {lr}\n  qk_clip:\n    enabled: {str(clip).lower()}\n    tau: {tau}\n")
+        f"optim:\n  name: {optim}\n  lr: {lr}\n  qk_clip:\n    enabled: {str(clip).lower()}\n    tau: {tau}\n"
+        f"    remeasure: {remeasure}\n")
     return run_dir
 
 
@@ -51,6 +52,13 @@ def test_summary_figures(clip_run):
     assert s.median_max_logit_after_first_clip == 29.75  # median of 31, 29, 30.5, 28
     assert s.tokens_per_s == 1000.0  # median of 900, 1100, 1000, 1200, 800
     assert s.elapsed_s == 3.0
+
+
+def test_remeasure_runs_are_named_apart(tmp_path):
+    records = [rec(1, 5.0, 0.2), rec(2, 4.0, 35.0, clipped=3)]
+    assert summarise(write_run(tmp_path / "r", records, remeasure=2)).optimizer == "muonclip+remeasure2"
+    assert summarise(write_run(tmp_path / "k2", records)).optimizer == "muonclip"
+    assert summarise(write_run(tmp_path / "off", records, clip=False, remeasure=1)).optimizer == "muon"
 
 
 def test_post_step_max_logit_columns(tmp_path, clip_run):
