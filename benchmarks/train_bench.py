@@ -11,6 +11,9 @@ batch, same loss (cross-entropy in fp32 over the logits):
     hf+adamw        transformers DeepseekV3ForCausalLM built from our export's config.json
                     (kimi_train.hf.export) with the same weights + torch.optim.AdamW
     ours+muonclip   KimiForCausalLM + optim.MuonClip (Muon + AdamW groups + QK-Clip)
+    ours+muonclip-remeasure
+                    the same with step(remeasure=...): one more no-grad forward of the batch
+                    after the update, as optim.qk_clip.remeasure=1 runs it in the trainer
 
 One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
 over --steps timed steps after --warmup (best of --rounds interleaved rounds), tokens/s = batch * seq / median, and peak memory
@@ -35,7 +38,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip")
+VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip", "ours+muonclip-remeasure")
 
 
 def model_config(args):
@@ -47,6 +50,18 @@ def model_config(args):
         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32,
         qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=max(4096, args.seq),
     ).validate()
+
+
+def remeasure(model, forward, x, amp) -> None:
+    """The trainer's re-measure forward: attention records, the MoE layers stay in eval mode."""
+    model.eval()
+    for layer in model.attention_layers():
+        layer.train()
+    try:
+        with amp:
+            forward(x)
+    finally:
+        model.train()
 
 
 def run_variant(args) -> dict:
@@ -73,7 +88,7 @@ def run_variant(args) -> dict:
         model = ours
         forward = model
     model.to(device).train()
-    if args.variant.endswith("muonclip"):
+    if "muonclip" in args.variant:
         from optim import MuonClip, muon_param_groups
 
         ns_dtype = torch.bfloat16 if args.ns_dtype == "bf16" else torch.float32
@@ -100,7 +115,10 @@ def run_variant(args) -> dict:
             logits = forward(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
-        opt.step()
+        if args.variant.endswith("remeasure"):
+            opt.step(remeasure=lambda: remeasure(model, forward, x, amp))
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         if i >= args.warmup:
@@ -170,6 +188,9 @@ def main(argv=None) -> None:
         ratios["ours_vs_hf_tokens_per_s"] = by["ours+adamw"]["tokens_per_s"] / by["hf+adamw"]["tokens_per_s"]
     if "ours+adamw" in by and "ours+muonclip" in by:
         ratios["muonclip_vs_adamw_step_time"] = by["ours+muonclip"]["step_ms"] / by["ours+adamw"]["step_ms"]
+    if "ours+muonclip" in by and "ours+muonclip-remeasure" in by:
+        ratios["remeasure_vs_muonclip_step_time"] = (by["ours+muonclip-remeasure"]["step_ms"]
+                                                     / by["ours+muonclip"]["step_ms"])
     report = {
         "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
                                                   "warmup", "steps", "rounds", "ns_dtype")},
