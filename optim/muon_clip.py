@@ -80,21 +80,30 @@ class MuonClip(Muon):
             and clips with the max logits it recorded. The clipped heads of the first
             attention layer then give exactly tau on that batch. A later layer's input also
             changes with the clips of the layers before it, so its heads can land a little
-            off tau; ``remeasure_passes`` > 1 re-runs remeasure() and clips again (pass k
-            makes layer k exact; two passes left a 2-layer toy model at tau to 1e-6, from
-            1.05 tau after one). Each pass costs one forward (under step's no_grad).
-            ``last_stats`` still reports the step's forward (``max_logit``, ...) and adds
-            ``max_logit_remeasured`` (+ ``_per_layer``), the updated weights before any clip;
-            ``clipped_heads`` counts the heads over tau there. Every rank must pass the same
-            arguments (the passes are collectives).
+            off tau; ``remeasure_passes`` > 1 re-runs remeasure() and clips again, so after
+            pass k the first k layers are at most tau, with their heads that were still over
+            it exactly on tau (two passes left a 2-layer toy model at tau to 1e-6, from 1.05
+            tau after one). Each pass costs one forward (under step's no_grad) and one MAX
+            all-reduce, besides the one that reads the step's forward. ``last_stats`` still
+            reports the step's forward (``max_logit``, ...) and adds ``max_logit_remeasured``
+            (+ ``_per_layer``), the updated weights before any clip; ``clipped_heads`` counts
+            the heads over tau there (later passes only refine those clips, unless an earlier
+            layer's clip pushes a head over tau). A non-finite max logit in the step's
+            forward or in a pass is an error, as for plain step(). Without attention layers
+            remeasure is not called. Every rank must pass the same arguments (collectives).
         """
-        if not (isinstance(remeasure_passes, int) and remeasure_passes >= 1):
+        if isinstance(remeasure_passes, bool) or not (isinstance(remeasure_passes, int) and remeasure_passes >= 1):
             raise ValueError(f"MuonClip.step: remeasure_passes={remeasure_passes!r} must be an int >= 1")
         loss = super().step(closure)
         if remeasure is None or not self.attention_layers:
             self.last_stats = self.qk_clip_()
             return loss
         seen_L = self._reduced_max_logits()
+        for i, S_H in enumerate(seen_L):  # the same refusal as a clip with these values
+            if S_H is not None and not bool(torch.isfinite(S_H).all()):
+                h = int((~torch.isfinite(S_H)).nonzero()[0])
+                raise ValueError(f"QK-Clip [attention_layers[{i}]]: non-finite max logit {S_H[h].item()} at head "
+                                 f"{h} in the step's forward; the model has diverged")
         for layer in self.attention_layers:
             layer.reset_max_logits()
         for i in range(remeasure_passes):

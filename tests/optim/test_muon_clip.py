@@ -150,16 +150,22 @@ def test_remeasure_clips_the_updated_weights_to_exactly_tau():
     assert float(after2[1].max()) == pytest.approx(tau, rel=1e-5)
 
 
-def test_remeasure_that_records_nothing_is_an_error():
+def test_remeasure_misuse_and_nan_are_errors():
     torch.manual_seed(0)
     model = TinyLM()
     opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=1.0, lr=0.05)
     ids = torch.randint(0, 32, (2, 8))
     _loss(model, ids).backward()
-    with pytest.raises(ValueError, match="remeasure_passes=0"):
-        opt.step(remeasure=lambda: None, remeasure_passes=0)
+    for bad in (0, True, 1.0):
+        with pytest.raises(ValueError, match=f"remeasure_passes={bad!r}"):
+            opt.step(remeasure=lambda: None, remeasure_passes=bad)
     with pytest.raises(RuntimeError, match="remeasure.. recorded no max logits"):
         opt.step(remeasure=lambda: None)
+    # a NaN in the step's own forward is refused as plain step() refuses it, not logged and passed over
+    _loss(model, ids).backward()
+    model.layers[1].max_logits[2] = math.nan
+    with pytest.raises(ValueError, match=r"attention_layers\[1\]\]: non-finite max logit nan at head 2"):
+        opt.step(remeasure=lambda: model(ids[:, :-1]))
 
 
 def test_no_layers_is_plain_muon_and_no_record_means_no_clip():
@@ -227,6 +233,14 @@ def _two_rank_worker(rank, port, results):
             p.grad = torch.zeros_like(p)
         opt.step()
         results[rank] = (opt.last_stats, layer.q_proj.weight.detach().clone(), layer.k_proj.weight.detach().clone())
+        # remeasure: rank 1's re-measure records nothing, rank 0's records head 1 over tau; the
+        # collectives still line up and both ranks clip the same head with the same gamma
+        layer.max_logits = torch.tensor([3.0, 4.0])
+        def remeasure():
+            if rank == 0:
+                layer.max_logits = torch.tensor([5.0, 40.0])
+        opt.step(remeasure=remeasure)
+        results[f"re{rank}"] = (opt.last_stats, layer.q_proj.weight.detach().clone())
         # a NaN on one rank only must not vanish in the MAX reduce: every rank refuses the clip
         layer.max_logits = torch.tensor([float("nan"), 1.0]) if rank == 1 else torch.tensor([5.0, 1.0])
         try:
@@ -251,10 +265,16 @@ def test_max_reduced_across_ranks():
             p.join(60)
         assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
         (s0, q0, k0), (s1, q1, k1) = results[0], results[1]
+        results_re = results["re0"], results["re1"]
         nan_errors = results["nan0"], results["nan1"]
     assert all("no error" != e for e in nan_errors), nan_errors
     assert s0 == s1 and s0["max_logit_per_layer"] == [40.0] and s0["clipped_heads"] == 2
     assert torch.equal(q0, q1) and torch.equal(k0, k1)
+    (r0, rq0), (r1, rq1) = results_re
+    assert r0 == r1 and r0["max_logit_per_layer"] == [4.0] and r0["max_logit_remeasured"] == 40.0
+    assert r0["clipped_heads"] == 1 and torch.equal(rq0, rq1)
+    expected_rq = q0.view(2, 4, 8) * torch.tensor([1.0, 0.25]).sqrt()[:, None, None]
+    torch.testing.assert_close(rq0, expected_rq.reshape(8, 8))
     torch.manual_seed(0)
     ref = Attention(8, 2)
     expected_q = ref.q_proj.weight.detach().view(2, 4, 8) * torch.tensor([0.25, 0.5]).sqrt()[:, None, None]
