@@ -14,6 +14,7 @@ complete checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import sys
@@ -47,10 +48,6 @@ def _sweep_dir(run_dir: Optional[str], run_name: Optional[str]) -> str:
     return str(run_dir) if run_dir else f"runs/{run_name or 'multirun'}"
 
 
-# keys that never name a job directory in the fallback below (the same for every job, or cosmetic)
-_NOT_NAMING = {"run_dir", "run_name", "resume", "logging.wandb", "logging.progress_bar", "logging.plots"}
-
-
 def _sweep_subdir(task_overrides: Any, job_num: Any, sweeper_params: Optional[Mapping[str, Any]] = None) -> str:
     """This job's values of the swept keys only, e.g. "optim=adamw,optim.lr=0.01" (else "job<N>").
 
@@ -58,8 +55,10 @@ def _sweep_subdir(task_overrides: Any, job_num: Any, sweeper_params: Optional[Ma
     value with commas in it stays whole. A key is swept as Hydra's BasicSweeper decides: a sweep
     in the config's hydra.sweeper.params or on the command line, the command line winning for a
     key given in both. The command line is read from sys.argv; where that is not the kimi-train
-    -m command (a launcher that runs jobs in other processes), every override names the job,
-    which keeps the names unique.
+    -m command (a launcher that runs jobs in other processes), every override names the job.
+    Parts are sorted by key (as Hydra's override_dirname), so the order on the command line
+    does not matter; a name over 200 characters is cut and ends in a hash of the whole, so two
+    jobs never share a directory.
     """
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
@@ -84,10 +83,12 @@ def _sweep_subdir(task_overrides: Any, job_num: Any, sweeper_params: Optional[Ma
             final[override.get_key_element()] = override
         swept = {key for key, override in final.items() if override.is_sweep_override()}
     else:
-        swept = {override.get_key_element() for _, override in job} - _NOT_NAMING
-    parts = [arg for arg, override in job if override.get_key_element() in swept]
+        swept = {override.get_key_element() for _, override in job}
+    parts = sorted(arg for arg, override in job if override.get_key_element() in swept)
     name = re.sub(r"[^A-Za-z0-9=,._+\-]", "_", ",".join(parts))
-    return name[:200] if name else f"job{job_num}"
+    if len(name) > 200:
+        name = name[:187] + "-" + hashlib.sha1(",".join(parts).encode()).hexdigest()[:12]
+    return name if name else f"job{job_num}"
 
 
 def _rank0_only(value: str) -> Optional[str]:

@@ -75,13 +75,15 @@ def test_run_dir_and_sweep_subdir_are_deterministic(monkeypatch):
     assert _run_dir(None, "exp1", "tiny", "adamw") == "runs/exp1"
     assert _run_dir("/x/y", "exp1", "tiny", "adamw") == "/x/y"
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim=muonclip,adamw", "train.steps=5", "optim.lr=1e-3,2e-3"])
-    assert _sweep_subdir(["optim=adamw", "train.steps=5", "optim.lr=1e-3"], 3) == "optim=adamw,optim.lr=1e-3"
+    # sorted as Hydra's override_dirname sorts, whatever the order on the command line
+    assert _sweep_subdir(["optim=adamw", "train.steps=5", "optim.lr=1e-3"], 3) == "optim.lr=1e-3,optim=adamw"
+    assert _sweep_subdir(["optim.lr=1e-3", "train.steps=5", "optim=adamw"], 3) == "optim.lr=1e-3,optim=adamw"
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "train.steps=5"])
     assert _sweep_subdir(["train.steps=5"], 0) == "job0"
     # Sweeps a config declares in hydra.sweeper.params count too; the command line wins for a key in both.
     params = {"optim": "muon,adamw", "train.steps": 5}
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "--config-name", "config", "optim.lr=1e-3,2e-3"])
-    assert _sweep_subdir(["optim=adamw", "optim.lr=1e-3", "train.steps=5"], 1, params) == "optim=adamw,optim.lr=1e-3"
+    assert _sweep_subdir(["optim=adamw", "optim.lr=1e-3", "train.steps=5"], 1, params) == "optim.lr=1e-3,optim=adamw"
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim=muon"])
     assert _sweep_subdir(["optim=muon", "train.steps=5"], 0, params) == "job0"
     # A swept value with commas in it stays whole (the job's overrides come as a list).
@@ -90,7 +92,10 @@ def test_run_dir_and_sweep_subdir_are_deterministic(monkeypatch):
     monkeypatch.setattr("sys.argv", ["kimi-train", "-m", "optim.betas=choice([0.9,0.95],[0.8,0.9])"])
     assert _sweep_subdir(["optim.betas=[0.8,0.9]"], 1) == "optim.betas=_0.8,0.9_"
     # A launcher that runs the job in another process (sys.argv is not the kimi-train command):
-    # every override but the run's name and cosmetics names the job, so jobs never share a directory.
+    # every override names the job; a long name is cut and ends in a hash, so jobs never collide.
     monkeypatch.setattr("sys.argv", ["/usr/bin/python", "-c", "worker"])
-    assert _sweep_subdir(["optim=adamw", "optim.lr=1e-3", "run_name=x", "logging.plots=false"], 2, params) == \
-        "optim=adamw,optim.lr=1e-3"
+    assert _sweep_subdir(["optim=adamw", "resume=never", "optim.lr=1e-3"], 2, params) == \
+        "optim.lr=1e-3,optim=adamw,resume=never"
+    long = [f"data.paths=[{'/data/' + 'x' * 300}.txt]", "run_name=exp"]
+    a, b = (_sweep_subdir([*long, f"optim.lr={lr}"], 0) for lr in ("1e-3", "2e-3"))
+    assert len(a) == len(b) == 200 and a != b and a[:187] == b[:187]

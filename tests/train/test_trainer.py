@@ -230,12 +230,11 @@ def test_plot_cli_overlays_runs(tmp_path, capsys):
 
 def test_multirun_gives_each_run_its_own_directory(tmp_path, small_overrides):
     proc = run_cli(["-m", "optim=muonclip,adamw", *small_overrides, "train.steps=2", "train.val_batches=0",
-                    f"run_dir={tmp_path}"])
+                    "optim.lr=0.001,0.002", f"run_dir={tmp_path}"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = sorted(p.parent for p in tmp_path.glob("*/metrics.jsonl"))
-    assert len(runs) == 2 and runs[0] != runs[1]
-    names = {p.name for p in runs}
-    assert names == {"optim=adamw", "optim=muonclip"}
+    names = {p.name for p in runs}  # swept keys only, sorted by key (as Hydra's override_dirname)
+    assert names == {f"optim.lr={lr},optim={o}" for lr in ("0.001", "0.002") for o in ("adamw", "muonclip")}
     for run in runs:
         assert [r["step"] for r in read_metrics(run)] == [1, 2]
         assert (run / "config.yaml").read_text().count(f"run_dir: {run}") == 1
