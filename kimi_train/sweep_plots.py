@@ -28,18 +28,23 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kimi_train.report import RunSummary, best_per_optimizer  # noqa: E402
 
 # One colour per optimizer, so the same optimizer reads the same in every figure.
-OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green"}
+OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green", "muonclip+remeasure": "tab:purple"}
 # Muon and MuonClip curves coincide until the first clip: draw Muon wide, MuonClip dashed on top.
-OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--")}
+OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--"), "muonclip+remeasure": dict(ls=":")}
 DPI = 90
 
 
+def _family(optimizer: str) -> str:
+    """muonclip+remeasure2 -> muonclip+remeasure: one colour for every number of passes."""
+    return "muonclip+remeasure" if optimizer.startswith("muonclip+remeasure") else optimizer
+
+
 def _color(run: RunSummary, i: int) -> str:
-    return OPTIM_COLORS.get(run.optimizer, plt.rcParams["axes.prop_cycle"].by_key()["color"][i % 10])
+    return OPTIM_COLORS.get(_family(run.optimizer), plt.rcParams["axes.prop_cycle"].by_key()["color"][i % 10])
 
 
 def _style(run: RunSummary) -> dict:
-    return dict(OPTIM_STYLES.get(run.optimizer, {}))
+    return dict(OPTIM_STYLES.get(_family(run.optimizer), {}))
 
 
 def _loss_title(runs: list[RunSummary], what: str) -> str:
@@ -66,12 +71,14 @@ def _save(fig, path: Path) -> Path:
 def plot_stability(runs: list[RunSummary], path: str | Path) -> Path:
     """Max logit per step (log y, tau dashed) beside the loss curves, every run overlaid."""
     fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4))
+    taus_drawn = set()
     for i, run in enumerate(runs):
         c = _color(run, i)
         pts = [(s, v) for s, v in zip(run.curve_steps, run.curve_max_logit) if math.isfinite(v) and v > 0]
         if pts:
             ax_l.plot(*zip(*pts), color=c, label=_label(run), **{"lw": 1.3, **_style(run)})
-        if run.tau is not None:
+        if run.tau is not None and run.tau not in taus_drawn:  # one line per distinct tau
+            taus_drawn.add(run.tau)
             ax_l.axhline(run.tau, color=c, ls="--", lw=1, label=f"tau = {run.tau:g}")
         ax_r.plot(run.curve_steps, run.curve_loss, color=c, label=f"{_label(run)} train", **{"lw": 1.1, **_style(run)})
         if run.val_steps:
