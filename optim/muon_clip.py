@@ -87,8 +87,7 @@ class MuonClip(Muon):
             all-reduce, besides the one that reads the step's forward. ``last_stats`` still
             reports the step's forward (``max_logit``, ...) and adds ``max_logit_remeasured``
             (+ ``_per_layer``), the updated weights before any clip; ``clipped_heads`` counts
-            the heads over tau there (later passes only refine those clips, unless an earlier
-            layer's clip pushes a head over tau). A non-finite max logit in the step's
+            the heads over tau in any pass, each head once. A non-finite max logit in the step's
             forward or in a pass is an error, as for plain step(). Without attention layers
             remeasure is not called. Every rank must pass the same arguments (collectives).
         """
@@ -106,23 +105,27 @@ class MuonClip(Muon):
                                  f"{h} in the step's forward; the model has diverged")
         for layer in self.attention_layers:
             layer.reset_max_logits()
+        over_L: list[Optional[torch.Tensor]] = [None] * len(self.attention_layers)  # heads over tau in any pass
         for i in range(remeasure_passes):
             remeasure()
-            pass_stats = self.qk_clip_()
-            if i == 0:
-                stats = pass_stats
-            if any(S_H is not None for S_H in seen_L) and pass_stats["max_logit"] == -math.inf:
+            S_L = self._reduced_max_logits()
+            if any(S_H is not None for S_H in seen_L) and all(S_H is None for S_H in S_L):
                 raise RuntimeError(
                     "MuonClip.step: remeasure() recorded no max logits; it must run a forward with the "
                     "attention layers in training mode (they record only then)"
                 )
-        seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L], [0] * len(seen_L))
+            pass_stats = self._clip(S_L)
+            if i == 0:
+                first = pass_stats
+            for j, S_H in enumerate(S_L):
+                if S_H is not None:
+                    over_L[j] = (S_H > self.tau) if over_L[j] is None else (over_L[j] | (S_H > self.tau))
+        clipped_L = [0 if over_H is None else int(over_H.sum()) for over_H in over_L]
+        seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L], clipped_L)
         self.last_stats = {
             **seen,
-            "clipped_heads": stats["clipped_heads"],
-            "clipped_heads_per_layer": stats["clipped_heads_per_layer"],
-            "max_logit_remeasured": stats["max_logit"],
-            "max_logit_remeasured_per_layer": stats["max_logit_per_layer"],
+            "max_logit_remeasured": first["max_logit"],
+            "max_logit_remeasured_per_layer": first["max_logit_per_layer"],
         }
         return loss
 
@@ -131,7 +134,10 @@ class MuonClip(Muon):
         """Reduce, clip and reset every attention layer's max logits; returns the stats."""
         if not self.attention_layers:
             return _stats([], [])
-        S_L = self._reduced_max_logits()  # list of CPU fp32 [H] per layer, or None
+        return self._clip(self._reduced_max_logits())
+
+    def _clip(self, S_L: list[Optional[torch.Tensor]]) -> dict[str, Any]:
+        """Clip every layer with its reduced max logits (CPU fp32 [H], or None: no record), reset."""
         max_per_layer: list[float] = []
         clipped_per_layer: list[int] = []
         for i, (layer, S_H) in enumerate(zip(self.attention_layers, S_L)):

@@ -145,9 +145,34 @@ def test_remeasure_clips_the_updated_weights_to_exactly_tau():
     # layer 1 was clipped on its old input; layer 0's clip moved that input: a second pass fixes it
     assert float(after[1].max()) > 1.02 * tau
     stats2, _, after2 = results[2]
-    assert {k: v for k, v in stats2.items()} == stats  # the stats describe the first pass
+    assert stats2 == stats  # the first pass's max logits; no head went over tau only in the second
     torch.testing.assert_close(after2[0], after[0], rtol=1e-6, atol=0)
     assert float(after2[1].max()) == pytest.approx(tau, rel=1e-5)
+
+
+def test_remeasure_counts_each_head_clipped_in_any_pass_once():
+    """Pass 1 finds head 0 over tau; the clip of an earlier layer could push head 1 over in pass 2:
+    both are counted, head 0 once although it is over in both passes (recorded values stand in
+    for the forwards)."""
+    torch.manual_seed(0)
+    layer = Attention(8, 2)
+    opt = MuonClip([layer.q_proj.weight, layer.k_proj.weight], attention_layers=[layer], tau=10.0, lr=0.0)
+    for p in (layer.q_proj.weight, layer.k_proj.weight):
+        p.grad = torch.zeros_like(p)
+    layer.max_logits = torch.tensor([3.0, 4.0])
+    records = iter([torch.tensor([40.0, 5.0]), torch.tensor([12.0, 20.0])])
+
+    def remeasure():
+        layer.max_logits = next(records)
+
+    q_before = layer.q_proj.weight.detach().clone()
+    opt.step(remeasure=remeasure, remeasure_passes=2)
+    stats = opt.last_stats
+    assert stats["max_logit_per_layer"] == [4.0] and stats["max_logit_remeasured_per_layer"] == [40.0]
+    assert stats["clipped_heads_per_layer"] == [2] and stats["clipped_heads"] == 2
+    gamma = torch.tensor([10 / 40 * 10 / 12, 10 / 20])  # head 0 clipped twice, head 1 once
+    expected = q_before.view(2, 4, 8) * gamma.sqrt()[:, None, None]
+    torch.testing.assert_close(layer.q_proj.weight.detach(), expected.reshape(8, 8))
 
 
 def test_remeasure_misuse_and_nan_are_errors():
