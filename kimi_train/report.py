@@ -85,7 +85,7 @@ def read_records(run_dir: Path) -> list[dict[str, Any]]:
     """metrics.jsonl as a list of dicts, ordered by step (a line cut by a crash is skipped)."""
     records = [r for r in read_metrics(run_dir) if "step" in r and r.get("loss") is not None]
     if not records:
-        raise ValueError(f"{path} has no logged steps yet")
+        raise ValueError(f"{run_dir / 'metrics.jsonl'} has no logged steps yet")
     return sorted(records, key=lambda r: r["step"])
 
 

@@ -146,10 +146,13 @@ def test_cli_table_json_and_plots(clip_run, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,message", [
     (["{tmp}/missing"], "has no metrics.jsonl"),
+    (["{tmp}/empty"], "metrics.jsonl has no logged steps yet"),  # a run killed before its first log
     (["{run}", "--smooth", "0"], "smoothing window 0"),
     (["{run}", "--target-loss", "1", "--steps-to-target-of", "{run}"], "either --steps-to-target-of or --target-loss"),
 ])
 def test_cli_errors_are_one_line_exit_2(args, message, clip_run, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "metrics.jsonl").write_text('{"step": 1, "val_loss": 3.0}\n{"cut by a cra')
     with pytest.raises(SystemExit) as exc:
         main([a.format(tmp=tmp_path, run=clip_run) for a in args])
     assert exc.value.code == 2
