@@ -52,18 +52,6 @@ def model_config(args):
     ).validate()
 
 
-def remeasure(model, forward, x, amp) -> None:
-    """The trainer's re-measure forward: attention records, the MoE layers stay in eval mode."""
-    model.eval()
-    for layer in model.attention_layers():
-        layer.train()
-    try:
-        with amp:
-            forward(x)
-    finally:
-        model.train()
-
-
 def run_variant(args) -> dict:
     """Inside the subprocess: build one variant and time its training steps."""
     import torch
@@ -97,6 +85,11 @@ def run_variant(args) -> dict:
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def remeasure():  # QK-Clip's re-measure pass, as the trainer runs it
+        with amp:
+            model.measure_max_logits(x)
+
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g).to(device)
     x, y = batch[:, :-1], batch[:, 1:]
@@ -116,7 +109,7 @@ def run_variant(args) -> dict:
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
         if args.variant.endswith("remeasure"):
-            opt.step(remeasure=lambda: remeasure(model, forward, x, amp))
+            opt.step(remeasure=remeasure)
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)

@@ -266,20 +266,11 @@ class Trainer:
             for layer in attention:
                 layer.reset_max_logits()
 
-    @torch.no_grad()
     def _forward_no_grad(self, micro_batches: list[torch.Tensor]) -> None:
-        """Run the batch through the current weights so the attention layers record their max
-        logits, and change nothing else: the MoE layers run in eval mode, so their routed-token
-        counts (which the expert-bias update reads) are untouched."""
-        self.model.eval()
-        for layer in self.model.attention_layers():  # attention records max logits only in train mode
-            layer.train()
-        try:
-            for mb in micro_batches:
-                with self.autocast():
-                    self.model(mb[:, :-1].to(self.device, non_blocking=True))
-        finally:
-            self.model.train()
+        """The step's batch through the current weights, recording max logits only."""
+        for mb in micro_batches:
+            with self.autocast():
+                self.model.measure_max_logits(mb[:, :-1].to(self.device, non_blocking=True))
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping to max_norm (works across the EP and dense meshes)."""

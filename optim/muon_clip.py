@@ -20,7 +20,7 @@ from torch import nn
 
 from .muon import Muon
 from .protocol import QKClipAttention
-from .qk_clip import clip_target_
+from .qk_clip import _checked_logits, _where, clip_target_
 
 __all__ = ["MuonClip"]
 
@@ -99,10 +99,8 @@ class MuonClip(Muon):
             return loss
         seen_L = self._reduced_max_logits()
         for i, S_H in enumerate(seen_L):  # the same refusal as a clip with these values
-            if S_H is not None and not bool(torch.isfinite(S_H).all()):
-                h = int((~torch.isfinite(S_H)).nonzero()[0])
-                raise ValueError(f"QK-Clip [attention_layers[{i}]]: non-finite max logit {S_H[h].item()} at head "
-                                 f"{h} in the step's forward; the model has diverged")
+            if S_H is not None:
+                _checked_logits(S_H, S_H.numel(), self.tau, _where(self._target(i).name))
         for layer in self.attention_layers:
             layer.reset_max_logits()
         over_L: list[Optional[torch.Tensor]] = [None] * len(self.attention_layers)  # heads over tau in any pass
@@ -140,19 +138,21 @@ class MuonClip(Muon):
         """Clip every layer with its reduced max logits (CPU fp32 [H], or None: no record), reset."""
         max_per_layer: list[float] = []
         clipped_per_layer: list[int] = []
-        for i, (layer, S_H) in enumerate(zip(self.attention_layers, S_L)):
+        for i, S_H in enumerate(S_L):
             if S_H is None:
                 max_per_layer.append(-math.inf)
                 clipped_per_layer.append(0)
                 continue
-            target = layer.qk_clip_target()
-            if not target.name:  # so a NaN error can say which layer
-                target = dataclasses.replace(target, name=f"attention_layers[{i}]")
             max_per_layer.append(float(S_H.max()))
-            clipped_per_layer.append(clip_target_(target, S_H, self.tau))
+            clipped_per_layer.append(clip_target_(self._target(i), S_H, self.tau))
         for layer in self.attention_layers:
             layer.reset_max_logits()
         return _stats(max_per_layer, clipped_per_layer)
+
+    def _target(self, i: int):
+        """Layer i's QKClipTarget, named so that an error can say which layer."""
+        target = self.attention_layers[i].qk_clip_target()
+        return target if target.name else dataclasses.replace(target, name=f"attention_layers[{i}]")
 
     def _reduced_max_logits(self) -> list[Optional[torch.Tensor]]:
         """Every layer's max logits, MAX-reduced over ranks in ONE all-reduce, on the CPU.

@@ -111,6 +111,20 @@ class KimiForCausalLM(nn.Module):
         """The MoE modules (pass them to kimi_train.model.moe.update_expert_bias)."""
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
+    @torch.no_grad()
+    def measure_max_logits(self, input_ids_BT: torch.Tensor) -> None:
+        """A forward whose only effect is the attention layers' max-logit records (for QK-Clip's
+        re-measure pass and the post-step diagnostic): no grad, and the MoE layers in eval mode,
+        so their routed-token counts (which the expert-bias update reads) are untouched."""
+        was_training = self.training
+        self.eval()
+        for attn in self.attention_layers():  # attention records max logits only in train mode
+            attn.train()
+        try:
+            self(input_ids_BT)
+        finally:
+            self.train(was_training)
+
     def set_record_max_logits(self, enabled: bool) -> None:
         for attn in self.attention_layers():
             attn.record_max_logits = enabled
