@@ -20,23 +20,26 @@ from __future__ import annotations
 import torch
 
 
-def per_head_max_logits_reference(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float) -> torch.Tensor:
-    """Brute force: the full [B, H, T, T] logits, masked, max. For tests."""
+def per_head_max_logits_reference(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float,
+                                   per_sequence: bool = False) -> torch.Tensor:
+    """Brute force: the full [B, H, T, T] logits, masked, max ([H], or [B, H] per sequence). For tests."""
     H, Hkv, T = q_BHTD.shape[1], k_BHTD.shape[1], q_BHTD.shape[2]
     k_BHTD = k_BHTD.repeat_interleave(H // Hkv, dim=1)
     s_BHTT = (q_BHTD.double() @ k_BHTD.double().transpose(-1, -2)) * softmax_scale
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=q_BHTD.device).tril()
-    return s_BHTT.masked_fill(~causal_TT, float("-inf")).amax(dim=(0, 2, 3)).float()
+    max_BH = s_BHTT.masked_fill(~causal_TT, float("-inf")).amax(dim=(2, 3)).float()
+    return max_BH if per_sequence else max_BH.amax(0)
 
 
-def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float, chunk_size: int) -> torch.Tensor:
+def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float, chunk_size: int,
+                        per_sequence: bool) -> torch.Tensor:
     B, H, T, D = q_BHTD.shape
     Hkv = k_BHTD.shape[1]
     G = H // Hkv
     # Group the query heads by KV head so GQA needs no repeated keys: q [B, Hkv, G*C, D].
     q_BKGTD = q_BHTD.float().view(B, Hkv, G, T, D)
     k_BKTD = k_BHTD.float()
-    max_H = torch.full((H,), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
+    max_BH = torch.full((B, H), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
     pos_T = torch.arange(T, device=q_BHTD.device)
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
@@ -47,9 +50,10 @@ def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scal
         s_BKGCJ = (q_BKXD @ k_BKTD[:, :, :end].transpose(-1, -2)).view(B, Hkv, G, C, end)
         future_CC = pos_T[None, start:end] > pos_T[start:end, None]
         s_BKGCJ[..., start:end].masked_fill_(future_CC, float("-inf"))
-        max_H = torch.maximum(max_H, s_BKGCJ.amax(dim=(0, 3, 4)).reshape(H))
-    # The scale is positive, so it commutes with the max: one multiply on [H], not on the scores.
-    return max_H * softmax_scale
+        max_BH = torch.maximum(max_BH, s_BKGCJ.amax(dim=(3, 4)).reshape(B, H))
+    # The scale is positive, so it commutes with the max: one multiply on [B, H], not on the scores.
+    max_BH *= softmax_scale
+    return max_BH if per_sequence else max_BH.amax(0)
 
 
 @torch.no_grad()
@@ -59,24 +63,29 @@ def per_head_max_logits(
     softmax_scale: float,
     chunk_size: int = 128,
     backend: str = "auto",
+    per_sequence: bool = False,
 ) -> torch.Tensor:
     """Per-head max causal logit [H] fp32 (max over batch, queries and visible keys).
 
     q: [B, H, T, D]; k: [B, Hkv, T, D] with H % Hkv == 0 (MLA passes k expanded to H heads).
     backend: "auto" (Triton on CUDA when importable, else "torch"), "torch" (chunked), "triton".
+    per_sequence: return [B, H], each sequence's own max (the chunked torch path computes it;
+    the Triton kernel reduces over the batch, so "auto" takes the torch path here).
     """
     if q_BHTD.dim() != 4 or k_BHTD.dim() != 4 or q_BHTD.shape[1] % k_BHTD.shape[1]:
         raise ValueError(f"per_head_max_logits: q {tuple(q_BHTD.shape)} / k {tuple(k_BHTD.shape)} are not [B,H,T,D] / [B,Hkv,T,D]")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"per_head_max_logits backend={backend!r}; valid: 'auto', 'torch', 'triton'")
-    if backend == "triton" or (backend == "auto" and q_BHTD.is_cuda):
+    if per_sequence and backend == "triton":
+        raise ValueError("per_head_max_logits backend='triton' has no per_sequence mode; use 'auto' or 'torch'")
+    if backend == "triton" or (backend == "auto" and q_BHTD.is_cuda and not per_sequence):
         kernel = _triton_kernel()
         if kernel is not None:
             return kernel(q_BHTD, k_BHTD, softmax_scale)
         if backend == "triton":
             raise ValueError("per_head_max_logits backend='triton': kimi_train.kernels.max_logits_triton is not importable")
     with torch.autocast(q_BHTD.device.type, enabled=False):  # exact fp32 logits even under autocast
-        return _chunked_max_logits(q_BHTD, k_BHTD, softmax_scale, max(1, int(chunk_size)))
+        return _chunked_max_logits(q_BHTD, k_BHTD, softmax_scale, max(1, int(chunk_size)), per_sequence)
 
 
 _TRITON_KERNEL: list = []
