@@ -44,6 +44,13 @@ class QKClipConfig:
     # n > 0: after the update, run the step's batch again n times (no grad) and clip after each, so
     # the clipped heads give tau on that batch; one forward per pass (docs/muonclip.md)
     remeasure: int = 0
+    # n > 0 (needs remeasure): keep, for every head, the n sequences with its highest logits so far
+    # and re-measure them with each step's batch, so the clip also holds for the rare patterns a
+    # small batch may not contain (kimi_train/max_logit_pool.py)
+    remeasure_pool: int = 0
+    # n > 0 (needs remeasure): also re-measure n random training windows per rank and step (drawn
+    # from the seed and step, not trained on), so the clip sees more data than the step's batch
+    remeasure_scan: int = 0
 
 
 @dataclass
@@ -198,6 +205,14 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
            "must be a finite number > 0 (K2 uses 100)")
     _check(isinstance(o.qk_clip.remeasure, int) and o.qk_clip.remeasure >= 0, "optim.qk_clip.remeasure",
            o.qk_clip.remeasure, "must be an int >= 0 (0 = K2's order; n = n no-grad re-measure passes per step)")
+    _check(isinstance(o.qk_clip.remeasure_pool, int) and o.qk_clip.remeasure_pool >= 0, "optim.qk_clip.remeasure_pool",
+           o.qk_clip.remeasure_pool, "must be an int >= 0 (0 = no pool; n = sequences kept per head)")
+    _check(o.qk_clip.remeasure_pool == 0 or o.qk_clip.remeasure > 0, "optim.qk_clip.remeasure_pool",
+           o.qk_clip.remeasure_pool, "needs optim.qk_clip.remeasure >= 1 (the pool is measured in those passes)")
+    _check(isinstance(o.qk_clip.remeasure_scan, int) and o.qk_clip.remeasure_scan >= 0, "optim.qk_clip.remeasure_scan",
+           o.qk_clip.remeasure_scan, "must be an int >= 0 (0 = no scan; n = random windows re-measured per step)")
+    _check(o.qk_clip.remeasure_scan == 0 or o.qk_clip.remeasure > 0, "optim.qk_clip.remeasure_scan",
+           o.qk_clip.remeasure_scan, "needs optim.qk_clip.remeasure >= 1 (the scan is measured in those passes)")
 
     _one_of("schedule.type", s.type, SCHEDULE_TYPES)
     _one_of("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)

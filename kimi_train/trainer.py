@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from kimi_train import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
+from kimi_train.max_logit_pool import MaxLogitPool
 from kimi_train.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.schedule import LRSchedule
 
@@ -146,6 +147,11 @@ class Trainer:
         self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
         self.peak_flops = peak_flops(self.device, t.peak_flops)
 
+        # QK-Clip's re-measure pool (kimi_train/max_logit_pool.py); saved with each checkpoint
+        q = cfg.optim.qk_clip
+        use_pool = q.remeasure_pool > 0 and q.remeasure > 0 and hasattr(self.optimizer, "qk_clip_")
+        self.pool: Optional[MaxLogitPool] = MaxLogitPool(q.remeasure_pool) if use_pool else None
+
         self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
         self.resumed_from: Optional[str] = None
         self._prepare_run_dir(resolved_config)
@@ -169,6 +175,8 @@ class Trainer:
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
             self.tokens_seen = state["tokens_seen"]
             self.train_loader.load_state_dict(state["data"])
+            if self.pool is not None:
+                self.pool.load_state_dict(state["rank_arrays"].get("qk_clip_pool"))
             self.resumed_from = str(latest)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,7 +230,12 @@ class Trainer:
 
         passes = self.cfg.optim.qk_clip.remeasure
         if passes and hasattr(self.optimizer, "qk_clip_"):
-            self.optimizer.step(remeasure=lambda: self._forward_no_grad(micro_batches), remeasure_passes=passes)
+            measured: list = []
+            sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
+            self.optimizer.step(remeasure=lambda: measured.append(self._remeasure(sequences)),
+                                remeasure_passes=passes)
+            if self.pool is not None:  # the last pass's per-sequence max logits (before its clip)
+                self.pool.update(*measured[-1])
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -265,6 +278,40 @@ class Trainer:
         finally:
             for layer in attention:
                 layer.reset_max_logits()
+
+    def _scan_windows(self) -> list[torch.Tensor]:
+        """optim.qk_clip.remeasure_scan random training windows for this step's re-measure (none
+        when 0): drawn from (seed, step, rank) alone, so a resumed run draws the same ones."""
+        n = self.cfg.optim.qk_clip.remeasure_scan
+        if n == 0:
+            return []
+        windows = self.train_loader.windows
+        rng = np.random.default_rng([self.cfg.train.seed, self.step, self.dims.dp_rank, 0x5CA7])
+        return [windows.gather(rng.choice(len(windows), size=min(n, len(windows)), replace=False))]
+
+    def _remeasure(self, sequences_NT1: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """One QK-Clip re-measure pass: these sequences (the step's batch and scan) and the
+        max-logit pool through the updated weights, in micro-batch-sized no-grad forwards. With
+        a pool, returns the candidates and their per-sequence max logits [N, layers, heads] for
+        MaxLogitPool.update."""
+        pooled = self.pool is not None
+        candidates = self.pool.candidates(sequences_NT1) if pooled else sequences_NT1
+        size = self.cfg.train.micro_batch_size
+        chunks = math.ceil(len(candidates) / size)
+        if pooled and dist.is_initialized():  # pools differ in size; every rank must run as many
+            n = torch.tensor(chunks, device=self.device)  # forwards (FSDP all-gathers, EP all-to-alls)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            chunks = int(n)
+        per_sequence = []
+        for i in range(chunks):
+            rows = candidates[i * size:(i + 1) * size]
+            padding = len(rows) == 0  # this rank has fewer candidates: repeat some, the max is unchanged
+            with self.autocast():
+                out = self.model.measure_max_logits((candidates[:size] if padding else rows)[:, :-1].to(
+                    self.device, non_blocking=True), per_sequence=pooled and not padding)
+            if out is not None:
+                per_sequence.append(out)
+        return (candidates, torch.cat(per_sequence)) if pooled else None
 
     def _forward_no_grad(self, micro_batches: list[torch.Tensor]) -> None:
         """The step's batch through the current weights, recording max logits only."""
@@ -318,7 +365,8 @@ class Trainer:
             raise TrainingError(f"step {self.step}: the model or optimizer state has non-finite values; "
                                 "refusing to write a checkpoint (the previous one is kept)")
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                             keep=self.cfg.checkpoint.keep)
+                             keep=self.cfg.checkpoint.keep,
+                             rank_arrays={"qk_clip_pool": self.pool.state_dict()} if self.pool is not None else None)
 
     def _is_logged(self, step: int) -> bool:
         """Whether fit() logs the record of (1-based) step ``step``."""

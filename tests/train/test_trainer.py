@@ -112,6 +112,96 @@ def test_remeasure_clips_the_updated_weights_on_the_steps_batch(tmp_path):
     assert all(p == pytest.approx(tau, rel=1e-5) for p in post[2])
 
 
+def _layer_max_logits(trainer, sequences_NT1):
+    """[layers] max logits of the trainer's current weights on these sequences."""
+    layers = trainer.model.attention_layers()
+    trainer.model.measure_max_logits(sequences_NT1[:, :-1])
+    out = [float(a.max_logits.max()) for a in layers]
+    for a in layers:
+        a.reset_max_logits()
+    return out
+
+
+def test_remeasure_pool_keeps_the_clip_on_the_sequences_of_earlier_batches(tmp_path):
+    """optim.qk_clip.remeasure_pool=n re-measures each head's n highest-logit sequences so far with
+    the step's batch. After three steps the pooled sequences (from earlier batches too) give at
+    most tau; without the pool the earlier batches come out over tau."""
+    tau, seen, trainers = 0.05, {}, {}
+    for pool in (0, 2):
+        cfg = small_cfg(steps=3, global_batch_size=8)
+        cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, tau
+        cfg.optim.qk_clip.remeasure, cfg.optim.qk_clip.remeasure_pool = 2, pool
+        trainer = Trainer(validate(cfg), tmp_path / str(pool))
+        seen[pool], next_batch = [], trainer.train_loader.next_batch
+        trainer.train_loader.next_batch = lambda nb=next_batch, out=seen[pool]: out.append(nb()) or out[-1]
+        for _ in range(3):
+            record = trainer.train_step()
+            trainer.step += 1
+        assert record["clipped_heads"] > 0
+        trainers[pool] = trainer
+    assert trainers[0].pool is None
+    with_pool = trainers[2]
+    earlier = torch.cat([mb for step in seen[2][:2] for mb in step])
+    pooled = with_pool.pool.sequences
+    assert 0 < len(pooled) <= 2 * 2 * 2  # per_head x layers x heads, fewer when rows are shared
+    assert any((row == earlier).all(1).any() for row in pooled)  # it holds sequences of earlier batches
+    # the clip held on pool + batch, whose maximum every head's top sequence (now pooled) attains
+    on_pool = _layer_max_logits(with_pool, pooled)
+    assert on_pool[0] == pytest.approx(tau, rel=1e-5) and all(m <= tau * (1 + 1e-5) for m in on_pool)
+    assert max(_layer_max_logits(with_pool, torch.cat(seen[2][-1]))) <= tau * (1 + 1e-5)
+    without = _layer_max_logits(trainers[0], torch.cat([mb for step in seen[0][:2] for mb in step]))
+    assert max(without) > 1.05 * tau
+
+
+def test_remeasure_scan_adds_random_windows_the_step_does_not_train_on(tmp_path):
+    """optim.qk_clip.remeasure_scan=n re-measures n random training windows with the batch: drawn
+    from (seed, step, rank) only, so the same on a resume; they reach the pool and the clip holds on them."""
+    cfg = small_cfg(steps=2)
+    cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, 0.05
+    q = cfg.optim.qk_clip
+    q.remeasure, q.remeasure_pool, q.remeasure_scan = 1, 4, 6
+    trainer = Trainer(validate(cfg), tmp_path / "a")
+    other = Trainer(validate(cfg), tmp_path / "b")
+    (first,) = trainer._scan_windows()
+    assert first.shape == (6, cfg.train.seq_len + 1) and torch.equal(other._scan_windows()[0], first)
+    trained = []
+    next_batch = trainer.train_loader.next_batch
+    trainer.train_loader.next_batch = lambda: trained.append(next_batch()) or trained[-1]
+    for _ in range(2):
+        trainer.train_step()
+        trainer.step += 1
+    assert not torch.equal(trainer._scan_windows()[0], first)
+    trained = torch.cat([mb for step in trained for mb in step])
+    from_scan = [row for row in trainer.pool.sequences if not (row == trained).all(1).any()]
+    assert from_scan  # some head's highest logits came from a scanned window
+    assert max(_layer_max_logits(trainer, torch.stack(from_scan))) <= 0.05 * (1 + 1e-3)
+
+
+def test_remeasure_pool_is_saved_with_the_checkpoint_and_resumes_exactly(tmp_path):
+    """A run stopped at step 2 and resumed matches the uninterrupted run, because the pool comes
+    back from the checkpoint (the scan is drawn from the step alone); resumed with the pool file
+    removed, it does not."""
+
+    def run(run_dir, steps):
+        cfg = small_cfg(steps=steps, global_batch_size=8)
+        cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, 0.05
+        q = cfg.optim.qk_clip
+        q.remeasure, q.remeasure_pool, q.remeasure_scan = 1, 2, 2
+        cfg.checkpoint.every = 2
+        Trainer(validate(cfg), run_dir).fit()
+        return [(r["loss"], r["max_logit"], r["max_logit_remeasured"], r["clipped_heads"])
+                for r in read_metrics(run_dir) if "loss" in r]
+
+    full = run(tmp_path / "full", 4)
+    assert run(tmp_path / "cut", 2) == full[:2]
+    saved = ckpt.checkpoint_path(tmp_path / "cut", 2) / "qk_clip_pool_rank0.npy"
+    assert saved.is_file()
+    shutil.copytree(tmp_path / "cut", tmp_path / "lost")
+    (ckpt.checkpoint_path(tmp_path / "lost", 2) / "qk_clip_pool_rank0.npy").unlink()
+    assert run(tmp_path / "cut", 4) == full
+    assert run(tmp_path / "lost", 4)[2:] != full[2:]
+
+
 def test_post_step_max_logit_leaves_the_training_trajectory_unchanged(tmp_path):
     """The extra forward is no-grad and leaves the MoE token counts alone: the same losses, max
     logits, weights, buffers and optimizer state as a run without it."""

@@ -1,0 +1,69 @@
+"""QK-Clip's re-measure pool on 2 gloo ranks, FSDP 2 x EP 2: ranks whose pools differ in size.
+
+The pool is per rank, so one rank may have more candidate sequences to re-measure than another;
+the forwards are collective (FSDP all-gathers, EP all-to-alls), so every rank must run as many.
+Rank 0 starts with a pool of 5 extra sequences (4 forwards of 2 with its batch), rank 1 with none
+(1 forward): the step must complete, and the clip must hold over both ranks' candidates.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from _spawn import spawn
+
+pytestmark = pytest.mark.slow
+
+TAU = 0.05
+
+
+def _worker(rank: int, world: int, run_dir: str, out: str) -> None:
+    from kimi_train.config import (CheckpointConfig, DataConfig, LoggingConfig, ParallelConfig, ScheduleConfig,
+                                   TrainConfig, TrainLoopConfig, validate)
+    from kimi_train.model.config import ModelConfig
+    from kimi_train.trainer import Trainer
+
+    model = ModelConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                        num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                        v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2)
+    cfg = TrainConfig(model=model, parallel=ParallelConfig(ep=2),
+                      train=TrainLoopConfig(steps=2, seq_len=32, micro_batch_size=2, log_every=1, val_every=0,
+                                            val_batches=1),
+                      schedule=ScheduleConfig(warmup_steps=0), data=DataConfig(max_bytes=60_000),
+                      checkpoint=CheckpointConfig(every=0, keep=1),
+                      logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False))
+    cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, TAU
+    cfg.optim.qk_clip.remeasure, cfg.optim.qk_clip.remeasure_pool = 1, 2
+    trainer = Trainer(validate(cfg), run_dir)
+    if rank == 0:
+        g = torch.Generator().manual_seed(7)
+        trainer.pool.sequences = torch.randint(0, 256, (5, 33), generator=g)
+    records = []
+    for _ in range(2):
+        records.append(trainer.train_step())
+        trainer.step += 1
+    # layer 0's max over this rank's pool (which holds its candidates' per-head maxima), the
+    # max over ranks: the clip is exact on the union (MuonClip reduces the max logits over ranks)
+    candidates, per_NLH = trainer._remeasure(trainer.pool.sequences)
+    for layer in trainer.model.attention_layers():
+        layer.reset_max_logits()
+    layer0 = per_NLH[:, 0].amax(0)
+    dist.all_reduce(layer0, op=dist.ReduceOp.MAX)
+    result = {"pool": len(trainer.pool), "layer0": layer0, "clipped": [r["clipped_heads"] for r in records]}
+    results = [None] * world
+    dist.all_gather_object(results, result)
+    if rank == 0:
+        torch.save(results, out)
+
+
+def test_ranks_with_pools_of_different_sizes(tmp_path):
+    out = tmp_path / "result.pt"
+    spawn(_worker, 2, str(tmp_path / "run"), str(out))
+    r0, r1 = torch.load(out)
+    assert r0["clipped"] == r1["clipped"] and sum(r0["clipped"]) > 0
+    assert r0["pool"] > 0 and r1["pool"] > 0
+    torch.testing.assert_close(r0["layer0"], r1["layer0"])
+    assert float(r0["layer0"].max()) == pytest.approx(TAU, rel=1e-5)
+    assert bool((r0["layer0"] <= TAU * (1 + 1e-5)).all())
