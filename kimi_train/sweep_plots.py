@@ -28,15 +28,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kimi_train.report import RunSummary, best_per_optimizer  # noqa: E402
 
 # One colour per optimizer, so the same optimizer reads the same in every figure.
-OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green", "muonclip+remeasure": "tab:purple"}
+OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green", "muonclip+remeasure": "tab:purple",
+                "muonclip+remeasure+pool": "tab:cyan"}
 # Muon and MuonClip curves coincide until the first clip: draw Muon wide, MuonClip dashed on top.
-OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--"), "muonclip+remeasure": dict(ls=":")}
+OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--"), "muonclip+remeasure": dict(ls=":"),
+                "muonclip+remeasure+pool": dict(ls="-.")}
 DPI = 90
 
 
 def _family(optimizer: str) -> str:
-    """muonclip+remeasure2 -> muonclip+remeasure: one colour for every number of passes."""
-    return "muonclip+remeasure" if optimizer.startswith("muonclip+remeasure") else optimizer
+    """muonclip+remeasure2 -> muonclip+remeasure; with a pool or a scan (muonclip+remeasure1+pool4+scan16)
+    -> muonclip+remeasure+pool: one colour for every number of passes, pool and scan size."""
+    if not optimizer.startswith("muonclip+remeasure"):
+        return optimizer
+    return "muonclip+remeasure+pool" if ("+pool" in optimizer or "+scan" in optimizer) else "muonclip+remeasure"
 
 
 def _color(run: RunSummary, i: int) -> str:

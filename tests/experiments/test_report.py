@@ -12,12 +12,12 @@ from kimi_train.report import build_report, main, markdown_table, smoothed, summ
 
 
 def write_run(run_dir: Path, records: list[dict], optim: str = "muonclip", lr: float = 0.01, tau: float = 30.0,
-              clip: bool = True, remeasure: int = 0) -> Path:
+              clip: bool = True, remeasure: int = 0, pool: int = 0, scan: int = 0) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "config.yaml").write_text(
         f"optim:\n  name: {optim}\n  lr: {lr}\n  qk_clip:\n    enabled: {str(clip).lower()}\n    tau: {tau}\n"
-        f"    remeasure: {remeasure}\n")
+        f"    remeasure: {remeasure}\n    remeasure_pool: {pool}\n    remeasure_scan: {scan}\n")
     return run_dir
 
 
@@ -57,6 +57,9 @@ def test_summary_figures(clip_run):
 def test_remeasure_runs_are_named_apart(tmp_path):
     records = [rec(1, 5.0, 0.2), rec(2, 4.0, 35.0, clipped=3)]
     assert summarise(write_run(tmp_path / "r", records, remeasure=2)).optimizer == "muonclip+remeasure2"
+    assert summarise(write_run(tmp_path / "p", records, remeasure=1, pool=4)).optimizer == "muonclip+remeasure1+pool4"
+    assert (summarise(write_run(tmp_path / "ps", records, remeasure=1, pool=4, scan=16)).optimizer
+            == "muonclip+remeasure1+pool4+scan16")
     assert summarise(write_run(tmp_path / "k2", records)).optimizer == "muonclip"
     assert summarise(write_run(tmp_path / "off", records, clip=False, remeasure=1)).optimizer == "muon"
 
