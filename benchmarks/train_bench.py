@@ -14,6 +14,10 @@ batch, same loss (cross-entropy in fp32 over the logits):
     ours+muonclip-remeasure
                     the same with step(remeasure=...): one more no-grad forward of the batch
                     after the update, as optim.qk_clip.remeasure=1 runs it in the trainer
+    ours+muonclip-pool
+                    the re-measure also runs a max-logit pool (4 sequences per head) and
+                    16 random scan sequences, per-sequence, in batch-sized forwards, as
+                    optim.qk_clip.remeasure=1 remeasure_pool=4 remeasure_scan=16 runs it
 
 One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
 over --steps timed steps after --warmup (best of --rounds interleaved rounds), tokens/s = batch * seq / median, and peak memory
@@ -38,7 +42,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip", "ours+muonclip-remeasure")
+VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip", "ours+muonclip-remeasure", "ours+muonclip-pool")
+POOL_PER_HEAD, SCAN = 4, 16
 
 
 def model_config(args):
@@ -90,6 +95,19 @@ def run_variant(args) -> dict:
         with amp:
             model.measure_max_logits(x)
 
+    from kimi_train.max_logit_pool import MaxLogitPool
+
+    pool, pool_pass = MaxLogitPool(POOL_PER_HEAD), []
+
+    def remeasure_pool():  # ... with the pool and the scan (Trainer._remeasure)
+        scan = torch.randint(0, 256, (SCAN, args.seq + 1), generator=g)
+        candidates = pool.candidates(torch.cat([batch.cpu(), scan]))
+        per = []
+        for i in range(0, len(candidates), args.batch):
+            with amp:
+                per.append(model.measure_max_logits(candidates[i:i + args.batch, :-1].to(device), per_sequence=True))
+        pool_pass[:] = [candidates, torch.cat(per)]
+
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g).to(device)
     x, y = batch[:, :-1], batch[:, 1:]
@@ -110,6 +128,9 @@ def run_variant(args) -> dict:
         loss.backward()
         if args.variant.endswith("remeasure"):
             opt.step(remeasure=remeasure)
+        elif args.variant.endswith("pool"):
+            opt.step(remeasure=remeasure_pool)
+            pool.update(*pool_pass)
         else:
             opt.step()
         opt.zero_grad(set_to_none=True)
@@ -184,6 +205,8 @@ def main(argv=None) -> None:
     if "ours+muonclip" in by and "ours+muonclip-remeasure" in by:
         ratios["remeasure_vs_muonclip_step_time"] = (by["ours+muonclip-remeasure"]["step_ms"]
                                                      / by["ours+muonclip"]["step_ms"])
+    if "ours+muonclip" in by and "ours+muonclip-pool" in by:
+        ratios["pool_vs_muonclip_step_time"] = by["ours+muonclip-pool"]["step_ms"] / by["ours+muonclip"]["step_ms"]
     report = {
         "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
                                                   "warmup", "steps", "rounds", "ns_dtype")},
