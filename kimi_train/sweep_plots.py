@@ -37,11 +37,11 @@ DPI = 90
 
 
 def _family(optimizer: str) -> str:
-    """muonclip+remeasure2 -> muonclip+remeasure; with a pool or a scan (muonclip+remeasure1+pool4+scan16)
+    """muonclip+remeasure2 (+scan16) -> muonclip+remeasure; with a pool (muonclip+remeasure1+pool4+scan16)
     -> muonclip+remeasure+pool: one colour for every number of passes, pool and scan size."""
     if not optimizer.startswith("muonclip+remeasure"):
         return optimizer
-    return "muonclip+remeasure+pool" if ("+pool" in optimizer or "+scan" in optimizer) else "muonclip+remeasure"
+    return "muonclip+remeasure+pool" if "+pool" in optimizer else "muonclip+remeasure"
 
 
 def _color(run: RunSummary, i: int) -> str:

@@ -176,7 +176,7 @@ class Trainer:
             self.tokens_seen = state["tokens_seen"]
             self.train_loader.load_state_dict(state["data"])
             if self.pool is not None:
-                self.pool.load_state_dict(state["rank_arrays"].get("qk_clip_pool"))
+                self._load_pool(latest, state["rank_arrays"].get("qk_clip_pool"))
             self.resumed_from = str(latest)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +184,17 @@ class Trainer:
                 from omegaconf import OmegaConf
 
                 OmegaConf.save(OmegaConf.create(resolved_config), self.run_dir / "config.yaml")
+
+    def _load_pool(self, checkpoint: Path, saved: Optional[np.ndarray]) -> None:
+        """This rank's QK-Clip re-measure pool from the checkpoint; a warning (rank 0) when the
+        checkpoint does not hold one pool per rank of this run (written by another world size, or
+        without optim.qk_clip.remeasure_pool): ranks without one start empty."""
+        self.pool.load_state_dict(saved)
+        saved_ranks = len(list(checkpoint.glob("qk_clip_pool_rank*.npy")))
+        if saved_ranks != self.world_size and self.is_main:
+            warnings.warn(f"{checkpoint.name} holds QK-Clip re-measure pools of {saved_ranks} rank(s), this run has "
+                          f"{self.world_size}; the ranks without a saved pool start with an empty one, so the "
+                          "clip differs from an uninterrupted run until the pools refill", stacklevel=2)
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self, step: int) -> float:
@@ -232,9 +243,10 @@ class Trainer:
         if passes and hasattr(self.optimizer, "qk_clip_"):
             measured: list = []
             sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
-            self.optimizer.step(remeasure=lambda: measured.append(self._remeasure(sequences)),
-                                remeasure_passes=passes)
-            if self.pool is not None:  # the last pass's per-sequence max logits (before its clip)
+            self.optimizer.step(
+                remeasure=lambda: measured.append(self._remeasure(sequences, last=len(measured) == passes - 1)),
+                remeasure_passes=passes)
+            if self.pool is not None and measured:  # the last pass's per-sequence max logits (before its clip)
                 self.pool.update(*measured[-1])
         else:
             self.optimizer.step()
@@ -289,12 +301,13 @@ class Trainer:
         rng = np.random.default_rng([self.cfg.train.seed, self.step, self.dims.dp_rank, 0x5CA7])
         return [windows.gather(rng.choice(len(windows), size=min(n, len(windows)), replace=False))]
 
-    def _remeasure(self, sequences_NT1: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+    def _remeasure(self, sequences_NT1: torch.Tensor, last: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """One QK-Clip re-measure pass: these sequences (the step's batch and scan) and the
         max-logit pool through the updated weights, in micro-batch-sized no-grad forwards. With
-        a pool, returns the candidates and their per-sequence max logits [N, layers, heads] for
-        MaxLogitPool.update."""
+        a pool, the last pass returns the candidates and their per-sequence max logits
+        [N, layers, heads] for MaxLogitPool.update."""
         pooled = self.pool is not None
+        per_sequence_wanted = pooled and last
         candidates = self.pool.candidates(sequences_NT1) if pooled else sequences_NT1
         size = self.cfg.train.micro_batch_size
         chunks = math.ceil(len(candidates) / size)
@@ -308,10 +321,10 @@ class Trainer:
             padding = len(rows) == 0  # this rank has fewer candidates: repeat some, the max is unchanged
             with self.autocast():
                 out = self.model.measure_max_logits((candidates[:size] if padding else rows)[:, :-1].to(
-                    self.device, non_blocking=True), per_sequence=pooled and not padding)
+                    self.device, non_blocking=True), per_sequence=per_sequence_wanted and not padding)
             if out is not None:
                 per_sequence.append(out)
-        return (candidates, torch.cat(per_sequence)) if pooled else None
+        return (candidates, torch.cat(per_sequence)) if per_sequence_wanted else None
 
     def _forward_no_grad(self, micro_batches: list[torch.Tensor]) -> None:
         """The step's batch through the current weights, recording max logits only."""

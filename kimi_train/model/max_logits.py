@@ -69,19 +69,16 @@ def per_head_max_logits(
 
     q: [B, H, T, D]; k: [B, Hkv, T, D] with H % Hkv == 0 (MLA passes k expanded to H heads).
     backend: "auto" (Triton on CUDA when importable, else "torch"), "torch" (chunked), "triton".
-    per_sequence: return [B, H], each sequence's own max (the chunked torch path computes it;
-    the Triton kernel reduces over the batch, so "auto" takes the torch path here).
+    per_sequence: return [B, H], each sequence's own max.
     """
     if q_BHTD.dim() != 4 or k_BHTD.dim() != 4 or q_BHTD.shape[1] % k_BHTD.shape[1]:
         raise ValueError(f"per_head_max_logits: q {tuple(q_BHTD.shape)} / k {tuple(k_BHTD.shape)} are not [B,H,T,D] / [B,Hkv,T,D]")
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"per_head_max_logits backend={backend!r}; valid: 'auto', 'torch', 'triton'")
-    if per_sequence and backend == "triton":
-        raise ValueError("per_head_max_logits backend='triton' has no per_sequence mode; use 'auto' or 'torch'")
-    if backend == "triton" or (backend == "auto" and q_BHTD.is_cuda and not per_sequence):
+    if backend == "triton" or (backend == "auto" and q_BHTD.is_cuda):
         kernel = _triton_kernel()
         if kernel is not None:
-            return kernel(q_BHTD, k_BHTD, softmax_scale)
+            return kernel(q_BHTD, k_BHTD, softmax_scale, per_sequence=per_sequence)
         if backend == "triton":
             raise ValueError("per_head_max_logits backend='triton': kimi_train.kernels.max_logits_triton is not importable")
     with torch.autocast(q_BHTD.device.type, enabled=False):  # exact fp32 logits even under autocast

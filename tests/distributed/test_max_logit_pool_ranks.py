@@ -2,8 +2,9 @@
 
 The pool is per rank, so one rank may have more candidate sequences to re-measure than another;
 the forwards are collective (FSDP all-gathers, EP all-to-alls), so every rank must run as many.
-Rank 0 starts with a pool of 5 extra sequences (4 forwards of 2 with its batch), rank 1 with none
-(1 forward): the step must complete, and the clip must hold over both ranks' candidates.
+Rank 0 starts with a pool of 5 extra sequences (5 forwards of 2 with its batch and 2 scanned
+windows), rank 1 with none (2 forwards): the step must complete, and the clip must hold over both
+ranks' candidates.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def _worker(rank: int, world: int, run_dir: str, out: str) -> None:
                       checkpoint=CheckpointConfig(every=0, keep=1),
                       logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False))
     cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, TAU
-    cfg.optim.qk_clip.remeasure, cfg.optim.qk_clip.remeasure_pool = 1, 2
+    q = cfg.optim.qk_clip
+    q.remeasure, q.remeasure_pool, q.remeasure_scan = 1, 2, 2  # the scan draws other windows on each rank
     trainer = Trainer(validate(cfg), run_dir)
     if rank == 0:
         g = torch.Generator().manual_seed(7)
@@ -46,7 +48,7 @@ def _worker(rank: int, world: int, run_dir: str, out: str) -> None:
         trainer.step += 1
     # layer 0's max over this rank's pool (which holds its candidates' per-head maxima), the
     # max over ranks: the clip is exact on the union (MuonClip reduces the max logits over ranks)
-    candidates, per_NLH = trainer._remeasure(trainer.pool.sequences)
+    candidates, per_NLH = trainer._remeasure(trainer.pool.sequences, last=True)
     for layer in trainer.model.attention_layers():
         layer.reset_max_logits()
     layer0 = per_NLH[:, 0].amax(0)
