@@ -12,7 +12,7 @@ import kimi_train.train  # noqa: F401  (registers the schemas and resolvers conf
 from kimi_train.config import TrainConfig, validate
 from kimi_train.train import CONFIG_DIR
 
-EXPERIMENTS = ["qk_clip_stability", "lr_sensitivity", "muon_vs_adamw"]
+EXPERIMENTS = ["qk_clip_stability", "qk_clip_stability_pool", "lr_sensitivity", "muon_vs_adamw"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -72,6 +72,18 @@ def test_qk_clip_stability_sets_what_it_claims():
     assert muon.optim.lr == clip.optim.lr == 0.05
     assert muon.model.num_hidden_layers == 4 and muon.data.tokenizer == "byte"
     assert muon.train.steps == 300
+
+
+def test_qk_clip_stability_pool_is_the_stability_experiment_with_the_pool():
+    assert _sweep("qk_clip_stability_pool") == {"optim": ["muon", "muonclip"]}
+    for arm in ("muon", "muonclip"):
+        base = OmegaConf.to_object(_compose(["experiment=qk_clip_stability", f"optim={arm}"]))
+        pool = OmegaConf.to_object(_compose(["experiment=qk_clip_stability_pool", f"optim={arm}"]))
+        q = pool.optim.qk_clip
+        assert (q.remeasure, q.remeasure_pool, q.remeasure_scan) == (1, 4, 16)
+        q.remeasure = q.remeasure_pool = q.remeasure_scan = 0
+        base.run_name = pool.run_name = None
+        assert base == pool, arm  # nothing else differs
 
 
 def test_lr_sweeps_cover_every_optimizer_and_share_settings():
