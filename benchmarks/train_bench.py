@@ -95,18 +95,15 @@ def run_variant(args) -> dict:
         with amp:
             model.measure_max_logits(x)
 
-    from kimi_train.max_logit_pool import MaxLogitPool
+    from kimi_train.max_logit_pool import MaxLogitPool, measure_in_chunks
 
     pool, pool_pass = MaxLogitPool(POOL_PER_HEAD), []
 
     def remeasure_pool():  # ... with the pool and the scan (Trainer._remeasure)
         scan = torch.randint(0, 256, (SCAN, args.seq + 1), generator=g)
         candidates = pool.candidates(torch.cat([batch.cpu(), scan]))
-        per = []
-        for i in range(0, len(candidates), args.batch):
-            with amp:
-                per.append(model.measure_max_logits(candidates[i:i + args.batch, :-1].to(device), per_sequence=True))
-        pool_pass[:] = [candidates, torch.cat(per)]
+        pool_pass[:] = [candidates, measure_in_chunks(model, candidates, args.batch, device, per_sequence=True,
+                                                      autocast=lambda: amp)]
 
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g).to(device)

@@ -18,7 +18,8 @@ It is saved with each checkpoint, so a resumed run clips exactly as the uninterr
 
 from __future__ import annotations
 
-from typing import Optional
+from contextlib import nullcontext
+from typing import Callable, ContextManager, Optional
 
 import numpy as np
 import torch
@@ -76,3 +77,30 @@ class MaxLogitPool:
             raise ValueError(f"MaxLogitPool.load_state_dict: expected an integer array [P, T+1], got "
                              f"{array.dtype} {array.shape}")
         self.sequences = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+
+
+def measure_in_chunks(model: torch.nn.Module, rows_NT1: torch.Tensor, chunk: int, device: torch.device,
+                      per_sequence: bool = False, forwards: Optional[int] = None,
+                      autocast: Callable[[], ContextManager] = nullcontext) -> Optional[torch.Tensor]:
+    """``model.measure_max_logits`` over token rows [N, T+1] (inputs: all but the last token),
+    ``chunk`` rows per no-grad forward. Returns the per-sequence max logits [N, layers, heads]
+    with ``per_sequence``, else None (the attention layers' records hold the max either way).
+
+    forwards: run this many forwards (>= the chunks needed; the extra ones repeat the first rows,
+    which leaves the max unchanged), so that ranks with different row counts run as many
+    collective forwards (FSDP all-gathers, EP all-to-alls).
+    """
+    needed = -(-len(rows_NT1) // chunk)
+    forwards = needed if forwards is None else forwards
+    if forwards < needed:
+        raise ValueError(f"measure_in_chunks: forwards={forwards} < the {needed} chunks of {len(rows_NT1)} rows")
+    per = []
+    for i in range(forwards):
+        extra = i >= needed
+        rows = rows_NT1[:chunk] if extra else rows_NT1[i * chunk:(i + 1) * chunk]
+        with autocast():
+            out = model.measure_max_logits(rows[:, :-1].to(device, non_blocking=True),
+                                           per_sequence=per_sequence and not extra)
+        if out is not None:
+            per.append(out)
+    return torch.cat(per) if per_sequence else None

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from kimi_train import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
-from kimi_train.max_logit_pool import MaxLogitPool
+from kimi_train.max_logit_pool import MaxLogitPool, measure_in_chunks
 from kimi_train.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.schedule import LRSchedule
 
@@ -147,9 +147,11 @@ class Trainer:
         self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
         self.peak_flops = peak_flops(self.device, t.peak_flops)
 
-        # QK-Clip's re-measure pool (kimi_train/max_logit_pool.py); saved with each checkpoint
+        # QK-Clip's re-measure passes (none without QK-Clip) and pool (kimi_train/max_logit_pool.py;
+        # saved with each checkpoint)
         q = cfg.optim.qk_clip
-        use_pool = q.remeasure_pool > 0 and q.remeasure > 0 and hasattr(self.optimizer, "qk_clip_")
+        self.remeasure_passes = q.remeasure if hasattr(self.optimizer, "qk_clip_") else 0
+        use_pool = q.remeasure_pool > 0 and self.remeasure_passes > 0
         self.pool: Optional[MaxLogitPool] = MaxLogitPool(q.remeasure_pool) if use_pool else None
 
         self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
@@ -239,8 +241,8 @@ class Trainer:
             record.update(skipped=True)
             return record
 
-        passes = self.cfg.optim.qk_clip.remeasure
-        if passes and hasattr(self.optimizer, "qk_clip_"):
+        passes = self.remeasure_passes
+        if passes:
             measured: list = []
             sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
             self.optimizer.step(
@@ -285,7 +287,7 @@ class Trainer:
         """
         attention = self.model.attention_layers()
         try:
-            self._forward_no_grad(micro_batches)
+            self._forward_no_grad(torch.cat(micro_batches))
             return read_max_logits(attention, self.dims.dp_group)
         finally:
             for layer in attention:
@@ -303,34 +305,24 @@ class Trainer:
 
     def _remeasure(self, sequences_NT1: torch.Tensor, last: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """One QK-Clip re-measure pass: these sequences (the step's batch and scan) and the
-        max-logit pool through the updated weights, in micro-batch-sized no-grad forwards. With
-        a pool, the last pass returns the candidates and their per-sequence max logits
-        [N, layers, heads] for MaxLogitPool.update."""
-        pooled = self.pool is not None
-        per_sequence_wanted = pooled and last
-        candidates = self.pool.candidates(sequences_NT1) if pooled else sequences_NT1
-        size = self.cfg.train.micro_batch_size
-        chunks = math.ceil(len(candidates) / size)
-        if pooled and dist.is_initialized():  # pools differ in size; every rank must run as many
-            n = torch.tensor(chunks, device=self.device)  # forwards (FSDP all-gathers, EP all-to-alls)
+        max-logit pool through the updated weights. With a pool, the last pass returns the
+        candidates and their per-sequence max logits [N, layers, heads] for MaxLogitPool.update."""
+        if self.pool is None:
+            self._forward_no_grad(sequences_NT1)
+            return None
+        candidates = self.pool.candidates(sequences_NT1)
+        forwards = None
+        if dist.is_initialized():  # pools differ in size; every rank must run as many forwards
+            n = torch.tensor(math.ceil(len(candidates) / self.cfg.train.micro_batch_size), device=self.device)
             dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            chunks = int(n)
-        per_sequence = []
-        for i in range(chunks):
-            rows = candidates[i * size:(i + 1) * size]
-            padding = len(rows) == 0  # this rank has fewer candidates: repeat some, the max is unchanged
-            with self.autocast():
-                out = self.model.measure_max_logits((candidates[:size] if padding else rows)[:, :-1].to(
-                    self.device, non_blocking=True), per_sequence=per_sequence_wanted and not padding)
-            if out is not None:
-                per_sequence.append(out)
-        return (candidates, torch.cat(per_sequence)) if per_sequence_wanted else None
+            forwards = int(n)
+        per_sequence = measure_in_chunks(self.model, candidates, self.cfg.train.micro_batch_size, self.device,
+                                         per_sequence=last, forwards=forwards, autocast=self.autocast)
+        return (candidates, per_sequence) if last else None
 
-    def _forward_no_grad(self, micro_batches: list[torch.Tensor]) -> None:
-        """The step's batch through the current weights, recording max logits only."""
-        for mb in micro_batches:
-            with self.autocast():
-                self.model.measure_max_logits(mb[:, :-1].to(self.device, non_blocking=True))
+    def _forward_no_grad(self, rows_NT1: torch.Tensor) -> None:
+        """These token rows (micro-batch-sized forwards) through the current weights, recording max logits only."""
+        measure_in_chunks(self.model, rows_NT1, self.cfg.train.micro_batch_size, self.device, autocast=self.autocast)
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping to max_norm (works across the EP and dense meshes)."""
