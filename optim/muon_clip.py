@@ -101,15 +101,46 @@ class MuonClip(Muon):
         for i, S_H in enumerate(seen_L):  # the same refusal as a clip with these values
             if S_H is not None:
                 _checked_logits(S_H, S_H.numel(), self.tau, _where(self._target(i).name))
+        passes = self.measure_and_clip_(remeasure, remeasure_passes, require_record=any(S is not None for S in seen_L))
+        clipped_L = passes["clipped_heads_per_layer"]
+        seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L], clipped_L)
+        self.last_stats = {
+            **seen,
+            "max_logit_remeasured": passes["max_logit"],
+            "max_logit_remeasured_per_layer": passes["max_logit_per_layer"],
+        }
+        return loss
+
+    @torch.no_grad()
+    def measure_and_clip_(self, measure: Callable[[], Any], passes: int = 1, *,
+                          require_record: bool = True) -> dict[str, Any]:
+        """QK-Clip with max logits measured now, outside step(): drop the layers' records, call
+        ``measure()`` (a forward with the attention layers in training mode, typically no_grad),
+        clip with what it recorded, ``passes`` times. Returns the stats of the first pass before
+        its clip (``max_logit``, ``max_logit_per_layer``) and the heads over tau in any pass
+        (``clipped_heads``, ``clipped_heads_per_layer``; each head once).
+
+        step(remeasure=f) calls it after the update. Called before a forward with ``measure``
+        running that forward's own inputs, it bounds that forward's max logits by tau (the
+        trainer's optim.qk_clip.lookahead). Pass k leaves the first k attention layers at most
+        tau on those inputs; later layers can land a little off it, since the clips before them
+        change their inputs. Every rank must call it with the same ``passes`` and run as many
+        collective forwards in ``measure()``. require_record: a pass that records nothing is an
+        error (False: allowed, e.g. a step whose own forward recorded nothing either).
+        """
+        if isinstance(passes, bool) or not (isinstance(passes, int) and passes >= 1):
+            raise ValueError(f"MuonClip: passes={passes!r} must be an int >= 1")
+        if not self.attention_layers:
+            return _stats([], [])
         for layer in self.attention_layers:
             layer.reset_max_logits()
         over_L: list[Optional[torch.Tensor]] = [None] * len(self.attention_layers)  # heads over tau in any pass
-        for i in range(remeasure_passes):
-            remeasure()
+        for i in range(passes):
+            measure()
             S_L = self._reduced_max_logits()
-            if any(S_H is not None for S_H in seen_L) and all(S_H is None for S_H in S_L):
+            if require_record and all(S_H is None for S_H in S_L):
                 raise RuntimeError(
-                    "MuonClip.step: remeasure() recorded no max logits; it must run a forward with the "
+                    "MuonClip: measure() (remeasure) recorded no max logits; it must run a forward with the "
                     "attention layers in training mode (they record only then)"
                 )
             pass_stats = self._clip(S_L)
@@ -119,13 +150,7 @@ class MuonClip(Muon):
                 if S_H is not None:
                     over_L[j] = (S_H > self.tau) if over_L[j] is None else (over_L[j] | (S_H > self.tau))
         clipped_L = [0 if over_H is None else int(over_H.sum()) for over_H in over_L]
-        seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L], clipped_L)
-        self.last_stats = {
-            **seen,
-            "max_logit_remeasured": first["max_logit"],
-            "max_logit_remeasured_per_layer": first["max_logit_per_layer"],
-        }
-        return loss
+        return {**first, "clipped_heads": sum(clipped_L), "clipped_heads_per_layer": clipped_L}
 
     @torch.no_grad()
     def qk_clip_(self) -> dict[str, Any]:

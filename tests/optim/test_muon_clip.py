@@ -150,6 +150,46 @@ def test_remeasure_clips_the_updated_weights_to_exactly_tau():
     assert float(after2[1].max()) == pytest.approx(tau, rel=1e-5)
 
 
+def test_measure_and_clip_before_a_forward_bounds_that_forward():
+    """Called before a step on the batch that step will train on (the trainer's lookahead), the
+    clip bounds the step's own forward: its recorded max logits are at most tau, with the clipped
+    heads of the first layer on tau (the second layer needs the second pass). Without it,
+    K2's order lets the same forward go over tau."""
+    torch.manual_seed(0)
+    base = TinyLM()
+    batches = [torch.randint(0, 32, (4, 16)) for _ in range(6)]
+    tau = 0.6
+    maxima = {}
+    for lookahead in (False, True):
+        model = TinyLM()
+        model.load_state_dict(base.state_dict())
+        opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=tau, lr=0.2,
+                       ns_backend="torch")
+        maxima[lookahead] = []
+        for ids in batches:
+            if lookahead:
+                measured = opt.measure_and_clip_(lambda: model(ids[:, :-1]), passes=2)
+                assert set(measured) == {"max_logit", "max_logit_per_layer", "clipped_heads", "clipped_heads_per_layer"}
+            opt.zero_grad()
+            _loss(model, ids).backward()
+            forward_L = [layer.max_logits.clone() for layer in model.layers]
+            maxima[lookahead].append(max(float(m.max()) for m in forward_L))
+            if lookahead and measured["clipped_heads_per_layer"][0]:
+                over0 = forward_L[0] >= tau * (1 - 1e-6)
+                assert int(over0.sum()) >= 1
+                torch.testing.assert_close(forward_L[0][over0], torch.full_like(forward_L[0][over0], tau),
+                                           rtol=1e-5, atol=0)
+            opt.step()
+    assert max(maxima[False][1:]) > 1.05 * tau  # what the lookahead removes
+    assert max(maxima[True]) <= tau * (1 + 1e-5)
+    assert any(m == pytest.approx(tau, rel=1e-5) for m in maxima[True])  # it did clip
+
+    with pytest.raises(ValueError, match="passes=0"):
+        opt.measure_and_clip_(lambda: None, passes=0)
+    with pytest.raises(RuntimeError, match="recorded no max logits"):
+        opt.measure_and_clip_(lambda: None)
+
+
 def test_remeasure_counts_each_head_clipped_in_any_pass_once():
     """Pass 1 finds head 0 over tau; the clip of an earlier layer could push head 1 over in pass 2:
     both are counted, head 0 once although it is over in both passes (recorded values stand in
@@ -184,7 +224,7 @@ def test_remeasure_misuse_and_nan_are_errors():
     for bad in (0, True, 1.0):
         with pytest.raises(ValueError, match=f"remeasure_passes={bad!r}"):
             opt.step(remeasure=lambda: None, remeasure_passes=bad)
-    with pytest.raises(RuntimeError, match="remeasure.. recorded no max logits"):
+    with pytest.raises(RuntimeError, match=r"measure\(\) \(remeasure\) recorded no max logits"):
         opt.step(remeasure=lambda: None)
     # a NaN in the step's own forward is refused as plain step() refuses it, not logged and passed over
     _loss(model, ids).backward()
