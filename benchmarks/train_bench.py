@@ -18,6 +18,10 @@ batch, same loss (cross-entropy in fp32 over the logits):
                     the re-measure also runs a max-logit pool (4 sequences per head) and
                     16 random scan sequences, per-sequence, in batch-sized forwards, as
                     optim.qk_clip.remeasure=1 remeasure_pool=4 remeasure_scan=16 runs it
+    ours+muonclip-lookahead
+                    the re-measure pass before the forward instead, on the batch it trains on
+                    (measure_and_clip_), then step(), as optim.qk_clip.remeasure=1
+                    lookahead=true runs it
 
 One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
 over --steps timed steps after --warmup (best of --rounds interleaved rounds), tokens/s = batch * seq / median, and peak memory
@@ -42,7 +46,8 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip", "ours+muonclip-remeasure", "ours+muonclip-pool")
+VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip", "ours+muonclip-remeasure", "ours+muonclip-pool",
+            "ours+muonclip-lookahead")
 POOL_PER_HEAD, SCAN = 4, 16
 
 
@@ -119,6 +124,8 @@ def run_variant(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
+        if args.variant.endswith("lookahead"):
+            opt.measure_and_clip_(remeasure)
         with amp:
             logits = forward(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
@@ -204,6 +211,9 @@ def main(argv=None) -> None:
                                                      / by["ours+muonclip"]["step_ms"])
     if "ours+muonclip" in by and "ours+muonclip-pool" in by:
         ratios["pool_vs_muonclip_step_time"] = by["ours+muonclip-pool"]["step_ms"] / by["ours+muonclip"]["step_ms"]
+    if "ours+muonclip" in by and "ours+muonclip-lookahead" in by:
+        ratios["lookahead_vs_muonclip_step_time"] = (by["ours+muonclip-lookahead"]["step_ms"]
+                                                     / by["ours+muonclip"]["step_ms"])
     report = {
         "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
                                                   "warmup", "steps", "rounds", "ns_dtype")},

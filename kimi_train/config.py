@@ -51,6 +51,10 @@ class QKClipConfig:
     # n > 0 (needs remeasure): also re-measure n random training windows per rank and step (drawn
     # from the seed and step, not trained on), so the clip sees more data than the step's batch
     remeasure_scan: int = 0
+    # true (needs remeasure): run the re-measure passes (and pool, scan) before each step's forward,
+    # on the batch that forward is about to train on, instead of after the update on the batch just
+    # trained on; the step's forward then has every head at most tau (docs/muonclip.md)
+    lookahead: bool = False
 
 
 @dataclass
@@ -213,6 +217,9 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
            o.qk_clip.remeasure_scan, "must be an int >= 0 (0 = no scan; n = random windows re-measured per step)")
     _check(o.qk_clip.remeasure_scan == 0 or o.qk_clip.remeasure > 0, "optim.qk_clip.remeasure_scan",
            o.qk_clip.remeasure_scan, "needs optim.qk_clip.remeasure >= 1 (the scan is measured in those passes)")
+    _check(isinstance(o.qk_clip.lookahead, bool), "optim.qk_clip.lookahead", o.qk_clip.lookahead, "must be true or false")
+    _check(not o.qk_clip.lookahead or o.qk_clip.remeasure > 0, "optim.qk_clip.lookahead", o.qk_clip.lookahead,
+           "needs optim.qk_clip.remeasure >= 1 (the number of measure-and-clip passes before each forward)")
 
     _one_of("schedule.type", s.type, SCHEDULE_TYPES)
     _one_of("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)

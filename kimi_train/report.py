@@ -48,7 +48,9 @@ class RunSummary:
 
     run_dir: str
     label: str
-    optimizer: str  # adamw | muon | muonclip | muonclip+remeasureN[+poolM][+scanK] (qk_clip.enabled=false reads as muon)
+    # adamw | muon | muonclip | muonclip+remeasureN[+poolM][+scanK] | muonclip+lookaheadN[+poolM][+scanK]
+    # (qk_clip.enabled=false reads as muon)
+    optimizer: str
     lr: Optional[float]
     tau: Optional[float]  # only when QK-Clip is on
     steps: int
@@ -118,8 +120,10 @@ def _optim_info(run_dir: Path) -> tuple[str, Optional[float], Optional[float]]:
     remeasure = int((optim.get("qk_clip") or {}).get("remeasure", 0) or 0)
     pool = int((optim.get("qk_clip") or {}).get("remeasure_pool", 0) or 0)
     scan = int((optim.get("qk_clip") or {}).get("remeasure_scan", 0) or 0)
+    lookahead = bool((optim.get("qk_clip") or {}).get("lookahead", False))
     if clip_on and remeasure:  # a different algorithm: keep it apart (and best_per_optimizer too)
-        name = f"muonclip+remeasure{remeasure}" + (f"+pool{pool}" if pool else "") + (f"+scan{scan}" if scan else "")
+        name = (f"muonclip+{'lookahead' if lookahead else 'remeasure'}{remeasure}" + (f"+pool{pool}" if pool else "")
+                + (f"+scan{scan}" if scan else ""))
     lr = optim.get("lr")
     tau = (optim.get("qk_clip") or {}).get("tau") if clip_on else None
     return name, (float(lr) if lr is not None else None), (float(tau) if tau is not None else None)

@@ -29,16 +29,19 @@ from kimi_train.report import RunSummary, best_per_optimizer  # noqa: E402
 
 # One colour per optimizer, so the same optimizer reads the same in every figure.
 OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green", "muonclip+remeasure": "tab:purple",
-                "muonclip+remeasure+pool": "tab:cyan"}
+                "muonclip+remeasure+pool": "tab:cyan", "muonclip+lookahead": "tab:orange"}
 # Muon and MuonClip curves coincide until the first clip: draw Muon wide, MuonClip dashed on top.
 OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--"), "muonclip+remeasure": dict(ls=":"),
-                "muonclip+remeasure+pool": dict(ls="-.")}
+                "muonclip+remeasure+pool": dict(ls="-."), "muonclip+lookahead": dict(lw=1.2)}
 DPI = 90
 
 
 def _family(optimizer: str) -> str:
     """muonclip+remeasure2 (+scan16) -> muonclip+remeasure; with a pool (muonclip+remeasure1+pool4+scan16)
-    -> muonclip+remeasure+pool: one colour for every number of passes, pool and scan size."""
+    -> muonclip+remeasure+pool; muonclip+lookahead1 (+pool, +scan) -> muonclip+lookahead: one colour for
+    every number of passes, pool and scan size."""
+    if optimizer.startswith("muonclip+lookahead"):
+        return "muonclip+lookahead"
     if not optimizer.startswith("muonclip+remeasure"):
         return optimizer
     return "muonclip+remeasure+pool" if "+pool" in optimizer else "muonclip+remeasure"
@@ -84,7 +87,7 @@ def plot_stability(runs: list[RunSummary], path: str | Path) -> Path:
             ax_l.plot(*zip(*pts), color=c, label=_label(run), **{"lw": 1.3, **_style(run)})
         if run.tau is not None and run.tau not in taus_drawn:  # one line per distinct tau
             taus_drawn.add(run.tau)
-            ax_l.axhline(run.tau, color=c, ls="--", lw=1, label=f"tau = {run.tau:g}")
+            ax_l.axhline(run.tau, color="k", ls=":", lw=1, label=f"tau = {run.tau:g}")
         ax_r.plot(run.curve_steps, run.curve_loss, color=c, label=f"{_label(run)} train", **{"lw": 1.1, **_style(run)})
         if run.val_steps:
             ax_r.plot(run.val_steps, run.val_loss, "o", color=c, ms=4, label=f"{_label(run)} val")

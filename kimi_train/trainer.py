@@ -151,6 +151,7 @@ class Trainer:
         # saved with each checkpoint)
         q = cfg.optim.qk_clip
         self.remeasure_passes = q.remeasure if hasattr(self.optimizer, "qk_clip_") else 0
+        self.lookahead = q.lookahead and self.remeasure_passes > 0  # re-measure before the forward
         use_pool = q.remeasure_pool > 0 and self.remeasure_passes > 0
         self.pool: Optional[MaxLogitPool] = MaxLogitPool(q.remeasure_pool) if use_pool else None
 
@@ -223,6 +224,7 @@ class Trainer:
         lr = self._set_lr(self.step)
         self.model.train()
         micro_batches = self.train_loader.next_batch()
+        lookahead = self._lookahead_clip(micro_batches) if self.lookahead else None
         loss_sum = torch.zeros((), device=self.device)
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2: sync only on the last one
         for i, mb in enumerate(micro_batches):
@@ -242,7 +244,7 @@ class Trainer:
             return record
 
         passes = self.remeasure_passes
-        if passes:
+        if passes and not self.lookahead:
             measured: list = []
             sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
             self.optimizer.step(
@@ -251,11 +253,17 @@ class Trainer:
             if self.pool is not None and measured:  # the last pass's per-sequence max logits (before its clip)
                 self.pool.update(*measured[-1])
         else:
-            self.optimizer.step()
+            self.optimizer.step()  # with lookahead: K2's clip too, for a head the passes left over tau
         self.optimizer.zero_grad(set_to_none=True)
         clip = getattr(self.optimizer, "last_stats", None)
         if clip is None:
             clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
+        if lookahead is not None:
+            clip = {**clip, "max_logit_remeasured": lookahead["max_logit"],
+                    "max_logit_remeasured_per_layer": lookahead["max_logit_per_layer"],
+                    "clipped_heads": clip["clipped_heads"] + lookahead["clipped_heads"],
+                    "clipped_heads_per_layer": [a + b for a, b in zip(clip["clipped_heads_per_layer"],
+                                                                      lookahead["clipped_heads_per_layer"])]}
         if "max_logit_remeasured" in clip:
             record.update(max_logit_remeasured=clip["max_logit_remeasured"],
                           max_logit_remeasured_per_layer=clip["max_logit_remeasured_per_layer"])
@@ -274,6 +282,20 @@ class Trainer:
             expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None,
         )
         return record
+
+    def _lookahead_clip(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
+        """optim.qk_clip.lookahead: QK-Clip with the max logits of the weights as they are now on
+        the batch this step is about to train on (and the pool and scan), before its forward, so
+        that forward has every head at most tau (up to the layers after a clipped one, see
+        MuonClip.measure_and_clip_). Returns the passes' stats: the first pass's max logit before
+        its clip, and the heads clipped."""
+        passes, measured = self.remeasure_passes, []
+        sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
+        stats = self.optimizer.measure_and_clip_(
+            lambda: measured.append(self._remeasure(sequences, last=len(measured) == passes - 1)), passes)
+        if self.pool is not None and measured:
+            self.pool.update(*measured[-1])
+        return stats
 
     @torch.no_grad()
     def _post_step_max_logits(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:

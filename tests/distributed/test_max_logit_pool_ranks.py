@@ -4,7 +4,7 @@ The pool is per rank, so one rank may have more candidate sequences to re-measur
 the forwards are collective (FSDP all-gathers, EP all-to-alls), so every rank must run as many.
 Rank 0 starts with a pool of 5 extra sequences (5 forwards of 2 with its batch and 2 scanned
 windows), rank 1 with none (2 forwards): the step must complete, and the clip must hold over both
-ranks' candidates.
+ranks' candidates. The same with the passes run before each forward (optim.qk_clip.lookahead).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 TAU = 0.05
 
 
-def _worker(rank: int, world: int, run_dir: str, out: str) -> None:
+def _worker(rank: int, world: int, run_dir: str, out: str, lookahead: bool) -> None:
     from kimi_train.config import (CheckpointConfig, DataConfig, LoggingConfig, ParallelConfig, ScheduleConfig,
                                    TrainConfig, TrainLoopConfig, validate)
     from kimi_train.model.config import ModelConfig
@@ -38,6 +38,7 @@ def _worker(rank: int, world: int, run_dir: str, out: str) -> None:
     cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, TAU
     q = cfg.optim.qk_clip
     q.remeasure, q.remeasure_pool, q.remeasure_scan = 1, 2, 2  # the scan draws other windows on each rank
+    q.lookahead = lookahead
     trainer = Trainer(validate(cfg), run_dir)
     if rank == 0:
         g = torch.Generator().manual_seed(7)
@@ -53,19 +54,27 @@ def _worker(rank: int, world: int, run_dir: str, out: str) -> None:
         layer.reset_max_logits()
     layer0 = per_NLH[:, 0].amax(0)
     dist.all_reduce(layer0, op=dist.ReduceOp.MAX)
-    result = {"pool": len(trainer.pool), "layer0": layer0, "clipped": [r["clipped_heads"] for r in records]}
+    result = {"pool": len(trainer.pool), "layer0": layer0, "clipped": [r["clipped_heads"] for r in records],
+              "forward": [r["max_logit_per_layer"][0] for r in records]}
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
         torch.save(results, out)
 
 
-def test_ranks_with_pools_of_different_sizes(tmp_path):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_ranks_with_pools_of_different_sizes(tmp_path, lookahead):
     out = tmp_path / "result.pt"
-    spawn(_worker, 2, str(tmp_path / "run"), str(out))
+    spawn(_worker, 2, str(tmp_path / "run"), str(out), lookahead)
     r0, r1 = torch.load(out)
     assert r0["clipped"] == r1["clipped"] and sum(r0["clipped"]) > 0
     assert r0["pool"] > 0 and r1["pool"] > 0
     torch.testing.assert_close(r0["layer0"], r1["layer0"])
+    if lookahead:
+        # the clip came before each forward: the steps' own forwards, layer 0 over both ranks, were
+        # bounded (the pool is measured after the last update, so it may be over tau again)
+        assert r0["forward"] == r1["forward"] and max(r0["forward"]) <= TAU * (1 + 1e-5)
+        assert max(r0["forward"]) == pytest.approx(TAU, rel=1e-5)
+        return
     assert float(r0["layer0"].max()) == pytest.approx(TAU, rel=1e-5)
     assert bool((r0["layer0"] <= TAU * (1 + 1e-5)).all())

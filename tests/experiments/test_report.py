@@ -12,12 +12,13 @@ from kimi_train.report import build_report, main, markdown_table, smoothed, summ
 
 
 def write_run(run_dir: Path, records: list[dict], optim: str = "muonclip", lr: float = 0.01, tau: float = 30.0,
-              clip: bool = True, remeasure: int = 0, pool: int = 0, scan: int = 0) -> Path:
+              clip: bool = True, remeasure: int = 0, pool: int = 0, scan: int = 0, lookahead: bool = False) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "config.yaml").write_text(
         f"optim:\n  name: {optim}\n  lr: {lr}\n  qk_clip:\n    enabled: {str(clip).lower()}\n    tau: {tau}\n"
-        f"    remeasure: {remeasure}\n    remeasure_pool: {pool}\n    remeasure_scan: {scan}\n")
+        f"    remeasure: {remeasure}\n    remeasure_pool: {pool}\n    remeasure_scan: {scan}\n"
+        f"    lookahead: {str(lookahead).lower()}\n")
     return run_dir
 
 
@@ -60,6 +61,9 @@ def test_remeasure_runs_are_named_apart(tmp_path):
     assert summarise(write_run(tmp_path / "p", records, remeasure=1, pool=4)).optimizer == "muonclip+remeasure1+pool4"
     assert (summarise(write_run(tmp_path / "ps", records, remeasure=1, pool=4, scan=16)).optimizer
             == "muonclip+remeasure1+pool4+scan16")
+    assert summarise(write_run(tmp_path / "la", records, remeasure=1, lookahead=True)).optimizer == "muonclip+lookahead1"
+    assert (summarise(write_run(tmp_path / "lap", records, remeasure=2, pool=4, lookahead=True)).optimizer
+            == "muonclip+lookahead2+pool4")
     assert summarise(write_run(tmp_path / "k2", records)).optimizer == "muonclip"
     assert summarise(write_run(tmp_path / "off", records, clip=False, remeasure=1)).optimizer == "muon"
 

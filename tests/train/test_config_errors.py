@@ -21,6 +21,7 @@ BAD = [
     ("optim.qk_clip.remeasure_pool=4", "optim.qk_clip.remeasure_pool=4 is not valid; needs optim.qk_clip.remeasure >= 1"),
     ("optim.qk_clip.remeasure_scan=-1", "optim.qk_clip.remeasure_scan=-1 is not valid; must be an int >= 0"),
     ("optim.qk_clip.remeasure_scan=8", "optim.qk_clip.remeasure_scan=8 is not valid; needs optim.qk_clip.remeasure >= 1"),
+    ("optim.qk_clip.lookahead=true", "optim.qk_clip.lookahead=True is not valid; needs optim.qk_clip.remeasure >= 1"),
     ("optim.ns_method=newton", "optim.ns_method='newton' is not valid; valid values: keller, polar_express, gram"),
     ("optim.ns_backend=cuda", "optim.ns_backend='cuda' is not valid; valid values: auto, torch, triton"),
     ("resume=sometimes", "resume='sometimes' is not valid; valid values: auto, never"),

@@ -112,6 +112,55 @@ def test_remeasure_clips_the_updated_weights_on_the_steps_batch(tmp_path):
     assert all(p == pytest.approx(tau, rel=1e-5) for p in post[2])
 
 
+def _clip_run(tmp_path, steps=4, tau=0.05, **qk_clip):
+    """The records of a 2-layer MuonClip run at lr 0.05 with these optim.qk_clip values."""
+    cfg = small_cfg(steps=steps, global_batch_size=8)
+    cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, tau
+    for key, value in qk_clip.items():
+        setattr(cfg.optim.qk_clip, key, value)
+    trainer = Trainer(validate(cfg), tmp_path)
+    records = []
+    for _ in range(steps):
+        records.append(trainer.train_step())
+        trainer.step += 1
+    return trainer, records
+
+
+def test_lookahead_bounds_every_steps_forward_by_tau(tmp_path):
+    """optim.qk_clip.lookahead runs the re-measure passes before each forward, on the batch it is
+    about to train on: every step's own forward (the logged max_logit) is then at most tau, with
+    two passes for the two layers. K2's order and the after-update re-measure leave steps over tau.
+    The pass's value before its clip is logged as max_logit_remeasured; its clipped heads count."""
+    tau = 0.05
+    _, k2 = _clip_run(tmp_path / "k2")
+    _, after = _clip_run(tmp_path / "after", remeasure=2)
+    trainer, ahead = _clip_run(tmp_path / "ahead", remeasure=2, lookahead=True)
+    assert trainer.lookahead and trainer.pool is None
+    assert max(r["max_logit"] for r in k2[1:]) > 1.05 * tau
+    assert max(r["max_logit"] for r in after[1:]) > 1.05 * tau
+    assert all(r["max_logit"] <= tau * (1 + 1e-5) for r in ahead)
+    assert any(r["max_logit"] == pytest.approx(tau, rel=1e-5) for r in ahead)
+    assert all(r["max_logit_remeasured"] == max(r["max_logit_remeasured_per_layer"]) for r in ahead)
+    assert max(r["max_logit_remeasured"] for r in ahead) > 1.05 * tau  # what each step's clip removed
+    assert all(r["clipped_heads"] > 0 for r in ahead if r["max_logit_remeasured"] > tau)
+    assert all(r["clipped_heads"] == sum(r["clipped_heads_per_layer"]) for r in ahead)
+    # one pass: layer 0 (its input does not depend on the clips) is bounded; layer 1 can land off tau
+    _, one = _clip_run(tmp_path / "one", remeasure=1, lookahead=True)
+    assert all(r["max_logit_per_layer"][0] <= tau * (1 + 1e-5) for r in one)
+
+
+def test_lookahead_measurement_has_no_side_effects(tmp_path):
+    """With tau far above every logit the lookahead clips nothing; its forwards must then leave the
+    run bit-identical to one without it (no MoE token counts, no RNG draws, no gradients)."""
+    def key(records):
+        return [(r["loss"], r["grad_norm"], r["max_logit"], r["expert_load_imbalance"]) for r in records]
+
+    _, plain = _clip_run(tmp_path / "plain", tau=1e6)
+    trainer, ahead = _clip_run(tmp_path / "ahead", tau=1e6, remeasure=1, remeasure_scan=3, lookahead=True)
+    assert key(ahead) == key(plain)
+    assert all(r["clipped_heads"] == 0 and r["max_logit_remeasured"] > 0 for r in ahead)
+
+
 def _layer_max_logits(trainer, sequences_NT1):
     """[layers] max logits of the trainer's current weights on these sequences."""
     layers = trainer.model.attention_layers()
@@ -155,15 +204,16 @@ def test_remeasure_pool_keeps_the_clip_on_the_sequences_of_earlier_batches(tmp_p
 
 @pytest.mark.parametrize("name,enabled", [("muonclip", False), ("adamw", True)])
 def test_remeasure_pool_and_scan_are_ignored_without_qk_clip(tmp_path, name, enabled):
-    """Like remeasure and tau, the pool and the scan only act with QK-Clip on, so one sweep can
+    """Like remeasure and tau, the pool, the scan and the lookahead only act with QK-Clip on, so one sweep can
     cover Muon (muonclip with the clip off), AdamW and MuonClip."""
     cfg = small_cfg(steps=1)
     cfg.optim.name, cfg.optim.qk_clip.enabled = name, enabled
     q = cfg.optim.qk_clip
-    q.remeasure, q.remeasure_pool, q.remeasure_scan = 1, 2, 4
+    q.remeasure, q.remeasure_pool, q.remeasure_scan, q.lookahead = 1, 2, 4, True
     trainer = Trainer(validate(cfg), tmp_path)
     record = trainer.train_step()
-    assert trainer.pool is None and "max_logit_remeasured" not in record and record["clipped_heads"] == 0
+    assert trainer.pool is None and not trainer.lookahead
+    assert "max_logit_remeasured" not in record and record["clipped_heads"] == 0
 
 
 def test_remeasure_scan_adds_random_windows_the_step_does_not_train_on(tmp_path):
@@ -209,16 +259,17 @@ def test_remeasure_pool_and_scan_on_cuda_with_bf16(tmp_path):
     assert on_pool[0] == pytest.approx(0.05, rel=2e-2) and max(on_pool) <= 0.05 * 1.02
 
 
-def test_remeasure_pool_is_saved_with_the_checkpoint_and_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_remeasure_pool_is_saved_with_the_checkpoint_and_resumes_exactly(tmp_path, lookahead):
     """A run stopped at step 2 and resumed matches the uninterrupted run, because the pool comes
     back from the checkpoint (the scan is drawn from the step alone); resumed with the pool file
-    removed, it does not."""
+    removed, it does not. The same with the passes before each forward (lookahead)."""
 
     def run(run_dir, steps):
         cfg = small_cfg(steps=steps, global_batch_size=8)
         cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, 0.05
         q = cfg.optim.qk_clip
-        q.remeasure, q.remeasure_pool, q.remeasure_scan = 1, 2, 2
+        q.remeasure, q.remeasure_pool, q.remeasure_scan, q.lookahead = 1, 2, 2, lookahead
         cfg.checkpoint.every = 2
         Trainer(validate(cfg), run_dir).fit()
         return [(r["loss"], r["max_logit"], r["max_logit_remeasured"], r["clipped_heads"])
