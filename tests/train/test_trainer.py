@@ -259,6 +259,18 @@ def test_remeasure_pool_and_scan_on_cuda_with_bf16(tmp_path):
     assert on_pool[0] == pytest.approx(0.05, rel=2e-2) and max(on_pool) <= 0.05 * 1.02
 
 
+@pytest.mark.gpu
+def test_lookahead_on_cuda_with_bf16(tmp_path):
+    """On CUDA the passes before the forward measure with the Triton max-logit kernel under bf16
+    autocast, the step's forward records its own max: the bound holds to bf16 rounding."""
+    tau = 0.05
+    trainer, records = _clip_run(tmp_path, steps=4, tau=tau, remeasure=2, lookahead=True)
+    assert trainer.device.type == "cuda"
+    assert any(r["clipped_heads"] > 0 for r in records)
+    assert max(r["max_logit_remeasured"] for r in records) > 1.05 * tau
+    assert all(r["max_logit"] <= tau * 1.02 for r in records)
+
+
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_remeasure_pool_is_saved_with_the_checkpoint_and_resumes_exactly(tmp_path, lookahead):
     """A run stopped at step 2 and resumed matches the uninterrupted run, because the pool comes
