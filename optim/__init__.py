@@ -7,15 +7,17 @@ Depends on torch only (Triton optionally); never imports kimi_train.
 """
 
 from .muon import Muon, muon_scale
-from .muon_clip import MuonClip
+from .muon_clip import MuonClip, union_clipped
 from .newton_schulz import newton_schulz
 from .param_groups import muon_param_groups
 from .protocol import QKClipAttention, QKClipTarget
-from .qk_clip import clip_gqa_, clip_mha_, clip_mla_, clip_target_
+from .qk_clip import NonFiniteMaxLogit, clip_gqa_, clip_mha_, clip_mla_, clip_target_
 
 __all__ = [
     "Muon",
     "MuonClip",
+    "NonFiniteMaxLogit",
+    "union_clipped",
     "muon_param_groups",
     "muon_scale",
     "newton_schulz",

@@ -22,7 +22,7 @@ from .muon import Muon
 from .protocol import QKClipAttention
 from .qk_clip import _checked_logits, _where, clip_target_
 
-__all__ = ["MuonClip"]
+__all__ = ["MuonClip", "union_clipped"]
 
 
 class MuonClip(Muon):
@@ -40,7 +40,8 @@ class MuonClip(Muon):
 
     After each step, ``last_stats`` holds ``max_logit`` (float, over layers),
     ``max_logit_per_layer`` (list[float]; -inf for a layer with no recorded forward),
-    ``clipped_heads`` (int) and ``clipped_heads_per_layer`` (list[int]); with
+    ``clipped_heads`` (int), ``clipped_heads_per_layer`` (list[int]) and
+    ``clipped_heads_mask_per_layer`` (list[list[bool]], which query heads); with
     ``step(remeasure=...)`` also ``max_logit_remeasured`` (+ ``_per_layer``).
     """
 
@@ -102,8 +103,8 @@ class MuonClip(Muon):
             if S_H is not None:
                 _checked_logits(S_H, S_H.numel(), self.tau, _where(self._target(i).name))
         passes = self.measure_and_clip_(remeasure, remeasure_passes, require_record=any(S is not None for S in seen_L))
-        clipped_L = passes["clipped_heads_per_layer"]
-        seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L], clipped_L)
+        seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L],
+                      passes["clipped_heads_mask_per_layer"])
         self.last_stats = {
             **seen,
             "max_logit_remeasured": passes["max_logit"],
@@ -118,7 +119,8 @@ class MuonClip(Muon):
         ``measure()`` (a forward with the attention layers in training mode, typically no_grad),
         clip with what it recorded, ``passes`` times. Returns the stats of the first pass before
         its clip (``max_logit``, ``max_logit_per_layer``) and the heads over tau in any pass
-        (``clipped_heads``, ``clipped_heads_per_layer``; each head once).
+        (``clipped_heads``, ``clipped_heads_per_layer``, ``clipped_heads_mask_per_layer``; each
+        head once). It leaves ``last_stats`` alone.
 
         step(remeasure=f) calls it after the update. Called before a forward with ``measure``
         running that forward's own inputs, it bounds that forward's max logits by tau (the
@@ -134,23 +136,21 @@ class MuonClip(Muon):
             return _stats([], [])
         for layer in self.attention_layers:
             layer.reset_max_logits()
-        over_L: list[Optional[torch.Tensor]] = [None] * len(self.attention_layers)  # heads over tau in any pass
+        over_L = [[False] * layer.qk_clip_target().num_heads for layer in self.attention_layers]  # in any pass
         for i in range(passes):
             measure()
             S_L = self._reduced_max_logits()
             if require_record and all(S_H is None for S_H in S_L):
                 raise RuntimeError(
-                    "MuonClip: measure() (remeasure) recorded no max logits; it must run a forward with the "
-                    "attention layers in training mode (they record only then)"
+                    "MuonClip: the re-measure recorded no max logits; remeasure() (step) or measure() "
+                    "(measure_and_clip_) must run a forward with the attention layers in training mode "
+                    "(they record only then)"
                 )
             pass_stats = self._clip(S_L)
             if i == 0:
                 first = pass_stats
-            for j, S_H in enumerate(S_L):
-                if S_H is not None:
-                    over_L[j] = (S_H > self.tau) if over_L[j] is None else (over_L[j] | (S_H > self.tau))
-        clipped_L = [0 if over_H is None else int(over_H.sum()) for over_H in over_L]
-        return {**first, "clipped_heads": sum(clipped_L), "clipped_heads_per_layer": clipped_L}
+            over_L = union_clipped(over_L, pass_stats["clipped_heads_mask_per_layer"])
+        return _stats(first["max_logit_per_layer"], over_L)
 
     @torch.no_grad()
     def qk_clip_(self) -> dict[str, Any]:
@@ -162,17 +162,19 @@ class MuonClip(Muon):
     def _clip(self, S_L: list[Optional[torch.Tensor]]) -> dict[str, Any]:
         """Clip every layer with its reduced max logits (CPU fp32 [H], or None: no record), reset."""
         max_per_layer: list[float] = []
-        clipped_per_layer: list[int] = []
+        over_L: list[list[bool]] = []
         for i, S_H in enumerate(S_L):
+            target = self._target(i)
             if S_H is None:
                 max_per_layer.append(-math.inf)
-                clipped_per_layer.append(0)
+                over_L.append([False] * target.num_heads)
                 continue
             max_per_layer.append(float(S_H.max()))
-            clipped_per_layer.append(clip_target_(self._target(i), S_H, self.tau))
+            clip_target_(target, S_H, self.tau)
+            over_L.append((S_H > self.tau).tolist())
         for layer in self.attention_layers:
             layer.reset_max_logits()
-        return _stats(max_per_layer, clipped_per_layer)
+        return _stats(max_per_layer, over_L)
 
     def _target(self, i: int):
         """Layer i's QKClipTarget, named so that an error can say which layer."""
@@ -219,10 +221,20 @@ def _local_device(w: torch.Tensor) -> torch.device:
     return w.to_local().device if hasattr(w, "to_local") else w.device
 
 
-def _stats(max_per_layer: list[float], clipped_per_layer: list[int]) -> dict[str, Any]:
+def union_clipped(a_L: list[list[bool]], b_L: list[list[bool]]) -> list[list[bool]]:
+    """The heads clipped in either of two ``clipped_heads_mask_per_layer`` (e.g. a
+    measure_and_clip_ before a forward and the step() after it), each head once."""
+    if len(a_L) != len(b_L) or any(len(a) != len(b) for a, b in zip(a_L, b_L)):
+        raise ValueError(f"union_clipped: masks of {[len(a) for a in a_L]} and {[len(b) for b in b_L]} heads")
+    return [[x or y for x, y in zip(a, b)] for a, b in zip(a_L, b_L)]
+
+
+def _stats(max_per_layer: list[float], clipped_mask_per_layer: list[list[bool]]) -> dict[str, Any]:
+    clipped_per_layer = [sum(mask) for mask in clipped_mask_per_layer]
     return {
         "max_logit": max(max_per_layer, default=-math.inf),
         "max_logit_per_layer": max_per_layer,
         "clipped_heads": sum(clipped_per_layer),
         "clipped_heads_per_layer": clipped_per_layer,
+        "clipped_heads_mask_per_layer": clipped_mask_per_layer,
     }

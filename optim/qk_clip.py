@@ -45,7 +45,12 @@ try:  # keep QK-Clip importable on torch builds without torch.distributed
 except Exception:  # pragma: no cover
     DTensor = None  # type: ignore[assignment,misc]
 
-__all__ = ["clip_mha_", "clip_gqa_", "clip_mla_", "clip_target_"]
+__all__ = ["clip_mha_", "clip_gqa_", "clip_mla_", "clip_target_", "NonFiniteMaxLogit"]
+
+
+class NonFiniteMaxLogit(ValueError):
+    """A NaN/Inf max logit reached QK-Clip: the model has diverged (or overflowed on this
+    batch). A ValueError, so callers that catch those keep working."""
 
 
 def clip_mha_(
@@ -193,5 +198,6 @@ def _checked_logits(max_logits: Tensor, num_heads: int, tau: float, where: str) 
     S_H = max_logits.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(S_H).all()):
         bad = [h for h in range(num_heads) if not torch.isfinite(S_H[h])]
-        raise ValueError(f"QK-Clip{where}: non-finite max logit {S_H[bad[0]].item()} at head {bad[0]}; the model has diverged")
+        raise NonFiniteMaxLogit(
+            f"QK-Clip{where}: non-finite max logit {S_H[bad[0]].item()} at head {bad[0]}; the model has diverged")
     return S_H

@@ -169,7 +169,9 @@ def test_measure_and_clip_before_a_forward_bounds_that_forward():
         for ids in batches:
             if lookahead:
                 measured = opt.measure_and_clip_(lambda: model(ids[:, :-1]), passes=2)
-                assert set(measured) == {"max_logit", "max_logit_per_layer", "clipped_heads", "clipped_heads_per_layer"}
+                assert set(measured) == {"max_logit", "max_logit_per_layer", "clipped_heads", "clipped_heads_per_layer",
+                                         "clipped_heads_mask_per_layer"}
+                assert measured["clipped_heads_per_layer"] == [sum(m) for m in measured["clipped_heads_mask_per_layer"]]
             opt.zero_grad()
             _loss(model, ids).backward()
             forward_L = [layer.max_logits.clone() for layer in model.layers]
@@ -188,6 +190,34 @@ def test_measure_and_clip_before_a_forward_bounds_that_forward():
         opt.measure_and_clip_(lambda: None, passes=0)
     with pytest.raises(RuntimeError, match="recorded no max logits"):
         opt.measure_and_clip_(lambda: None)
+    # allowed when asked: nothing recorded, nothing clipped, last_stats untouched
+    before = dict(opt.last_stats)
+    quiet = opt.measure_and_clip_(lambda: None, require_record=False)
+    assert quiet["clipped_heads"] == 0 and quiet["max_logit"] == -math.inf
+    assert quiet["clipped_heads_mask_per_layer"] == [[False] * 4, [False] * 4]
+    assert opt.last_stats == before
+
+
+def test_step_with_remeasure_and_no_forward_at_all_is_not_an_error():
+    """A step whose own forward recorded nothing (no forward since the last step) may re-measure
+    nothing too: no error, no clip (require_record=False inside step)."""
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=1e-3, lr=0.0)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.step(remeasure=lambda: None)
+    assert opt.last_stats["clipped_heads"] == 0 and opt.last_stats["max_logit_remeasured"] == -math.inf
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_union_clipped_counts_each_head_once():
+    from optim import union_clipped
+
+    assert union_clipped([[True, False], [False, False]], [[True, True], [False, True]]) == [[True, True], [False, True]]
+    with pytest.raises(ValueError, match="masks of"):
+        union_clipped([[True]], [[True, False]])
 
 
 def test_remeasure_counts_each_head_clipped_in_any_pass_once():
@@ -210,6 +240,7 @@ def test_remeasure_counts_each_head_clipped_in_any_pass_once():
     stats = opt.last_stats
     assert stats["max_logit_per_layer"] == [4.0] and stats["max_logit_remeasured_per_layer"] == [40.0]
     assert stats["clipped_heads_per_layer"] == [2] and stats["clipped_heads"] == 2
+    assert stats["clipped_heads_mask_per_layer"] == [[True, True]]
     gamma = torch.tensor([10 / 40 * 10 / 12, 10 / 20])  # head 0 clipped twice, head 1 once
     expected = q_before.view(2, 4, 8) * gamma.sqrt()[:, None, None]
     torch.testing.assert_close(layer.q_proj.weight.detach(), expected.reshape(8, 8))
@@ -224,7 +255,7 @@ def test_remeasure_misuse_and_nan_are_errors():
     for bad in (0, True, 1.0):
         with pytest.raises(ValueError, match=f"remeasure_passes={bad!r}"):
             opt.step(remeasure=lambda: None, remeasure_passes=bad)
-    with pytest.raises(RuntimeError, match=r"measure\(\) \(remeasure\) recorded no max logits"):
+    with pytest.raises(RuntimeError, match=r"the re-measure recorded no max logits; remeasure\(\) \(step\)"):
         opt.step(remeasure=lambda: None)
     # a NaN in the step's own forward is refused as plain step() refuses it, not logged and passed over
     _loss(model, ids).backward()
@@ -247,7 +278,8 @@ def test_no_layers_is_plain_muon_and_no_record_means_no_clip():
             opt.step()
     for x, y in zip(a.parameters(), b.parameters()):
         assert torch.equal(x, y)
-    assert opt_a.last_stats == {"max_logit": -math.inf, "max_logit_per_layer": [], "clipped_heads": 0, "clipped_heads_per_layer": []}
+    assert opt_a.last_stats == {"max_logit": -math.inf, "max_logit_per_layer": [], "clipped_heads": 0,
+                                "clipped_heads_per_layer": [], "clipped_heads_mask_per_layer": []}
 
     for layer in a.layers:
         layer.reset_max_logits()  # plain Muon never resets them
