@@ -87,7 +87,7 @@ def plot_stability(runs: list[RunSummary], path: str | Path) -> Path:
             ax_l.plot(*zip(*pts), color=c, label=_label(run), **{"lw": 1.3, **_style(run)})
         if run.tau is not None and run.tau not in taus_drawn:  # one line per distinct tau
             taus_drawn.add(run.tau)
-            ax_l.axhline(run.tau, color="k", ls=":", lw=1, label=f"tau = {run.tau:g}")
+            ax_l.axhline(run.tau, color="k", ls=":", lw=1, zorder=1, label=f"tau = {run.tau:g}")  # under the curves
         ax_r.plot(run.curve_steps, run.curve_loss, color=c, label=f"{_label(run)} train", **{"lw": 1.1, **_style(run)})
         if run.val_steps:
             ax_r.plot(run.val_steps, run.val_loss, "o", color=c, ms=4, label=f"{_label(run)} val")

@@ -2,10 +2,12 @@
 
 One optimizer step (every rank):
 
+    [optim.qk_clip.lookahead: measure the step's batch (no grad) and QK-Clip heads over tau]
     for each of A micro-batches:  loss = CE(model(x), y) / A;  loss.backward()
     grad_norm = clip_grad_norm_(params, optim.grad_clip)       # global norm, logged even without clipping
     if loss or grad_norm is not finite: skip the step (up to train.max_skipped_steps)
     optimizer.step()       # Muon/AdamW update, then (MuonClip) QK-Clip of heads over tau
+                           # (optim.qk_clip.remeasure: measured again after the update)
     update_expert_bias()   # aux-loss-free MoE balancing from this step's routed-token counts
 
 The step index is the batch index: a skipped step still consumes its batch and its
@@ -26,7 +28,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -39,6 +41,7 @@ from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
 from kimi_train.max_logit_pool import MaxLogitPool, measure_in_chunks
 from kimi_train.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.schedule import LRSchedule
+from optim import NonFiniteMaxLogit, union_clipped
 
 
 class TrainingError(RuntimeError):
@@ -224,7 +227,15 @@ class Trainer:
         lr = self._set_lr(self.step)
         self.model.train()
         micro_batches = self.train_loader.next_batch()
-        lookahead = self._lookahead_clip(micro_batches) if self.lookahead else None
+        pre_clip: Optional[dict[str, Any]] = None  # optim.qk_clip.lookahead's clip, before the forward
+        if self.lookahead:
+            measure, update_pool = self._remeasure_passes(micro_batches)
+            try:
+                pre_clip = self.optimizer.measure_and_clip_(measure, self.remeasure_passes)
+            except NonFiniteMaxLogit as e:  # the step's forward would be non-finite too: skip it
+                self._skip_step(f"non-finite max logit before the forward ({e})")
+                return {"loss": math.nan, "lr": lr, "grad_norm": math.nan, "skipped": True}
+            update_pool()
         loss_sum = torch.zeros((), device=self.device)
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2: sync only on the last one
         for i, mb in enumerate(micro_batches):
@@ -238,32 +249,31 @@ class Trainer:
         grad_norm = self._clip_grad_norm(max_norm)
         loss_f, grad_norm_f = float(loss), float(grad_norm)
         record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
+        if pre_clip is not None:  # done, and kept even if the step is skipped: it used finite weights
+            record.update(max_logit_remeasured=pre_clip["max_logit"],
+                          max_logit_remeasured_per_layer=pre_clip["max_logit_per_layer"],
+                          clipped_heads=pre_clip["clipped_heads"],
+                          clipped_heads_per_layer=pre_clip["clipped_heads_per_layer"])
         if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
-            self._skip_step(loss_f, grad_norm_f)
+            self._skip_step(f"non-finite loss={loss_f} / grad_norm={grad_norm_f}")
             record.update(skipped=True)
             return record
 
-        passes = self.remeasure_passes
-        if passes and not self.lookahead:
-            measured: list = []
-            sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
-            self.optimizer.step(
-                remeasure=lambda: measured.append(self._remeasure(sequences, last=len(measured) == passes - 1)),
-                remeasure_passes=passes)
-            if self.pool is not None and measured:  # the last pass's per-sequence max logits (before its clip)
-                self.pool.update(*measured[-1])
+        if self.remeasure_passes and not self.lookahead:
+            measure, update_pool = self._remeasure_passes(micro_batches)
+            self.optimizer.step(remeasure=measure, remeasure_passes=self.remeasure_passes)
+            update_pool()
         else:
-            self.optimizer.step()  # with lookahead: K2's clip too, for a head the passes left over tau
+            self.optimizer.step()  # with lookahead: K2's clip too, on heads the step's forward saw over tau
         self.optimizer.zero_grad(set_to_none=True)
         clip = getattr(self.optimizer, "last_stats", None)
         if clip is None:
             clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
-        if lookahead is not None:
-            clip = {**clip, "max_logit_remeasured": lookahead["max_logit"],
-                    "max_logit_remeasured_per_layer": lookahead["max_logit_per_layer"],
-                    "clipped_heads": clip["clipped_heads"] + lookahead["clipped_heads"],
-                    "clipped_heads_per_layer": [a + b for a, b in zip(clip["clipped_heads_per_layer"],
-                                                                      lookahead["clipped_heads_per_layer"])]}
+        if pre_clip is not None:  # the heads clipped before the forward or after the update, each once
+            mask_L = union_clipped(pre_clip["clipped_heads_mask_per_layer"], clip["clipped_heads_mask_per_layer"])
+            clip = {**clip, "max_logit_remeasured": pre_clip["max_logit"],
+                    "max_logit_remeasured_per_layer": pre_clip["max_logit_per_layer"],
+                    "clipped_heads": sum(map(sum, mask_L)), "clipped_heads_per_layer": [sum(m) for m in mask_L]}
         if "max_logit_remeasured" in clip:
             record.update(max_logit_remeasured=clip["max_logit_remeasured"],
                           max_logit_remeasured_per_layer=clip["max_logit_remeasured_per_layer"])
@@ -283,27 +293,30 @@ class Trainer:
         )
         return record
 
-    def _lookahead_clip(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
-        """optim.qk_clip.lookahead: QK-Clip with the max logits of the weights as they are now on
-        the batch this step is about to train on (and the pool and scan), before its forward, so
-        that forward has every head at most tau (up to the layers after a clipped one, see
-        MuonClip.measure_and_clip_). Returns the passes' stats: the first pass's max logit before
-        its clip, and the heads clipped."""
+    def _remeasure_passes(self, micro_batches: list[torch.Tensor]) -> tuple[Callable[[], None], Callable[[], None]]:
+        """QK-Clip's re-measure for this step: ``measure`` runs one pass (the step's batch, scan
+        and pool; MuonClip calls it once per pass, after the update or, with lookahead, before
+        the forward), ``update_pool`` then keeps each head's top sequences of the last pass."""
         passes, measured = self.remeasure_passes, []
         sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
-        stats = self.optimizer.measure_and_clip_(
-            lambda: measured.append(self._remeasure(sequences, last=len(measured) == passes - 1)), passes)
-        if self.pool is not None and measured:
-            self.pool.update(*measured[-1])
-        return stats
+
+        def measure() -> None:
+            measured.append(self._remeasure(sequences, last=len(measured) == passes - 1))
+
+        def update_pool() -> None:
+            if self.pool is not None and measured:  # the last pass's per-sequence max logits (before its clip)
+                self.pool.update(*measured[-1])
+
+        return measure, update_pool
 
     @torch.no_grad()
     def _post_step_max_logits(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
         """Max logits of the weights after this step's update and QK-Clip, on this step's own batch.
 
-        The logged ``max_logit`` comes from the step's forward, before its update and clip; this
-        one separates what the clip leaves (tau on the clipped heads, times the growth of the
-        update it was applied after) from batch-to-batch variation. It runs before the
+        The logged ``max_logit`` comes from the step's forward, before its update and clip (with
+        optim.qk_clip.lookahead: after the clip that precedes the forward); this one separates
+        what the clip leaves (tau on the clipped heads, times the growth of the update it was
+        applied after) from batch-to-batch variation. It runs before the
         expert-bias update, with the MoE layers in eval mode so their routed-token counts
         are untouched.
         """
@@ -352,8 +365,8 @@ class Trainer:
 
         return clip_grad_norm_(self.model.parameters(), max_norm)
 
-    def _skip_step(self, loss: float, grad_norm: float) -> None:
-        """Drop this step's gradients and records; stop after too many."""
+    def _skip_step(self, reason: str) -> None:
+        """Drop this step's gradients and records; stop after too many. reason: what was not finite."""
         self.optimizer.zero_grad(set_to_none=True)
         for layer in self.model.attention_layers():
             layer.reset_max_logits()
@@ -363,12 +376,11 @@ class Trainer:
         limit = self.cfg.train.max_skipped_steps
         if self.skipped_steps > limit:
             raise TrainingError(
-                f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}, {self.skipped_steps} skipped "
+                f"step {self.step + 1}: {reason}, {self.skipped_steps} skipped "
                 f"steps > train.max_skipped_steps={limit}; lower optim.lr or check the data"
             )
         if self.is_main:
-            warnings.warn(f"step {self.step + 1}: non-finite loss={loss} / grad_norm={grad_norm}; step skipped "
-                          f"({self.skipped_steps}/{limit})", stacklevel=2)
+            warnings.warn(f"step {self.step + 1}: {reason}; step skipped ({self.skipped_steps}/{limit})", stacklevel=2)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:

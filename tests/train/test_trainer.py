@@ -18,10 +18,13 @@ from conftest import read_metrics, run_cli
 
 
 def small_cfg(**train) -> TrainConfig:
+    """A 2-layer model on 60 kB; fp32 also on CUDA (the exactness checks are to 1e-5), the gpu
+    tests pass dtype="bf16"."""
     model = ModelConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                         num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                         v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2)
-    t = dict(steps=4, seq_len=32, micro_batch_size=4, log_every=1, val_every=0, val_batches=1, max_skipped_steps=1)
+    t = dict(steps=4, seq_len=32, micro_batch_size=4, log_every=1, val_every=0, val_batches=1, max_skipped_steps=1,
+             dtype="fp32")
     cfg = TrainConfig(model=model, train=TrainLoopConfig(**{**t, **train}), schedule=ScheduleConfig(warmup_steps=0),
                       data=DataConfig(max_bytes=60_000), checkpoint=CheckpointConfig(every=0, keep=1),
                       logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False))
@@ -112,9 +115,9 @@ def test_remeasure_clips_the_updated_weights_on_the_steps_batch(tmp_path):
     assert all(p == pytest.approx(tau, rel=1e-5) for p in post[2])
 
 
-def _clip_run(tmp_path, steps=4, tau=0.05, **qk_clip):
+def _clip_run(tmp_path, steps=4, tau=0.05, dtype="fp32", **qk_clip):
     """The records of a 2-layer MuonClip run at lr 0.05 with these optim.qk_clip values."""
-    cfg = small_cfg(steps=steps, global_batch_size=8)
+    cfg = small_cfg(steps=steps, global_batch_size=8, dtype=dtype)
     cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, tau
     for key, value in qk_clip.items():
         setattr(cfg.optim.qk_clip, key, value)
@@ -144,6 +147,7 @@ def test_lookahead_bounds_every_steps_forward_by_tau(tmp_path):
     assert max(r["max_logit_remeasured"] for r in ahead) > 1.05 * tau  # what each step's clip removed
     assert all(r["clipped_heads"] > 0 for r in ahead if r["max_logit_remeasured"] > tau)
     assert all(r["clipped_heads"] == sum(r["clipped_heads_per_layer"]) for r in ahead)
+    assert all(n <= 2 for r in ahead for n in r["clipped_heads_per_layer"])  # each of the 2 heads once
     # one pass: layer 0 (its input does not depend on the clips) is bounded; layer 1 can land off tau
     _, one = _clip_run(tmp_path / "one", remeasure=1, lookahead=True)
     assert all(r["max_logit_per_layer"][0] <= tau * (1 + 1e-5) for r in one)
@@ -159,6 +163,69 @@ def test_lookahead_measurement_has_no_side_effects(tmp_path):
     trainer, ahead = _clip_run(tmp_path / "ahead", tau=1e6, remeasure=1, remeasure_scan=3, lookahead=True)
     assert key(ahead) == key(plain)
     assert all(r["clipped_heads"] == 0 and r["max_logit_remeasured"] > 0 for r in ahead)
+
+
+def test_lookahead_counts_each_clipped_head_once_and_still_clips_after_the_update(tmp_path, monkeypatch):
+    """With one pass, layer 1 can come out a little over tau in the step's forward; K2's clip
+    after the update then clips it with the forward's max logits (MuonClip.step is still called,
+    with those records). A head clipped both before the forward and after the update counts once."""
+    tau = 0.05
+    cfg = small_cfg(steps=6, global_batch_size=8)
+    cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, tau
+    cfg.optim.qk_clip.remeasure, cfg.optim.qk_clip.lookahead = 1, True
+    trainer = Trainer(validate(cfg), tmp_path)
+    calls = []
+    clip = trainer.optimizer._clip
+    monkeypatch.setattr(trainer.optimizer, "_clip", lambda S_L: calls.append(S_L) or clip(S_L))
+    both = 0
+    for _ in range(6):
+        calls.clear()
+        record = trainer.train_step()
+        trainer.step += 1
+        assert len(calls) == 2  # the pass before the forward, then step()'s clip
+        after_update = calls[1]
+        assert [float(S.max()) for S in after_update] == record["max_logit_per_layer"]
+        before = [S > tau for S in calls[0]]
+        after = [S > tau for S in after_update]
+        union = [int((b | a).sum()) for b, a in zip(before, after)]
+        assert record["clipped_heads_per_layer"] == union
+        both += sum(int((b & a).sum()) for b, a in zip(before, after))
+    assert both > 0  # heads clipped twice in a step were counted once
+
+
+def test_lookahead_skipped_step_keeps_its_clip_and_logs_it(tmp_path):
+    """A step skipped for a non-finite loss has already been clipped before its forward (with
+    finite weights): the clip stays and is logged, nothing else changes. A non-finite max logit
+    in the pass before the forward skips the step too, as its forward would be non-finite."""
+    cfg = small_cfg(steps=3, global_batch_size=8, max_skipped_steps=2)
+    cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, 0.05
+    cfg.optim.qk_clip.remeasure, cfg.optim.qk_clip.lookahead = 1, True
+    trainer = Trainer(validate(cfg), tmp_path)
+    trainer.train_step()
+    trainer.step += 1
+    _poison(trainer, {2})
+    qk = {id(p) for a in trainer.model.attention_layers()
+          for p in (a.qk_clip_target().w_q, a.qk_clip_target().w_k)}
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    with pytest.warns(UserWarning, match=r"step 2: non-finite loss=nan .* step skipped \(1/2\)"):
+        record = trainer.train_step()
+    trainer.step += 1
+    assert record["skipped"] and record["clipped_heads"] > 0 and record["max_logit_remeasured"] > 0.05
+    changed = {name for name, p in trainer.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(id(dict(trainer.model.named_parameters())[n]) in qk for n in changed)
+
+    remeasure = trainer._remeasure
+
+    def nan_pass(*args, **kwargs):
+        out = remeasure(*args, **kwargs)
+        trainer.model.attention_layers()[1].max_logits[0] = math.nan
+        return out
+
+    trainer._remeasure = nan_pass
+    with pytest.warns(UserWarning, match=r"step 3: non-finite max logit before the forward .*head 0.* step skipped \(2/2\)"):
+        record = trainer.train_step()
+    assert record["skipped"] and math.isnan(record["loss"]) and trainer.skipped_steps == 2
+    assert all(a.max_logits is None for a in trainer.model.attention_layers())
 
 
 def _layer_max_logits(trainer, sequences_NT1):
@@ -244,7 +311,7 @@ def test_remeasure_scan_adds_random_windows_the_step_does_not_train_on(tmp_path)
 def test_remeasure_pool_and_scan_on_cuda_with_bf16(tmp_path):
     """On CUDA (bf16 autocast, per-sequence max logits from the Triton kernel) the pool stays on
     the CPU and the clip holds on it to bf16 rounding."""
-    cfg = small_cfg(steps=3)
+    cfg = small_cfg(steps=3, dtype="bf16")
     cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, 0.05
     q = cfg.optim.qk_clip
     q.remeasure, q.remeasure_pool, q.remeasure_scan = 2, 2, 4
@@ -264,7 +331,7 @@ def test_lookahead_on_cuda_with_bf16(tmp_path):
     """On CUDA the passes before the forward measure with the Triton max-logit kernel under bf16
     autocast, the step's forward records its own max: the bound holds to bf16 rounding."""
     tau = 0.05
-    trainer, records = _clip_run(tmp_path, steps=4, tau=tau, remeasure=2, lookahead=True)
+    trainer, records = _clip_run(tmp_path, steps=4, tau=tau, dtype="bf16", remeasure=2, lookahead=True)
     assert trainer.device.type == "cuda"
     assert any(r["clipped_heads"] > 0 for r in records)
     assert max(r["max_logit_remeasured"] for r in records) > 1.05 * tau
