@@ -66,6 +66,10 @@ class RunSummary:
     # first clip's step on (that step's value is already after the clip)
     max_post_step_after_first_clip: Optional[float]
     median_post_step_after_first_clip: Optional[float]
+    # optim.qk_clip.remeasure: max_logit_remeasured (the weights before the re-measure's clip, on
+    # the step's batch; with lookahead, the batch about to be trained on), after the first clip
+    max_remeasured_after_first_clip: Optional[float]
+    median_remeasured_after_first_clip: Optional[float]
     tokens_per_s: Optional[float]
     elapsed_s: Optional[float]
     smooth: int = 1  # the loss figures and curves are means over this many logged records
@@ -152,6 +156,9 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
     post = [_float(r["max_logit_post_step"]) for s, r in zip(steps, records)
             if first_clip is not None and s >= first_clip and r.get("max_logit_post_step") is not None]
     post = [v for v in post if not math.isnan(v)]
+    remeasured = [_float(r["max_logit_remeasured"]) for s, r in zip(steps, records)
+                  if first_clip is not None and s > first_clip and r.get("max_logit_remeasured") is not None]
+    remeasured = [v for v in remeasured if not math.isnan(v)]
     tps = [_float(r.get("tokens_per_s")) for r in records[1:] if r.get("tokens_per_s") is not None]
     if not tps and records[0].get("tokens_per_s") is not None:
         tps = [_float(records[0]["tokens_per_s"])]
@@ -174,6 +181,8 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
         median_max_logit_after_first_clip=statistics.median(after) if after else None,
         max_post_step_after_first_clip=max(post) if post else None,
         median_post_step_after_first_clip=statistics.median(post) if post else None,
+        max_remeasured_after_first_clip=max(remeasured) if remeasured else None,
+        median_remeasured_after_first_clip=statistics.median(remeasured) if remeasured else None,
         tokens_per_s=statistics.median(tps) if tps else None,
         elapsed_s=_float(records[-1]["elapsed_s"]) if records[-1].get("elapsed_s") is not None else None,
         smooth=smooth,
@@ -219,11 +228,20 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return str(value)
 
 
+def _max_median(top: Optional[float], median: Optional[float], tau: Optional[float]) -> str:
+    """'36.3 (1.21 tau; median 1.08 tau)', or '-'."""
+    out = _fmt(top, ".1f")
+    if top is not None and tau:
+        out += f" ({top / tau:.2f} tau; median {median / tau:.2f} tau)"
+    return out
+
+
 def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
     """The runs as one GitHub-flavoured markdown table."""
     with_target = any(r.steps_to_target is not None or r.target_ratio is not None for r in runs)
     with_clip = any(r.tau is not None for r in runs)
     with_post = any(r.max_post_step_after_first_clip is not None for r in runs)
+    with_remeasured = any(r.max_remeasured_after_first_clip is not None for r in runs)
     loss_note = f" (mean of {smooth})" if smooth > 1 else ""
     header = ["run", "optimizer", "lr", "tau", "steps", f"final loss{loss_note}", "best loss", "final val loss",
               "peak max logit"]
@@ -231,6 +249,8 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
         header += ["heads clipped", "max logit after 1st clip"]
     if with_post:
         header += ["post-step max logit after 1st clip: max (median)"]
+    if with_remeasured:
+        header += ["re-measured max logit after 1st clip: max (median)"]
     header += ["tokens/s", "time (s)"]
     if with_target:
         header += ["steps to target", "x ref steps"]
@@ -244,11 +264,9 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
                 after += f" ({r.max_logit_after_first_clip / r.tau:.2f} tau)"
             row += [str(r.heads_clipped) if r.tau is not None else "-", after]
         if with_post:
-            post = _fmt(r.max_post_step_after_first_clip, ".1f")
-            if r.max_post_step_after_first_clip is not None and r.tau:
-                post += (f" ({r.max_post_step_after_first_clip / r.tau:.2f} tau; median "
-                         f"{r.median_post_step_after_first_clip / r.tau:.2f} tau)")
-            row.append(post)
+            row.append(_max_median(r.max_post_step_after_first_clip, r.median_post_step_after_first_clip, r.tau))
+        if with_remeasured:
+            row.append(_max_median(r.max_remeasured_after_first_clip, r.median_remeasured_after_first_clip, r.tau))
         row += [_fmt(r.tokens_per_s, ".0f"), _fmt(r.elapsed_s, ".0f")]
         if with_target:
             row += [_fmt(r.steps_to_target) if r.steps_to_target is not None else "not reached",

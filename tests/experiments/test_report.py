@@ -88,6 +88,25 @@ def test_post_step_max_logit_columns(tmp_path, clip_run):
     assert markdown_table([summarise(clip_run)], smooth=1).count("post-step") == 0
 
 
+def test_remeasured_max_logit_columns(tmp_path, clip_run):
+    """optim.qk_clip.remeasure runs: the re-measured max logit (with lookahead, the batch about to
+    be trained on before its clip), max and median over the steps after the first clip."""
+    run = write_run(tmp_path / "ahead", [
+        rec(1, 5.0, 0.2, max_logit_remeasured=0.2),
+        rec(2, 4.0, 30.0, clipped=3, max_logit_remeasured=36.0),
+        rec(3, 3.0, 30.0, clipped=1, max_logit_remeasured=33.0),
+        rec(4, 3.5, 29.0, max_logit_remeasured=29.0),
+        rec(5, 2.5, 30.0, clipped=2, max_logit_remeasured=39.0),
+    ], remeasure=1, lookahead=True)
+    s = summarise(run)
+    assert (s.max_remeasured_after_first_clip, s.median_remeasured_after_first_clip) == (39.0, 33.0)
+    assert summarise(clip_run).max_remeasured_after_first_clip is None
+    table = markdown_table([summarise(clip_run), s], smooth=1)
+    assert "re-measured max logit after 1st clip: max (median)" in table
+    assert "| 39.0 (1.30 tau; median 1.10 tau) |" in table
+    assert markdown_table([summarise(clip_run)], smooth=1).count("re-measured") == 0
+
+
 def test_smoothing_is_a_trailing_mean(clip_run):
     assert smoothed([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert smoothed([1.0, 3.0, 5.0], 10) == [1.0, 2.0, 3.0]
