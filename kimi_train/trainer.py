@@ -5,7 +5,7 @@ One optimizer step (every rank):
     [optim.qk_clip.lookahead: measure the step's batch (no grad) and QK-Clip heads over tau]
     for each of A micro-batches:  loss = CE(model(x), y) / A;  loss.backward()
     grad_norm = clip_grad_norm_(params, optim.grad_clip)       # global norm, logged even without clipping
-    if loss or grad_norm is not finite: skip the step (up to train.max_skipped_steps)
+    if loss or grad_norm (or lookahead's max logit) is not finite: skip the step (up to train.max_skipped_steps)
     optimizer.step()       # Muon/AdamW update, then (MuonClip) QK-Clip of heads over tau
                            # (optim.qk_clip.remeasure: measured again after the update)
     update_expert_bias()   # aux-loss-free MoE balancing from this step's routed-token counts
@@ -234,7 +234,11 @@ class Trainer:
                 pre_clip = self.optimizer.measure_and_clip_(measure, self.remeasure_passes)
             except NonFiniteMaxLogit as e:  # the step's forward would be non-finite too: skip it
                 self._skip_step(f"non-finite max logit before the forward ({e})")
-                return {"loss": math.nan, "lr": lr, "grad_norm": math.nan, "skipped": True}
+                record = {"loss": math.nan, "lr": lr, "grad_norm": math.nan, "skipped": True}
+                if e.stats is not None:  # the clips of the passes before the non-finite one stay
+                    record.update(clipped_heads=e.stats["clipped_heads"],
+                                  clipped_heads_per_layer=e.stats["clipped_heads_per_layer"])
+                return record
             update_pool()
         loss_sum = torch.zeros((), device=self.device)
         sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2: sync only on the last one

@@ -20,7 +20,7 @@ from torch import nn
 
 from .muon import Muon
 from .protocol import QKClipAttention
-from .qk_clip import _checked_logits, _where, clip_target_
+from .qk_clip import NonFiniteMaxLogit, _checked_logits, _where, clip_target_
 
 __all__ = ["MuonClip", "union_clipped"]
 
@@ -41,7 +41,7 @@ class MuonClip(Muon):
     After each step, ``last_stats`` holds ``max_logit`` (float, over layers),
     ``max_logit_per_layer`` (list[float]; -inf for a layer with no recorded forward),
     ``clipped_heads`` (int), ``clipped_heads_per_layer`` (list[int]) and
-    ``clipped_heads_mask_per_layer`` (list[list[bool]], which query heads); with
+    ``clipped_heads_mask_per_layer`` (list[list[bool]], the query heads over tau); with
     ``step(remeasure=...)`` also ``max_logit_remeasured`` (+ ``_per_layer``).
     """
 
@@ -128,7 +128,9 @@ class MuonClip(Muon):
         tau on those inputs; later layers can land a little off it, since the clips before them
         change their inputs. Every rank must call it with the same ``passes`` and run as many
         collective forwards in ``measure()``. require_record: a pass that records nothing is an
-        error (False: allowed, e.g. a step whose own forward recorded nothing either).
+        error (False: allowed, e.g. a step whose own forward recorded nothing either). A NaN/Inf
+        max logit raises ``NonFiniteMaxLogit`` before that pass clips any layer; the clips of
+        earlier passes stay, and the exception's ``stats`` holds them (None when the first pass raised).
         """
         if isinstance(passes, bool) or not (isinstance(passes, int) and passes >= 1):
             raise ValueError(f"MuonClip: passes={passes!r} must be an int >= 1")
@@ -146,7 +148,13 @@ class MuonClip(Muon):
                     "(measure_and_clip_) must run a forward with the attention layers in training mode "
                     "(they record only then)"
                 )
-            pass_stats = self._clip(S_L)
+            try:
+                pass_stats = self._clip(S_L)
+            except NonFiniteMaxLogit as e:  # this pass clipped nothing; the earlier ones stand
+                for layer in self.attention_layers:
+                    layer.reset_max_logits()
+                e.stats = _stats(first["max_logit_per_layer"], over_L) if i > 0 else None
+                raise
             if i == 0:
                 first = pass_stats
             over_L = union_clipped(over_L, pass_stats["clipped_heads_mask_per_layer"])
@@ -161,17 +169,20 @@ class MuonClip(Muon):
 
     def _clip(self, S_L: list[Optional[torch.Tensor]]) -> dict[str, Any]:
         """Clip every layer with its reduced max logits (CPU fp32 [H], or None: no record), reset."""
+        targets = [self._target(i) for i in range(len(S_L))]
+        for target, S_H in zip(targets, S_L):  # every layer checked before any is clipped: all or nothing
+            if S_H is not None:
+                _checked_logits(S_H, target.num_heads, self.tau, _where(target.name))
         max_per_layer: list[float] = []
         over_L: list[list[bool]] = []
-        for i, S_H in enumerate(S_L):
-            target = self._target(i)
+        for target, S_H in zip(targets, S_L):
             if S_H is None:
                 max_per_layer.append(-math.inf)
                 over_L.append([False] * target.num_heads)
                 continue
             max_per_layer.append(float(S_H.max()))
             clip_target_(target, S_H, self.tau)
-            over_L.append((S_H > self.tau).tolist())
+            over_L.append((S_H.double() > self.tau).tolist())  # fp64, as the clip functions compare
         for layer in self.attention_layers:
             layer.reset_max_logits()
         return _stats(max_per_layer, over_L)

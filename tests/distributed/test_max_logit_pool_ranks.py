@@ -4,10 +4,13 @@ The pool is per rank, so one rank may have more candidate sequences to re-measur
 the forwards are collective (FSDP all-gathers, EP all-to-alls), so every rank must run as many.
 Rank 0 starts with a pool of 5 extra sequences (5 forwards of 2 with its batch and 2 scanned
 windows), rank 1 with none (2 forwards): the step must complete, and the clip must hold over both
-ranks' candidates. The same with the passes run before each forward (optim.qk_clip.lookahead).
+ranks' candidates. The same with the passes run before each forward (optim.qk_clip.lookahead),
+where a NaN max logit on one rank skips the step on both.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -56,6 +59,20 @@ def _worker(rank: int, world: int, run_dir: str, out: str, lookahead: bool) -> N
     dist.all_reduce(layer0, op=dist.ReduceOp.MAX)
     result = {"pool": len(trainer.pool), "layer0": layer0, "clipped": [r["clipped_heads"] for r in records],
               "forward": [r["max_logit_per_layer"][0] for r in records]}
+    if lookahead:  # a NaN max logit on rank 1 alone in the pass before the forward: both ranks skip
+        remeasure = trainer._remeasure
+
+        def nan_on_rank_1(*args, **kwargs):
+            out = remeasure(*args, **kwargs)
+            if rank == 1:
+                trainer.model.attention_layers()[0].max_logits[0] = float("nan")
+            return out
+
+        trainer._remeasure = nan_on_rank_1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result["nan_step"] = trainer.train_step()
+        result["skipped_steps"] = trainer.skipped_steps
     results = [None] * world
     dist.all_gather_object(results, result)
     if rank == 0:
@@ -75,6 +92,8 @@ def test_ranks_with_pools_of_different_sizes(tmp_path, lookahead):
         # bounded (the pool is measured after the last update, so it may be over tau again)
         assert r0["forward"] == r1["forward"] and max(r0["forward"]) <= TAU * (1 + 1e-5)
         assert max(r0["forward"]) == pytest.approx(TAU, rel=1e-5)
+        assert r0["nan_step"]["skipped"] and r1["nan_step"]["skipped"]
+        assert r0["skipped_steps"] == r1["skipped_steps"] == 1
         return
     assert float(r0["layer0"].max()) == pytest.approx(TAU, rel=1e-5)
     assert bool((r0["layer0"] <= TAU * (1 + 1e-5)).all())

@@ -212,6 +212,40 @@ def test_step_with_remeasure_and_no_forward_at_all_is_not_an_error():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
+def test_a_non_finite_pass_clips_nothing_and_reports_the_earlier_passes():
+    """measure_and_clip_: a NaN in pass 2 raises NonFiniteMaxLogit before that pass touches any
+    layer, even the ones before the NaN; pass 1's clip stays and is in the exception's stats. A
+    head exactly at tau is not over it."""
+    from optim import NonFiniteMaxLogit
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=10.0, lr=0.0)
+    a, b = model.layers
+    records = iter([(torch.tensor([40.0, 10.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])),
+                    (torch.tensor([20.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, math.nan, 1.0, 1.0]))])
+
+    def measure():
+        a.max_logits, b.max_logits = next(records)
+
+    weights = lambda: [p.detach().clone() for p in model.parameters()]  # noqa: E731
+    before = weights()
+    with pytest.raises(NonFiniteMaxLogit, match=r"attention_layers\[1\]\]: non-finite max logit nan at head 1") as err:
+        opt.measure_and_clip_(measure, passes=2)
+    assert err.value.stats["clipped_heads_mask_per_layer"] == [[True, False, False, False], [False] * 4]
+    assert err.value.stats["max_logit_per_layer"] == [40.0, 1.0]
+    # only pass 1's clip of layer 0 head 0 (gamma 1/4): pass 2 would have clipped it again
+    changed = [not torch.equal(x, y) for x, y in zip(before, weights())]
+    assert changed == [False, True, True, False, False, False, False, False, False, False]
+    torch.testing.assert_close(a.q_proj.weight[:8], before[1][:8] * 0.5)
+    assert all(layer.max_logits is None for layer in model.layers)
+    # a pass whose only record is non-finite in the first pass: stats None
+    a.max_logits = None
+    with pytest.raises(NonFiniteMaxLogit) as err:
+        opt.measure_and_clip_(lambda: setattr(a, "max_logits", torch.tensor([math.inf, 1.0, 1.0, 1.0])))
+    assert err.value.stats is None
+
+
 def test_union_clipped_counts_each_head_once():
     from optim import union_clipped
 

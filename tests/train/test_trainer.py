@@ -193,6 +193,42 @@ def test_lookahead_counts_each_clipped_head_once_and_still_clips_after_the_updat
     assert both > 0  # heads clipped twice in a step were counted once
 
 
+def test_lookahead_counts_a_head_clipped_only_after_the_update(tmp_path, monkeypatch):
+    """A head the pass before the forward left alone but the step's forward recorded over tau is
+    clipped by step() and counted with the pass's heads (the record stands in for a later layer
+    whose input moved). tau is far above every real logit, so the pass clips nothing."""
+    tau = 1e6
+    cfg = small_cfg(steps=2, global_batch_size=8)
+    cfg.optim.lr, cfg.optim.qk_clip.tau = 0.05, tau
+    cfg.optim.qk_clip.remeasure, cfg.optim.qk_clip.lookahead = 1, True
+    trainer = Trainer(validate(cfg), tmp_path)
+    opt = trainer.optimizer
+    seen = {}
+    measure_and_clip, step = opt.measure_and_clip_, opt.step
+
+    def measure_and_clip_(*args, **kwargs):
+        seen["pre"] = measure_and_clip(*args, **kwargs)
+        return seen["pre"]
+
+    def step_with_a_record_over_tau(*args, **kwargs):
+        masks = seen["pre"]["clipped_heads_mask_per_layer"]
+        layer, head = next((i, h) for i, m in enumerate(masks) for h, c in enumerate(m) if not c)
+        seen["extra"] = (layer, head)
+        trainer.model.attention_layers()[layer].max_logits[head] = 3 * tau
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(opt, "measure_and_clip_", measure_and_clip_)
+    monkeypatch.setattr(opt, "step", step_with_a_record_over_tau)
+    record = trainer.train_step()
+    layer, head = seen["extra"]
+    assert opt.last_stats["clipped_heads_mask_per_layer"][layer][head]
+    pre = seen["pre"]["clipped_heads_per_layer"]
+    after = opt.last_stats["clipped_heads_mask_per_layer"]
+    union = [sum(b or a for b, a in zip(mb, ma)) for mb, ma in zip(seen["pre"]["clipped_heads_mask_per_layer"], after)]
+    assert record["clipped_heads_per_layer"] == union and union[layer] == pre[layer] + 1
+    assert sum(pre) == 0 and record["clipped_heads"] == 1
+
+
 def test_lookahead_skipped_step_keeps_its_clip_and_logs_it(tmp_path):
     """A step skipped for a non-finite loss has already been clipped before its forward (with
     finite weights): the clip stays and is logged, nothing else changes. A non-finite max logit
@@ -222,10 +258,14 @@ def test_lookahead_skipped_step_keeps_its_clip_and_logs_it(tmp_path):
         return out
 
     trainer._remeasure = nan_pass
+    before = [p.detach().clone() for p in trainer.model.parameters()]
     with pytest.warns(UserWarning, match=r"step 3: non-finite max logit before the forward .*head 0.* step skipped \(2/2\)"):
         record = trainer.train_step()
     assert record["skipped"] and math.isnan(record["loss"]) and trainer.skipped_steps == 2
+    assert "clipped_heads" not in record  # one pass, refused whole: nothing was clipped
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert all(a.max_logits is None for a in trainer.model.attention_layers())
+    assert all(m.tokens_per_expert.sum() == 0 for m in trainer.model.moe_layers())
 
 
 def _layer_max_logits(trainer, sequences_NT1):
