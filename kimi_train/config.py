@@ -53,7 +53,8 @@ class QKClipConfig:
     remeasure_scan: int = 0
     # true (needs remeasure): run the re-measure passes (and pool, scan) before each step's forward,
     # on the batch that forward is about to train on, instead of after the update on the batch just
-    # trained on; the step's forward then has every head at most tau (docs/muonclip.md)
+    # trained on; the step's forward then has layer 0's heads at most tau, the later layers' close to
+    # it (docs/muonclip.md)
     lookahead: bool = False
 
 

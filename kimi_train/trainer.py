@@ -253,14 +253,14 @@ class Trainer:
         grad_norm = self._clip_grad_norm(max_norm)
         loss_f, grad_norm_f = float(loss), float(grad_norm)
         record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
-        if pre_clip is not None:  # done, and kept even if the step is skipped: it used finite weights
-            record.update(max_logit_remeasured=pre_clip["max_logit"],
-                          max_logit_remeasured_per_layer=pre_clip["max_logit_per_layer"],
-                          clipped_heads=pre_clip["clipped_heads"],
-                          clipped_heads_per_layer=pre_clip["clipped_heads_per_layer"])
         if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
             self._skip_step(f"non-finite loss={loss_f} / grad_norm={grad_norm_f}")
             record.update(skipped=True)
+            if pre_clip is not None:  # done before the forward, on finite weights: it stays, logged
+                record.update(max_logit_remeasured=pre_clip["max_logit"],
+                              max_logit_remeasured_per_layer=pre_clip["max_logit_per_layer"],
+                              clipped_heads=pre_clip["clipped_heads"],
+                              clipped_heads_per_layer=pre_clip["clipped_heads_per_layer"])
             return record
 
         if self.remeasure_passes and not self.lookahead:

@@ -99,9 +99,7 @@ class MuonClip(Muon):
             self.last_stats = self.qk_clip_()
             return loss
         seen_L = self._reduced_max_logits()
-        for i, S_H in enumerate(seen_L):  # the same refusal as a clip with these values
-            if S_H is not None:
-                _checked_logits(S_H, S_H.numel(), self.tau, _where(self._target(i).name))
+        self._checked(seen_L)  # the same refusal as a clip with these values
         passes = self.measure_and_clip_(remeasure, remeasure_passes, require_record=any(S is not None for S in seen_L))
         seen = _stats([-math.inf if S_H is None else float(S_H.max()) for S_H in seen_L],
                       passes["clipped_heads_mask_per_layer"])
@@ -169,23 +167,31 @@ class MuonClip(Muon):
 
     def _clip(self, S_L: list[Optional[torch.Tensor]]) -> dict[str, Any]:
         """Clip every layer with its reduced max logits (CPU fp32 [H], or None: no record), reset."""
-        targets = [self._target(i) for i in range(len(S_L))]
-        for target, S_H in zip(targets, S_L):  # every layer checked before any is clipped: all or nothing
-            if S_H is not None:
-                _checked_logits(S_H, target.num_heads, self.tau, _where(target.name))
+        S64_L = self._checked(S_L)  # every layer checked before any is clipped: all or nothing
         max_per_layer: list[float] = []
         over_L: list[list[bool]] = []
-        for target, S_H in zip(targets, S_L):
+        for i, (S_H, S64_H) in enumerate(zip(S_L, S64_L)):
+            target = self._target(i)
             if S_H is None:
                 max_per_layer.append(-math.inf)
                 over_L.append([False] * target.num_heads)
                 continue
             max_per_layer.append(float(S_H.max()))
             clip_target_(target, S_H, self.tau)
-            over_L.append((S_H.double() > self.tau).tolist())  # fp64, as the clip functions compare
+            over_L.append((S64_H > self.tau).tolist())  # fp64, as the clip functions compare
         for layer in self.attention_layers:
             layer.reset_max_logits()
         return _stats(max_per_layer, over_L)
+
+    def _checked(self, S_L: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
+        """Every layer's max logits as fp64 [H] (None: no record), refused (NonFiniteMaxLogit,
+        naming the layer) if any is NaN/Inf or of the wrong shape."""
+        out = []
+        for i, S_H in enumerate(S_L):
+            target = None if S_H is None else self._target(i)
+            out.append(None if S_H is None else
+                       _checked_logits(S_H, target.num_heads, self.tau, _where(target.name)))
+        return out
 
     def _target(self, i: int):
         """Layer i's QKClipTarget, named so that an error can say which layer."""
