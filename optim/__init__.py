@@ -7,7 +7,7 @@ Depends on torch only (Triton optionally); never imports kimi_train.
 """
 
 from .muon import Muon, muon_scale
-from .muon_clip import MuonClip, union_clipped
+from .muon_clip import MuonClip, reduce_max_logits
 from .newton_schulz import newton_schulz
 from .param_groups import muon_param_groups
 from .protocol import QKClipAttention, QKClipTarget
@@ -17,7 +17,7 @@ __all__ = [
     "Muon",
     "MuonClip",
     "NonFiniteMaxLogit",
-    "union_clipped",
+    "reduce_max_logits",
     "muon_param_groups",
     "muon_scale",
     "newton_schulz",

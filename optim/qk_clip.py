@@ -50,10 +50,7 @@ __all__ = ["clip_mha_", "clip_gqa_", "clip_mla_", "clip_target_", "NonFiniteMaxL
 
 class NonFiniteMaxLogit(ValueError):
     """A NaN/Inf max logit reached QK-Clip: the model has diverged (or overflowed on this
-    batch). A ValueError, so callers that catch those keep working. ``stats``: set by
-    MuonClip.measure_and_clip_ to the clips its earlier passes made (None: none)."""
-
-    stats = None
+    batch). A ValueError, so callers that catch those keep working; nothing was clipped."""
 
 
 def clip_mha_(

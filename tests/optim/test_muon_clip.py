@@ -2,13 +2,14 @@
 
 import math
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from _ports import free_port
 
 from optim import Muon, MuonClip, QKClipTarget, muon_param_groups
 
@@ -100,202 +101,76 @@ def test_muonclip_caps_logits_end_to_end():
     assert torch.equal(after_H[~over_H], before_H[~over_H])
 
 
-def _clip_one_step(model, ids, tau, remeasure, passes=1):
-    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=tau, lr=0.2, ns_backend="torch")
-    opt.zero_grad()
-    _loss(model, ids).backward()
-    seen = [layer.max_logits.clone() for layer in model.layers]
-    if remeasure:
-        opt.step(remeasure=lambda: model(ids[:, :-1]), remeasure_passes=passes)
-    else:
-        opt.step()
-    assert all(layer.max_logits is None for layer in model.layers)
-    with torch.no_grad():
-        model(ids[:, :-1])  # the updated, clipped weights on the step's own batch
-    after = [layer.max_logits.clone() for layer in model.layers]
-    return opt.last_stats, seen, after
+def _snapshot(model, opt):
+    params = [p.detach().clone() for p in model.parameters()]
+    state = [{k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state[p].items()} for p in model.parameters()]
+    return params, state
 
 
-def test_remeasure_clips_the_updated_weights_to_exactly_tau():
-    """K2's order clips with the pre-update max logits, so the clipped heads of layer 0
-    come out well over tau on their own batch at lr 0.2. step(remeasure=...) re-runs the batch after the
-    update and clips with those values: layer 0's clipped heads give exactly tau."""
-    torch.manual_seed(0)
-    base = TinyLM()
-    ids = torch.randint(0, 32, (4, 16))
-    tau = 0.6
-    results = {}
-    for remeasure, passes in ((False, 0), (True, 1), (True, 2)):
-        model = TinyLM()
-        model.load_state_dict(base.state_dict())
-        results[passes] = _clip_one_step(model, ids, tau, remeasure, passes)
-
-    stats_k2, seen_k2, after_k2 = results[0]
-    assert max(float(after_k2[0].max()), float(after_k2[1].max())) > 1.05 * tau  # the gap remeasure closes
-
-    stats, seen, after = results[1]
-    assert [torch.equal(a, b) for a, b in zip(seen, seen_k2)] == [True, True]
-    assert stats["max_logit_per_layer"] == [float(r.max()) for r in seen]  # the step's forward, as without it
-    assert stats["clipped_heads"] > 0 and stats["clipped_heads"] == sum(stats["clipped_heads_per_layer"])
-    remeasured = stats["max_logit_remeasured_per_layer"]
-    assert stats["max_logit_remeasured"] == max(remeasured) > tau
-    over0 = after[0] >= tau * (1 - 1e-6)
-    assert int(over0.sum()) == stats["clipped_heads_per_layer"][0] > 0
-    torch.testing.assert_close(after[0][over0], torch.full_like(after[0][over0], tau), rtol=1e-5, atol=0)
-    # layer 1 was clipped on its old input; layer 0's clip moved that input: a second pass fixes it
-    assert float(after[1].max()) > 1.02 * tau
-    stats2, _, after2 = results[2]
-    assert stats2 == stats  # the first pass's max logits; no head went over tau only in the second
-    torch.testing.assert_close(after2[0], after[0], rtol=1e-6, atol=0)
-    assert float(after2[1].max()) == pytest.approx(tau, rel=1e-5)
+def _assert_same(a, b):
+    for x, y in zip(a[0], b[0], strict=True):
+        assert torch.equal(x, y)
+    for sx, sy in zip(a[1], b[1], strict=True):
+        assert sx.keys() == sy.keys()
+        for k in sx:
+            assert torch.equal(sx[k], sy[k]) if torch.is_tensor(sx[k]) else sx[k] == sy[k]
 
 
-def test_measure_and_clip_before_a_forward_bounds_that_forward():
-    """Called before a step on the batch that step will train on (the trainer's lookahead), the
-    clip bounds the step's own forward: its recorded max logits are at most tau, with the clipped
-    heads of the first layer on tau (the second layer needs the second pass). Without it,
-    K2's order lets the same forward go over tau."""
-    torch.manual_seed(0)
-    base = TinyLM()
-    batches = [torch.randint(0, 32, (4, 16)) for _ in range(6)]
-    tau = 0.6
-    maxima = {}
-    for lookahead in (False, True):
-        model = TinyLM()
-        model.load_state_dict(base.state_dict())
-        opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=tau, lr=0.2,
-                       ns_backend="torch")
-        maxima[lookahead] = []
-        for ids in batches:
-            if lookahead:
-                measured = opt.measure_and_clip_(lambda: model(ids[:, :-1]), passes=2)
-                assert set(measured) == {"max_logit", "max_logit_per_layer", "clipped_heads", "clipped_heads_per_layer",
-                                         "clipped_heads_mask_per_layer"}
-                assert measured["clipped_heads_per_layer"] == [sum(m) for m in measured["clipped_heads_mask_per_layer"]]
-            opt.zero_grad()
-            _loss(model, ids).backward()
-            forward_L = [layer.max_logits.clone() for layer in model.layers]
-            maxima[lookahead].append(max(float(m.max()) for m in forward_L))
-            if lookahead and measured["clipped_heads_per_layer"][0]:
-                over0 = forward_L[0] >= tau * (1 - 1e-6)
-                assert int(over0.sum()) >= 1
-                torch.testing.assert_close(forward_L[0][over0], torch.full_like(forward_L[0][over0], tau),
-                                           rtol=1e-5, atol=0)
-            opt.step()
-    assert max(maxima[False][1:]) > 1.05 * tau  # what the lookahead removes
-    assert max(maxima[True]) <= tau * (1 + 1e-5)
-    assert any(m == pytest.approx(tau, rel=1e-5) for m in maxima[True])  # it did clip
-
-    with pytest.raises(ValueError, match="passes=0"):
-        opt.measure_and_clip_(lambda: None, passes=0)
-    with pytest.raises(RuntimeError, match="recorded no max logits"):
-        opt.measure_and_clip_(lambda: None)
-    # allowed when asked: nothing recorded, nothing clipped, last_stats untouched
-    before = dict(opt.last_stats)
-    quiet = opt.measure_and_clip_(lambda: None, require_record=False)
-    assert quiet["clipped_heads"] == 0 and quiet["max_logit"] == -math.inf
-    assert quiet["clipped_heads_mask_per_layer"] == [[False] * 4, [False] * 4]
-    assert opt.last_stats == before
-
-
-def test_step_with_remeasure_and_no_forward_at_all_is_not_an_error():
-    """A step whose own forward recorded nothing (no forward since the last step) may re-measure
-    nothing too: no error, no clip (require_record=False inside step)."""
-    torch.manual_seed(0)
-    model = TinyLM()
-    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=1e-3, lr=0.0)
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    before = [p.detach().clone() for p in model.parameters()]
-    opt.step(remeasure=lambda: None)
-    assert opt.last_stats["clipped_heads"] == 0 and opt.last_stats["max_logit_remeasured"] == -math.inf
-    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-
-
-def test_a_non_finite_pass_clips_nothing_and_reports_the_earlier_passes():
-    """measure_and_clip_: a NaN in pass 2 raises NonFiniteMaxLogit before that pass touches any
-    layer, even the ones before the NaN; pass 1's clip stays and is in the exception's stats. A
-    head exactly at tau is not over it."""
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "shape"])
+def test_a_bad_record_changes_nothing(bad):
+    """All or nothing: step() checks every layer's record before the Muon update, so a NaN/Inf
+    (or misshapen) record raises and leaves every parameter and optimizer state bit-identical."""
     from optim import NonFiniteMaxLogit
 
     torch.manual_seed(0)
     model = TinyLM()
-    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=10.0, lr=0.0)
-    a, b = model.layers
-    records = iter([(torch.tensor([40.0, 10.0, 1.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, 1.0])),
-                    (torch.tensor([20.0, 1.0, 1.0, 1.0]), torch.tensor([1.0, math.nan, 1.0, 1.0]))])
-
-    def measure():
-        a.max_logits, b.max_logits = next(records)
-
-    weights = lambda: [p.detach().clone() for p in model.parameters()]  # noqa: E731
-    before = weights()
-    with pytest.raises(NonFiniteMaxLogit, match=r"attention_layers\[1\]\]: non-finite max logit nan at head 1") as err:
-        opt.measure_and_clip_(measure, passes=2)
-    assert err.value.stats["clipped_heads_mask_per_layer"] == [[True, False, False, False], [False] * 4]
-    assert err.value.stats["max_logit_per_layer"] == [40.0, 1.0]
-    # only pass 1's clip of layer 0 head 0 (gamma 1/4): pass 2 would have clipped it again
-    changed = [not torch.equal(x, y) for x, y in zip(before, weights())]
-    assert changed == [False, True, True, False, False, False, False, False, False, False]
-    torch.testing.assert_close(a.q_proj.weight[:8], before[1][:8] * 0.5)
-    assert all(layer.max_logits is None for layer in model.layers)
-    # a pass whose only record is non-finite in the first pass: stats None
-    a.max_logits = None
-    with pytest.raises(NonFiniteMaxLogit) as err:
-        opt.measure_and_clip_(lambda: setattr(a, "max_logits", torch.tensor([math.inf, 1.0, 1.0, 1.0])))
-    assert err.value.stats is None
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=1e-3, lr=0.05,
+                   ns_backend="torch")
+    ids = torch.randint(0, 32, (2, 8))
+    for _ in range(2):  # non-zero momentum and AdamW moments to protect
+        opt.zero_grad()
+        _loss(model, ids).backward()
+        opt.step()
+    opt.zero_grad()
+    _loss(model, ids).backward()
+    if bad == "shape":
+        model.layers[1].max_logits = torch.zeros(3)
+    else:
+        model.layers[1].max_logits[2] = bad
+    before = _snapshot(model, opt)
+    error = ValueError if bad == "shape" else NonFiniteMaxLogit
+    with pytest.raises(error, match=r"attention_layers\[1\]"):
+        opt.step()
+    _assert_same(before, _snapshot(model, opt))
+    assert model.layers[0].max_logits is not None  # records kept for the caller
 
 
-def test_union_clipped_counts_each_head_once():
-    from optim import union_clipped
-
-    assert union_clipped([[True, False], [False, False]], [[True, True], [False, True]]) == [[True, True], [False, True]]
-    with pytest.raises(ValueError, match="masks of"):
-        union_clipped([[True]], [[True, False]])
-
-
-def test_remeasure_counts_each_head_clipped_in_any_pass_once():
-    """Pass 1 finds head 0 over tau; the clip of an earlier layer could push head 1 over in pass 2:
-    both are counted, head 0 once although it is over in both passes (recorded values stand in
-    for the forwards)."""
-    torch.manual_seed(0)
-    layer = Attention(8, 2)
-    opt = MuonClip([layer.q_proj.weight, layer.k_proj.weight], attention_layers=[layer], tau=10.0, lr=0.0)
-    for p in (layer.q_proj.weight, layer.k_proj.weight):
-        p.grad = torch.zeros_like(p)
-    layer.max_logits = torch.tensor([3.0, 4.0])
-    records = iter([torch.tensor([40.0, 5.0]), torch.tensor([12.0, 20.0])])
-
-    def remeasure():
-        layer.max_logits = next(records)
-
-    q_before = layer.q_proj.weight.detach().clone()
-    opt.step(remeasure=remeasure, remeasure_passes=2)
-    stats = opt.last_stats
-    assert stats["max_logit_per_layer"] == [4.0] and stats["max_logit_remeasured_per_layer"] == [40.0]
-    assert stats["clipped_heads_per_layer"] == [2] and stats["clipped_heads"] == 2
-    assert stats["clipped_heads_mask_per_layer"] == [[True, True]]
-    gamma = torch.tensor([10 / 40 * 10 / 12, 10 / 20])  # head 0 clipped twice, head 1 once
-    expected = q_before.view(2, 4, 8) * gamma.sqrt()[:, None, None]
-    torch.testing.assert_close(layer.q_proj.weight.detach(), expected.reshape(8, 8))
-
-
-def test_remeasure_misuse_and_nan_are_errors():
+def test_qk_clip_with_max_logits_the_caller_measured():
+    """qk_clip_(max_logits): the primitive for clip variants outside step(). Heads over tau get
+    exactly tau on the measured batch, the others are untouched, the layers' own records are
+    ignored and left alone, and last_stats is not changed."""
     torch.manual_seed(0)
     model = TinyLM()
-    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=1.0, lr=0.05)
-    ids = torch.randint(0, 32, (2, 8))
-    _loss(model, ids).backward()
-    for bad in (0, True, 1.0):
-        with pytest.raises(ValueError, match=f"remeasure_passes={bad!r}"):
-            opt.step(remeasure=lambda: None, remeasure_passes=bad)
-    with pytest.raises(RuntimeError, match=r"the re-measure recorded no max logits; remeasure\(\) \(step\)"):
-        opt.step(remeasure=lambda: None)
-    # a NaN in the step's own forward is refused as plain step() refuses it, not logged and passed over
-    _loss(model, ids).backward()
-    model.layers[1].max_logits[2] = math.nan
-    with pytest.raises(ValueError, match=r"attention_layers\[1\]\]: non-finite max logit nan at head 2"):
-        opt.step(remeasure=lambda: model(ids[:, :-1]))
+    opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=0.5, lr=0.0)
+    ids = torch.randint(0, 32, (4, 16))
+    with torch.no_grad():
+        model(ids[:, :-1])
+    measured = [layer.max_logits.clone() for layer in model.layers]
+    for layer in model.layers:
+        layer.max_logits = torch.full_like(layer.max_logits, 1e6)  # must not be used
+    stats = opt.qk_clip_([measured[0], None])  # clip layer 0 only
+    assert stats["max_logit_per_layer"] == [float(measured[0].max()), -math.inf]
+    assert stats["clipped_heads_per_layer"] == [int((measured[0] > 0.5).sum()), 0] and stats["clipped_heads"] > 0
+    assert opt.last_stats["clipped_heads"] == 0
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.reset_max_logits()
+        model(ids[:, :-1])
+    after_H, over_H = model.layers[0].max_logits, measured[0] > 0.5
+    torch.testing.assert_close(after_H[over_H], torch.full_like(after_H[over_H], 0.5), rtol=1e-5, atol=0)
+    assert torch.equal(after_H[~over_H], measured[0][~over_H])
+    with pytest.raises(ValueError, match="1 max-logit entries for 2 attention layers"):
+        opt.qk_clip_([measured[0]])
 
 
 def test_no_layers_is_plain_muon_and_no_record_means_no_clip():
@@ -313,7 +188,7 @@ def test_no_layers_is_plain_muon_and_no_record_means_no_clip():
     for x, y in zip(a.parameters(), b.parameters()):
         assert torch.equal(x, y)
     assert opt_a.last_stats == {"max_logit": -math.inf, "max_logit_per_layer": [], "clipped_heads": 0,
-                                "clipped_heads_per_layer": [], "clipped_heads_mask_per_layer": []}
+                                "clipped_heads_per_layer": []}
 
     for layer in a.layers:
         layer.reset_max_logits()  # plain Muon never resets them
@@ -344,12 +219,6 @@ def test_bad_args():
         opt.qk_clip_()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank, port, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -364,14 +233,10 @@ def _two_rank_worker(rank, port, results):
             p.grad = torch.zeros_like(p)
         opt.step()
         results[rank] = (opt.last_stats, layer.q_proj.weight.detach().clone(), layer.k_proj.weight.detach().clone())
-        # remeasure: rank 1's re-measure records nothing, rank 0's records head 1 over tau; the
-        # collectives still line up and both ranks clip the same head with the same gamma
-        layer.max_logits = torch.tensor([3.0, 4.0])
-        def remeasure():
-            if rank == 0:
-                layer.max_logits = torch.tensor([5.0, 40.0])
-        opt.step(remeasure=remeasure)
-        results[f"re{rank}"] = (opt.last_stats, layer.q_proj.weight.detach().clone())
+        # caller-measured max logits: rank 1 measured nothing, rank 0 head 1 over tau; the
+        # collective still lines up and both ranks clip the same head with the same gamma
+        stats = opt.qk_clip_([torch.tensor([5.0, 40.0]) if rank == 0 else None])
+        results[f"re{rank}"] = (stats, layer.q_proj.weight.detach().clone())
         # a NaN on one rank only must not vanish in the MAX reduce: every rank refuses the clip
         layer.max_logits = torch.tensor([float("nan"), 1.0]) if rank == 1 else torch.tensor([5.0, 1.0])
         try:
@@ -388,7 +253,7 @@ def test_max_reduced_across_ranks():
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager:
         results = manager.dict()
-        port = _free_port()
+        port = free_port()
         procs = [ctx.Process(target=_two_rank_worker, args=(rank, port, results)) for rank in (0, 1)]
         for p in procs:
             p.start()
@@ -402,7 +267,7 @@ def test_max_reduced_across_ranks():
     assert s0 == s1 and s0["max_logit_per_layer"] == [40.0] and s0["clipped_heads"] == 2
     assert torch.equal(q0, q1) and torch.equal(k0, k1)
     (r0, rq0), (r1, rq1) = results_re
-    assert r0 == r1 and r0["max_logit_per_layer"] == [4.0] and r0["max_logit_remeasured"] == 40.0
+    assert r0 == r1 and r0["max_logit_per_layer"] == [40.0]
     assert r0["clipped_heads"] == 1 and torch.equal(rq0, rq1)
     expected_rq = q0.view(2, 4, 8) * torch.tensor([1.0, 0.25]).sqrt()[:, None, None]
     torch.testing.assert_close(rq0, expected_rq.reshape(8, 8))
