@@ -125,29 +125,3 @@ def test_gpu_bf16_k2_mini_shapes(backend):
         assert ((got.float() - want).norm() / want.norm()) < 1e-2
     assert gg.resolve_backend(x, w.transpose(1, 2), offs, backend) in ("triton", "torch")
 
-
-def test_cuda_auto_pick_times_once_per_shape_and_caches(monkeypatch):
-    # The CUDA "auto" policy with the timing stubbed out: fastest wins, one measurement per
-    # (K, N, E, dtype, T bucket, device), a failing backend counts as infinitely slow.
-    monkeypatch.setattr(gg, "_triton_usable", lambda x: True)
-    monkeypatch.setattr(gg, "_grouped_mm_ok", lambda x, w: True)
-    monkeypatch.setattr(gg, "_auto_choice", {})
-    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
-    calls = []
-    speed = {"torch": 2.0, "triton": 1.0}
-
-    def fake_time_ms(name, x, w, offs):
-        calls.append(name)
-        if speed[name] is None:
-            raise RuntimeError("unsupported")
-        return speed[name]
-
-    monkeypatch.setattr(gg, "_time_backend_ms", fake_time_ms)
-    w, offs = torch.randn(2, 16, 8), torch.tensor([3, 100], dtype=torch.int32)
-    assert gg._pick_cuda_backend(torch.randn(100, 16), w, offs) == "triton"
-    assert sorted(calls) == ["torch", "triton"]
-    assert gg._pick_cuda_backend(torch.randn(120, 16), w, offs) == "triton"  # same power-of-two bucket: cached
-    assert len(calls) == 2
-    speed.update(torch=1.0, triton=None)  # the Triton kernel fails at a new shape: torch it is
-    assert gg._pick_cuda_backend(torch.randn(300, 16), w, offs) == "torch"
-    assert len(calls) == 4
