@@ -11,17 +11,6 @@ batch, same loss (cross-entropy in fp32 over the logits):
     hf+adamw        transformers DeepseekV3ForCausalLM built from our export's config.json
                     (kimi_train.hf.export) with the same weights + torch.optim.AdamW
     ours+muonclip   KimiForCausalLM + optim.MuonClip (Muon + AdamW groups + QK-Clip)
-    ours+muonclip-remeasure
-                    the same with step(remeasure=...): one more no-grad forward of the batch
-                    after the update, as optim.qk_clip.remeasure=1 runs it in the trainer
-    ours+muonclip-pool
-                    the re-measure also runs a max-logit pool (4 sequences per head) and
-                    16 random scan sequences, per-sequence, in batch-sized forwards, as
-                    optim.qk_clip.remeasure=1 remeasure_pool=4 remeasure_scan=16 runs it
-    ours+muonclip-lookahead
-                    the re-measure pass before the forward instead, on the batch it trains on
-                    (measure_and_clip_), then step(), as optim.qk_clip.remeasure=1
-                    lookahead=true runs it
 
 One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
 over --steps timed steps after --warmup (best of --rounds interleaved rounds), tokens/s = batch * seq / median, and peak memory
@@ -46,9 +35,7 @@ import sys
 import tempfile
 import time
 
-VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip", "ours+muonclip-remeasure", "ours+muonclip-pool",
-            "ours+muonclip-lookahead")
-POOL_PER_HEAD, SCAN = 4, 16
+VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip")
 
 
 def model_config(args):
@@ -96,20 +83,6 @@ def run_variant(args) -> dict:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
-    def remeasure():  # QK-Clip's re-measure pass, as the trainer runs it
-        with amp:
-            model.measure_max_logits(x)
-
-    from kimi_train.max_logit_pool import MaxLogitPool, measure_in_chunks
-
-    pool, pool_pass = MaxLogitPool(POOL_PER_HEAD), []
-
-    def remeasure_pool():  # ... with the pool and the scan (Trainer._remeasure)
-        scan = torch.randint(0, 256, (SCAN, args.seq + 1), generator=g)
-        candidates = pool.candidates(torch.cat([batch.cpu(), scan]))
-        pool_pass[:] = [candidates, measure_in_chunks(model, candidates, args.batch, device, per_sequence=True,
-                                                      autocast=lambda: amp)]
-
     g = torch.Generator().manual_seed(1)
     batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g).to(device)
     x, y = batch[:, :-1], batch[:, 1:]
@@ -124,19 +97,11 @@ def run_variant(args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         sync()
         t0 = time.perf_counter()
-        if args.variant.endswith("lookahead"):
-            opt.measure_and_clip_(remeasure)
         with amp:
             logits = forward(x)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         loss.backward()
-        if args.variant.endswith("remeasure"):
-            opt.step(remeasure=remeasure)
-        elif args.variant.endswith("pool"):
-            opt.step(remeasure=remeasure_pool)
-            pool.update(*pool_pass)
-        else:
-            opt.step()
+        opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
         if i >= args.warmup:
@@ -206,14 +171,6 @@ def main(argv=None) -> None:
         ratios["ours_vs_hf_tokens_per_s"] = by["ours+adamw"]["tokens_per_s"] / by["hf+adamw"]["tokens_per_s"]
     if "ours+adamw" in by and "ours+muonclip" in by:
         ratios["muonclip_vs_adamw_step_time"] = by["ours+muonclip"]["step_ms"] / by["ours+adamw"]["step_ms"]
-    if "ours+muonclip" in by and "ours+muonclip-remeasure" in by:
-        ratios["remeasure_vs_muonclip_step_time"] = (by["ours+muonclip-remeasure"]["step_ms"]
-                                                     / by["ours+muonclip"]["step_ms"])
-    if "ours+muonclip" in by and "ours+muonclip-pool" in by:
-        ratios["pool_vs_muonclip_step_time"] = by["ours+muonclip-pool"]["step_ms"] / by["ours+muonclip"]["step_ms"]
-    if "ours+muonclip" in by and "ours+muonclip-lookahead" in by:
-        ratios["lookahead_vs_muonclip_step_time"] = (by["ours+muonclip-lookahead"]["step_ms"]
-                                                     / by["ours+muonclip"]["step_ms"])
     report = {
         "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
                                                   "warmup", "steps", "rounds", "ns_dtype")},

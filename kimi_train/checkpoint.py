@@ -6,7 +6,6 @@ Layout of one checkpoint (RUN_DIR/checkpoints/step_00000040/):
     .metadata              so a run saved with one sharding loads into another (FSDP resharding)
     trainer_state.json     step, skipped steps, data-loader position, schedule, metrics summary
     rng_rank{r}.json       each rank's RNG states (torch CPU/CUDA, python, numpy)
-    {name}_rank{r}.npy     each rank's own arrays, if the trainer has any (QK-Clip's max-logit pool)
     COMPLETE               written last, before the directory is renamed into place
 
 Atomicity: everything is written into ``step_XXXXXXXX.tmp``; only after every rank has
@@ -15,8 +14,7 @@ either a ``.tmp`` directory or a directory without COMPLETE, both of which the l
 ignores, so the previous checkpoint stays the one that loads. The last ``keep`` complete
 checkpoints are kept.
 
-Loading never unpickles code: tensors come from DCP, small state from JSON, per-rank arrays
-from .npy files read with allow_pickle=False.
+Loading never unpickles code: tensors come from DCP, small state from JSON.
 """
 
 from __future__ import annotations
@@ -128,13 +126,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     trainer_state: dict[str, Any],
     keep: int,
-    rank_arrays: Optional[dict[str, np.ndarray]] = None,
 ) -> Path:
-    """Write checkpoint ``step`` atomically (every rank calls this); prune to the last ``keep``.
-
-    rank_arrays: this rank's own arrays (``{name}_rank{r}.npy``), returned by load_checkpoint
-    under ``"rank_arrays"`` to the same rank.
-    """
+    """Write checkpoint ``step`` atomically (every rank calls this); prune to the last ``keep``."""
     final = checkpoint_path(run_dir, step)
     tmp = final.with_name(final.name + ".tmp")
     if _rank() == 0:
@@ -147,11 +140,6 @@ def save_checkpoint(
         warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
         dcp.save(state, checkpoint_id=str(tmp))
     _write_json(tmp / f"rng_rank{_rank()}.json", rng_state())
-    for name, array in (rank_arrays or {}).items():
-        with open(tmp / f"{name}_rank{_rank()}.npy", "wb") as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
     _barrier()
     if _rank() == 0:
         _write_json(tmp / TRAINER_STATE, {**trainer_state, "step": step})
@@ -183,8 +171,7 @@ def _dcp_load(state: dict, path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    """Load model (and optimizer) tensors and this rank's RNG states; return the trainer state,
-    with this rank's arrays (save_checkpoint's rank_arrays) under ``"rank_arrays"``."""
+    """Load model (and optimizer) tensors and this rank's RNG states; return the trainer state."""
     path = Path(path)
     state: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
@@ -196,11 +183,7 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: Optiona
     rng_file = path / f"rng_rank{_rank()}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
-    state = json.loads((path / TRAINER_STATE).read_text())
-    suffix = f"_rank{_rank()}.npy"
-    state["rank_arrays"] = {f.name[: -len(suffix)]: np.load(f, allow_pickle=False)
-                            for f in sorted(path.glob(f"*{suffix}"))}
-    return state
+    return json.loads((path / TRAINER_STATE).read_text())
 
 
 def all_finite(*modules_or_optims: Any) -> bool:

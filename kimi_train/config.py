@@ -21,12 +21,10 @@ from kimi_train.data.sources import SOURCES
 from kimi_train.data.tokenizer import TOKENIZER_KINDS
 from kimi_train.model.config import ModelConfig
 from kimi_train.schedule import DECAY_SHAPES, SCHEDULE_TYPES
+from optim.muon import ADJUST_LR, NS_DTYPE_NAMES
+from optim.newton_schulz import NS_BACKENDS, NS_METHODS
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
-NS_METHODS = ("keller", "polar_express", "gram")
-NS_DTYPES = ("bf16", "fp32")
-NS_BACKENDS = ("auto", "torch", "triton")
-ADJUST_LR = ("match_rms_adamw", "original", "none")
 TRAIN_DTYPES = ("auto", "fp32", "bf16")
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -39,23 +37,7 @@ class ConfigError(ValueError):
 @dataclass
 class QKClipConfig:
     enabled: bool = True  # optim=muonclip only: rescale q/k rows of heads whose max logit exceeds tau
-    tau: float = 100.0  # K2 used 100
-    # 0: K2's order, clip with the max logits of the step's forward (the weights before the update).
-    # n > 0: after the update, run the step's batch again n times (no grad) and clip after each, so
-    # the clipped heads give tau on that batch; one forward per pass (docs/muonclip.md)
-    remeasure: int = 0
-    # n > 0 (needs remeasure): keep, for every head, the n sequences with its highest logits so far
-    # and re-measure them with each step's batch, so the clip also holds for the rare patterns a
-    # small batch may not contain (kimi_train/max_logit_pool.py)
-    remeasure_pool: int = 0
-    # n > 0 (needs remeasure): also re-measure n random training windows per rank and step (drawn
-    # from the seed and step, not trained on), so the clip sees more data than the step's batch
-    remeasure_scan: int = 0
-    # true (needs remeasure): run the re-measure passes (and pool, scan) before each step's forward,
-    # on the batch that forward is about to train on, instead of after the update on the batch just
-    # trained on; the step's forward then has layer 0's heads at most tau, the later layers' close to
-    # it (docs/muonclip.md)
-    lookahead: bool = False
+    tau: float = 100.0  # K2 used 100; a soft cap at small batch (docs/stability.md)
 
 
 @dataclass
@@ -67,7 +49,7 @@ class OptimConfig:
     nesterov: bool = True
     ns_steps: int = 5
     ns_method: str = "keller"  # keller | polar_express | gram
-    ns_dtype: str = "bf16"  # bf16 | fp32: dtype of the Newton-Schulz iteration
+    ns_dtype: str = "bf16"  # bf16 | fp32 (or fp16, fp64): dtype of the Newton-Schulz iteration
     ns_backend: str = "auto"  # auto | torch | triton
     adjust_lr: str = "match_rms_adamw"  # Muon update scale: match_rms_adamw | original | none
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW (and Muon's AdamW groups)
@@ -199,7 +181,7 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(0 <= o.momentum < 1, "optim.momentum", o.momentum, "must be in [0, 1)")
     _check(o.ns_steps >= 1, "optim.ns_steps", o.ns_steps, "must be >= 1")
     _one_of("optim.ns_method", o.ns_method, NS_METHODS)
-    _one_of("optim.ns_dtype", o.ns_dtype, NS_DTYPES)
+    _one_of("optim.ns_dtype", o.ns_dtype, tuple(NS_DTYPE_NAMES))
     _one_of("optim.ns_backend", o.ns_backend, NS_BACKENDS)
     _one_of("optim.adjust_lr", o.adjust_lr, ADJUST_LR)
     _check(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas),
@@ -208,19 +190,6 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(o.grad_clip >= 0, "optim.grad_clip", o.grad_clip, "must be >= 0 (0 = no clipping)")
     _check(math.isfinite(o.qk_clip.tau) and o.qk_clip.tau > 0, "optim.qk_clip.tau", o.qk_clip.tau,
            "must be a finite number > 0 (K2 uses 100)")
-    _check(isinstance(o.qk_clip.remeasure, int) and o.qk_clip.remeasure >= 0, "optim.qk_clip.remeasure",
-           o.qk_clip.remeasure, "must be an int >= 0 (0 = K2's order; n = n no-grad re-measure passes per step)")
-    _check(isinstance(o.qk_clip.remeasure_pool, int) and o.qk_clip.remeasure_pool >= 0, "optim.qk_clip.remeasure_pool",
-           o.qk_clip.remeasure_pool, "must be an int >= 0 (0 = no pool; n = sequences kept per head)")
-    _check(o.qk_clip.remeasure_pool == 0 or o.qk_clip.remeasure > 0, "optim.qk_clip.remeasure_pool",
-           o.qk_clip.remeasure_pool, "needs optim.qk_clip.remeasure >= 1 (the pool is measured in those passes)")
-    _check(isinstance(o.qk_clip.remeasure_scan, int) and o.qk_clip.remeasure_scan >= 0, "optim.qk_clip.remeasure_scan",
-           o.qk_clip.remeasure_scan, "must be an int >= 0 (0 = no scan; n = random windows re-measured per step)")
-    _check(o.qk_clip.remeasure_scan == 0 or o.qk_clip.remeasure > 0, "optim.qk_clip.remeasure_scan",
-           o.qk_clip.remeasure_scan, "needs optim.qk_clip.remeasure >= 1 (the scan is measured in those passes)")
-    _check(isinstance(o.qk_clip.lookahead, bool), "optim.qk_clip.lookahead", o.qk_clip.lookahead, "must be true or false")
-    _check(not o.qk_clip.lookahead or o.qk_clip.remeasure > 0, "optim.qk_clip.lookahead", o.qk_clip.lookahead,
-           "needs optim.qk_clip.remeasure >= 1 (the number of measure-and-clip passes before each forward)")
 
     _one_of("schedule.type", s.type, SCHEDULE_TYPES)
     _one_of("schedule.decay_shape", s.decay_shape, DECAY_SHAPES)

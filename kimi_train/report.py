@@ -48,8 +48,7 @@ class RunSummary:
 
     run_dir: str
     label: str
-    # adamw | muon | muonclip | muonclip+remeasureN[+poolM][+scanK] | muonclip+lookaheadN[+poolM][+scanK]
-    # (qk_clip.enabled=false reads as muon)
+    # adamw | muon | muonclip (qk_clip.enabled=false reads as muon)
     optimizer: str
     lr: Optional[float]
     tau: Optional[float]  # only when QK-Clip is on
@@ -60,16 +59,12 @@ class RunSummary:
     peak_max_logit: Optional[float]
     heads_clipped: int
     first_clip_step: Optional[int]
-    max_logit_after_first_clip: Optional[float]  # the stability acceptance: <= 1.1 tau?
+    max_logit_after_first_clip: Optional[float]  # tau is a soft cap: ~1.2-1.5 tau at small batch
     median_max_logit_after_first_clip: Optional[float]
     # logging.post_step_max_logit: the updated, clipped weights on the step's own batch, from the
     # first clip's step on (that step's value is already after the clip)
     max_post_step_after_first_clip: Optional[float]
     median_post_step_after_first_clip: Optional[float]
-    # optim.qk_clip.remeasure: max_logit_remeasured (the weights before the re-measure's clip, on
-    # the step's batch; with lookahead, the batch about to be trained on), after the first clip
-    max_remeasured_after_first_clip: Optional[float]
-    median_remeasured_after_first_clip: Optional[float]
     tokens_per_s: Optional[float]
     elapsed_s: Optional[float]
     smooth: int = 1  # the loss figures and curves are means over this many logged records
@@ -121,13 +116,6 @@ def _optim_info(run_dir: Path) -> tuple[str, Optional[float], Optional[float]]:
     clip_on = name == "muonclip" and bool((optim.get("qk_clip") or {}).get("enabled", True))
     if name == "muonclip" and not clip_on:
         name = "muon"
-    remeasure = int((optim.get("qk_clip") or {}).get("remeasure", 0) or 0)
-    pool = int((optim.get("qk_clip") or {}).get("remeasure_pool", 0) or 0)
-    scan = int((optim.get("qk_clip") or {}).get("remeasure_scan", 0) or 0)
-    lookahead = bool((optim.get("qk_clip") or {}).get("lookahead", False))
-    if clip_on and remeasure:  # a different algorithm: keep it apart (and best_per_optimizer too)
-        name = (f"muonclip+{'lookahead' if lookahead else 'remeasure'}{remeasure}" + (f"+pool{pool}" if pool else "")
-                + (f"+scan{scan}" if scan else ""))
     lr = optim.get("lr")
     tau = (optim.get("qk_clip") or {}).get("tau") if clip_on else None
     return name, (float(lr) if lr is not None else None), (float(tau) if tau is not None else None)
@@ -156,9 +144,6 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
     post = [_float(r["max_logit_post_step"]) for s, r in zip(steps, records)
             if first_clip is not None and s >= first_clip and r.get("max_logit_post_step") is not None]
     post = [v for v in post if not math.isnan(v)]
-    remeasured = [_float(r["max_logit_remeasured"]) for s, r in zip(steps, records)
-                  if first_clip is not None and s > first_clip and r.get("max_logit_remeasured") is not None]
-    remeasured = [v for v in remeasured if not math.isnan(v)]
     tps = [_float(r.get("tokens_per_s")) for r in records[1:] if r.get("tokens_per_s") is not None]
     if not tps and records[0].get("tokens_per_s") is not None:
         tps = [_float(records[0]["tokens_per_s"])]
@@ -181,8 +166,6 @@ def summarise(run_dir: str | Path, smooth: int = 1, label: Optional[str] = None)
         median_max_logit_after_first_clip=statistics.median(after) if after else None,
         max_post_step_after_first_clip=max(post) if post else None,
         median_post_step_after_first_clip=statistics.median(post) if post else None,
-        max_remeasured_after_first_clip=max(remeasured) if remeasured else None,
-        median_remeasured_after_first_clip=statistics.median(remeasured) if remeasured else None,
         tokens_per_s=statistics.median(tps) if tps else None,
         elapsed_s=_float(records[-1]["elapsed_s"]) if records[-1].get("elapsed_s") is not None else None,
         smooth=smooth,
@@ -241,7 +224,6 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
     with_target = any(r.steps_to_target is not None or r.target_ratio is not None for r in runs)
     with_clip = any(r.tau is not None for r in runs)
     with_post = any(r.max_post_step_after_first_clip is not None for r in runs)
-    with_remeasured = any(r.max_remeasured_after_first_clip is not None for r in runs)
     loss_note = f" (mean of {smooth})" if smooth > 1 else ""
     header = ["run", "optimizer", "lr", "tau", "steps", f"final loss{loss_note}", "best loss", "final val loss",
               "peak max logit"]
@@ -249,8 +231,6 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
         header += ["heads clipped", "max logit after 1st clip"]
     if with_post:
         header += ["post-step max logit after 1st clip: max (median)"]
-    if with_remeasured:
-        header += ["re-measured max logit after 1st clip: max (median)"]
     header += ["tokens/s", "time (s)"]
     if with_target:
         header += ["steps to target", "x ref steps"]
@@ -265,8 +245,6 @@ def markdown_table(runs: list[RunSummary], smooth: int = 1) -> str:
             row += [str(r.heads_clipped) if r.tau is not None else "-", after]
         if with_post:
             row.append(_max_median(r.max_post_step_after_first_clip, r.median_post_step_after_first_clip, r.tau))
-        if with_remeasured:
-            row.append(_max_median(r.max_remeasured_after_first_clip, r.median_remeasured_after_first_clip, r.tau))
         row += [_fmt(r.tokens_per_s, ".0f"), _fmt(r.elapsed_s, ".0f")]
         if with_target:
             row += [_fmt(r.steps_to_target) if r.steps_to_target is not None else "not reached",

@@ -28,31 +28,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 from kimi_train.report import RunSummary, best_per_optimizer  # noqa: E402
 
 # One colour per optimizer, so the same optimizer reads the same in every figure.
-OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green", "muonclip+remeasure": "tab:purple",
-                "muonclip+remeasure+pool": "tab:cyan", "muonclip+lookahead": "tab:orange"}
+OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green"}
 # Muon and MuonClip curves coincide until the first clip: draw Muon wide, MuonClip dashed on top.
-OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--"), "muonclip+remeasure": dict(ls=":"),
-                "muonclip+remeasure+pool": dict(ls="-."), "muonclip+lookahead": dict(lw=1.2)}
+OPTIM_STYLES = {"muon": dict(lw=2.4, alpha=0.7), "muonclip": dict(ls="--")}
 DPI = 90
 
 
-def _family(optimizer: str) -> str:
-    """muonclip+remeasure2 (+scan16) -> muonclip+remeasure; with a pool (muonclip+remeasure1+pool4+scan16)
-    -> muonclip+remeasure+pool; muonclip+lookahead1 (+pool, +scan) -> muonclip+lookahead: one colour for
-    every number of passes, pool and scan size."""
-    if optimizer.startswith("muonclip+lookahead"):
-        return "muonclip+lookahead"
-    if not optimizer.startswith("muonclip+remeasure"):
-        return optimizer
-    return "muonclip+remeasure+pool" if "+pool" in optimizer else "muonclip+remeasure"
-
-
 def _color(run: RunSummary, i: int) -> str:
-    return OPTIM_COLORS.get(_family(run.optimizer), plt.rcParams["axes.prop_cycle"].by_key()["color"][i % 10])
+    return OPTIM_COLORS.get(run.optimizer, plt.rcParams["axes.prop_cycle"].by_key()["color"][i % 10])
 
 
 def _style(run: RunSummary) -> dict:
-    return dict(OPTIM_STYLES.get(_family(run.optimizer), {}))
+    return dict(OPTIM_STYLES.get(run.optimizer, {}))
 
 
 def _loss_title(runs: list[RunSummary], what: str) -> str:

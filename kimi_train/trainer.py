@@ -1,13 +1,13 @@
 """The training loop: data -> model -> loss -> MuonClip step -> expert-bias update -> metrics/checkpoints.
 
-One optimizer step (every rank):
+One optimizer step (every rank), ``Trainer.train_step``:
 
-    [optim.qk_clip.lookahead: measure the step's batch (no grad) and QK-Clip heads over tau]
+    lr = schedule(step), written into every param group      # the logged lr is read back from them
     for each of A micro-batches:  loss = CE(model(x), y) / A;  loss.backward()
     grad_norm = clip_grad_norm_(params, optim.grad_clip)       # global norm, logged even without clipping
-    if loss or grad_norm (or lookahead's max logit) is not finite: skip the step (up to train.max_skipped_steps)
-    optimizer.step()       # Muon/AdamW update, then (MuonClip) QK-Clip of heads over tau
-                           # (optim.qk_clip.remeasure: measured again after the update)
+    if loss or grad_norm is not finite: skip the step (up to train.max_skipped_steps)
+    optimizer.step()       # Muon/AdamW update, then (MuonClip) QK-Clip of the heads whose max logit
+                           # in this step's forward was over tau (K2's order; a non-finite one: skip)
     update_expert_bias()   # aux-loss-free MoE balancing from this step's routed-token counts
 
 The step index is the batch index: a skipped step still consumes its batch and its
@@ -28,7 +28,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -38,10 +38,9 @@ import torch.nn.functional as F
 from kimi_train import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
-from kimi_train.max_logit_pool import MaxLogitPool, measure_in_chunks
 from kimi_train.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.schedule import LRSchedule
-from optim import NonFiniteMaxLogit, union_clipped
+from optim import NonFiniteMaxLogit, reduce_max_logits
 
 
 class TrainingError(RuntimeError):
@@ -67,7 +66,7 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dp_group: Any = No
 
     kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
                   ns_steps=o.ns_steps, ns_method=o.ns_method,
-                  ns_dtype=torch.bfloat16 if o.ns_dtype == "bf16" else torch.float32, ns_backend=o.ns_backend,
+                  ns_dtype=o.ns_dtype, ns_backend=o.ns_backend,
                   adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps, check_finite=check_finite)
     groups = muon_param_groups(model, lr=o.lr, weight_decay=o.weight_decay)
     if o.name == "muonclip" and o.qk_clip.enabled:
@@ -78,24 +77,15 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dp_group: Any = No
 
 @torch.no_grad()
 def read_max_logits(attention_layers: list, group: Any = None) -> dict[str, Any]:
-    """Per-layer max logits (MAX over ranks) without clipping, then reset: for optimizers without QK-Clip."""
-    per_layer = []
+    """Per-layer max logits without clipping, then reset: for optimizers without QK-Clip.
+
+    MuonClip's reduction (MAX over ``group``; a NaN on any rank reads as +inf on every rank)."""
+    S_L = reduce_max_logits(attention_layers, group)
     for layer in attention_layers:
-        m = layer.max_logits
-        value = torch.tensor(-math.inf) if m is None else m.detach().float().max().cpu()
-        per_layer.append(value)
         layer.reset_max_logits()
-    if not per_layer:
-        return {"max_logit": None, "max_logit_per_layer": [], "clipped_heads": 0, "clipped_heads_per_layer": []}
-    flat = torch.stack(per_layer)
-    if dist.is_initialized():
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        flat = flat.to(dev)
-        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
-        flat = flat.cpu()
-    values = flat.tolist()
-    return {"max_logit": max(values), "max_logit_per_layer": values, "clipped_heads": 0,
-            "clipped_heads_per_layer": [0] * len(values)}
+    values = [-math.inf if S_H is None else float(S_H.max()) for S_H in S_L]
+    return {"max_logit": max(values) if values else None, "max_logit_per_layer": values,
+            "clipped_heads": 0, "clipped_heads_per_layer": [0] * len(values)}
 
 
 class Trainer:
@@ -150,14 +140,6 @@ class Trainer:
         self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
         self.peak_flops = peak_flops(self.device, t.peak_flops)
 
-        # QK-Clip's re-measure passes (none without QK-Clip) and pool (kimi_train/max_logit_pool.py;
-        # saved with each checkpoint)
-        q = cfg.optim.qk_clip
-        self.remeasure_passes = q.remeasure if hasattr(self.optimizer, "qk_clip_") else 0
-        self.lookahead = q.lookahead and self.remeasure_passes > 0  # re-measure before the forward
-        use_pool = q.remeasure_pool > 0 and self.remeasure_passes > 0
-        self.pool: Optional[MaxLogitPool] = MaxLogitPool(q.remeasure_pool) if use_pool else None
-
         self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
         self.resumed_from: Optional[str] = None
         self._prepare_run_dir(resolved_config)
@@ -181,8 +163,6 @@ class Trainer:
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
             self.tokens_seen = state["tokens_seen"]
             self.train_loader.load_state_dict(state["data"])
-            if self.pool is not None:
-                self._load_pool(latest, state["rank_arrays"].get("qk_clip_pool"))
             self.resumed_from = str(latest)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,23 +171,13 @@ class Trainer:
 
                 OmegaConf.save(OmegaConf.create(resolved_config), self.run_dir / "config.yaml")
 
-    def _load_pool(self, checkpoint: Path, saved: Optional[np.ndarray]) -> None:
-        """This rank's QK-Clip re-measure pool from the checkpoint; a warning (rank 0) when the
-        checkpoint does not hold one pool per rank of this run (written by another world size, or
-        without optim.qk_clip.remeasure_pool): ranks without one start empty."""
-        self.pool.load_state_dict(saved)
-        saved_ranks = len(list(checkpoint.glob("qk_clip_pool_rank*.npy")))
-        if saved_ranks != self.world_size and self.is_main:
-            warnings.warn(f"{checkpoint.name} holds QK-Clip re-measure pools of {saved_ranks} rank(s), this run has "
-                          f"{self.world_size}; the ranks without a saved pool start with an empty one, so the "
-                          "clip differs from an uninterrupted run until the pools refill", stacklevel=2)
-
     # ------------------------------------------------------------------ one step
     def _set_lr(self, step: int) -> float:
+        """Write the schedule's lr for ``step`` into every param group; returns it, read back."""
         mult = self.schedule(step)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * mult
-        return self.cfg.optim.lr * mult
+        return self.optimizer.param_groups[0]["lr"]
 
     def _loss(self, batch_BT1: torch.Tensor) -> torch.Tensor:
         batch_BT1 = batch_BT1.to(self.device, non_blocking=True)
@@ -224,63 +194,28 @@ class Trainer:
         return value
 
     def train_step(self) -> dict[str, Any]:
+        """One optimizer step on the next global batch (see the module docstring); its record."""
         lr = self._set_lr(self.step)
         self.model.train()
         micro_batches = self.train_loader.next_batch()
-        pre_clip: Optional[dict[str, Any]] = None  # optim.qk_clip.lookahead's clip, before the forward
-        if self.lookahead:
-            measure, update_pool = self._remeasure_passes(micro_batches)
-            try:
-                pre_clip = self.optimizer.measure_and_clip_(measure, self.remeasure_passes)
-            except NonFiniteMaxLogit as e:  # the step's forward would be non-finite too: skip it
-                self._skip_step(f"non-finite max logit before the forward ({e})")
-                record = {"loss": math.nan, "lr": lr, "grad_norm": math.nan, "skipped": True}
-                if e.stats is not None:  # the clips of the passes before the non-finite one stay
-                    record.update(clipped_heads=e.stats["clipped_heads"],
-                                  clipped_heads_per_layer=e.stats["clipped_heads_per_layer"])
-                return record
-            update_pool()
-        loss_sum = torch.zeros((), device=self.device)
-        sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2: sync only on the last one
-        for i, mb in enumerate(micro_batches):
-            if sync is not None:
-                sync(i == len(micro_batches) - 1)
-            loss = self._loss(mb)
-            (loss / self.accum).backward()
-            loss_sum += loss.detach()
-        loss = self._mean_over_dp(loss_sum / self.accum)
+        loss = self._forward_backward(micro_batches)
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        grad_norm = self._clip_grad_norm(max_norm)
-        loss_f, grad_norm_f = float(loss), float(grad_norm)
+        loss_f, grad_norm_f = float(loss), float(self._clip_grad_norm(max_norm))
         record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
         if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
             self._skip_step(f"non-finite loss={loss_f} / grad_norm={grad_norm_f}")
-            record.update(skipped=True)
-            if pre_clip is not None:  # done before the forward, on finite weights: it stays, logged
-                record.update(max_logit_remeasured=pre_clip["max_logit"],
-                              max_logit_remeasured_per_layer=pre_clip["max_logit_per_layer"],
-                              clipped_heads=pre_clip["clipped_heads"],
-                              clipped_heads_per_layer=pre_clip["clipped_heads_per_layer"])
-            return record
-
-        if self.remeasure_passes and not self.lookahead:
-            measure, update_pool = self._remeasure_passes(micro_batches)
-            self.optimizer.step(remeasure=measure, remeasure_passes=self.remeasure_passes)
-            update_pool()
-        else:
-            self.optimizer.step()  # with lookahead: K2's clip too, on heads the step's forward saw over tau
+            return {**record, "skipped": True}
+        try:
+            self.optimizer.step()  # MuonClip: checks the max logits before it changes anything
+        except NonFiniteMaxLogit as e:  # every rank sees it (the MAX reduce keeps it as +inf)
+            self._skip_step(f"non-finite max logit ({e})")
+            return {**record, "skipped": True}
         self.optimizer.zero_grad(set_to_none=True)
         clip = getattr(self.optimizer, "last_stats", None)
         if clip is None:
             clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
-        if pre_clip is not None:  # the heads clipped before the forward or after the update, each once
-            mask_L = union_clipped(pre_clip["clipped_heads_mask_per_layer"], clip["clipped_heads_mask_per_layer"])
-            clip = {**clip, "max_logit_remeasured": pre_clip["max_logit"],
-                    "max_logit_remeasured_per_layer": pre_clip["max_logit_per_layer"],
-                    "clipped_heads": sum(map(sum, mask_L)), "clipped_heads_per_layer": [sum(m) for m in mask_L]}
-        if "max_logit_remeasured" in clip:
-            record.update(max_logit_remeasured=clip["max_logit_remeasured"],
-                          max_logit_remeasured_per_layer=clip["max_logit_remeasured_per_layer"])
+        record.update(max_logit=clip["max_logit"], max_logit_per_layer=clip["max_logit_per_layer"],
+                      clipped_heads=clip["clipped_heads"], clipped_heads_per_layer=clip["clipped_heads_per_layer"])
         if self.cfg.logging.post_step_max_logit and self._is_logged(self.step + 1):  # before the bias update
             post = self._post_step_max_logits(micro_batches)
             record.update(max_logit_post_step=post["max_logit"],
@@ -289,79 +224,35 @@ class Trainer:
 
         balance = update_expert_bias(self.model.moe_layers(), rate=self.cfg.train.expert_bias_rate,
                                      group=self.dims.dp_group)
-        record.update(
-            max_logit=clip["max_logit"], max_logit_per_layer=clip["max_logit_per_layer"],
-            clipped_heads=clip["clipped_heads"], clipped_heads_per_layer=clip["clipped_heads_per_layer"],
-            expert_load_imbalance=balance["max_imbalance"] if balance["imbalance_per_layer"] else None,
-            expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None,
-        )
+        record.update(expert_load_imbalance=balance["max_imbalance"] if balance["imbalance_per_layer"] else None,
+                      expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None)
         return record
 
-    def _remeasure_passes(self, micro_batches: list[torch.Tensor]) -> tuple[Callable[[], None], Callable[[], None]]:
-        """QK-Clip's re-measure for this step: ``measure`` runs one pass (the step's batch, scan
-        and pool; MuonClip calls it once per pass, after the update or, with lookahead, before
-        the forward), ``update_pool`` then keeps each head's top sequences of the last pass."""
-        passes, measured = self.remeasure_passes, []
-        sequences = torch.cat([mb.cpu() for mb in micro_batches] + self._scan_windows())
-
-        def measure() -> None:
-            measured.append(self._remeasure(sequences, last=len(measured) == passes - 1))
-
-        def update_pool() -> None:
-            if self.pool is not None and measured:  # the last pass's per-sequence max logits (before its clip)
-                self.pool.update(*measured[-1])
-
-        return measure, update_pool
+    def _forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
+        """Accumulate the gradients of the global batch; its mean loss over every rank."""
+        loss_sum = torch.zeros((), device=self.device)
+        sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2: sync only on the last one
+        for i, mb in enumerate(micro_batches):
+            if sync is not None:
+                sync(i == len(micro_batches) - 1)
+            loss = self._loss(mb)
+            (loss / self.accum).backward()
+            loss_sum += loss.detach()
+        return self._mean_over_dp(loss_sum / self.accum)
 
     @torch.no_grad()
     def _post_step_max_logits(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
         """Max logits of the weights after this step's update and QK-Clip, on this step's own batch.
 
-        The logged ``max_logit`` comes from the step's forward, before its update and clip (with
-        optim.qk_clip.lookahead: after the clip that precedes the forward); this one separates
-        what the clip leaves (tau on the clipped heads, times the growth of the update it was
-        applied after) from batch-to-batch variation. It runs before the
-        expert-bias update, with the MoE layers in eval mode so their routed-token counts
-        are untouched.
+        The logged ``max_logit`` comes from the step's forward, before its update and clip; this
+        one separates what the clip leaves (tau on the clipped heads, times the growth of the
+        update it was applied after) from batch-to-batch variation (docs/stability.md). It runs
+        before the expert-bias update; measure_max_logits leaves the routed-token counts alone.
         """
-        attention = self.model.attention_layers()
-        try:
-            self._forward_no_grad(torch.cat(micro_batches))
-            return read_max_logits(attention, self.dims.dp_group)
-        finally:
-            for layer in attention:
-                layer.reset_max_logits()
-
-    def _scan_windows(self) -> list[torch.Tensor]:
-        """optim.qk_clip.remeasure_scan random training windows for this step's re-measure (none
-        when 0): drawn from (seed, step, rank) alone, so a resumed run draws the same ones."""
-        n = self.cfg.optim.qk_clip.remeasure_scan
-        if n == 0:
-            return []
-        windows = self.train_loader.windows
-        rng = np.random.default_rng([self.cfg.train.seed, self.step, self.dims.dp_rank, 0x5CA7])
-        return [windows.gather(rng.choice(len(windows), size=min(n, len(windows)), replace=False))]
-
-    def _remeasure(self, sequences_NT1: torch.Tensor, last: bool) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        """One QK-Clip re-measure pass: these sequences (the step's batch and scan) and the
-        max-logit pool through the updated weights. With a pool, the last pass returns the
-        candidates and their per-sequence max logits [N, layers, heads] for MaxLogitPool.update."""
-        if self.pool is None:
-            self._forward_no_grad(sequences_NT1)
-            return None
-        candidates = self.pool.candidates(sequences_NT1)
-        forwards = None
-        if dist.is_initialized():  # pools differ in size; every rank must run as many forwards
-            n = torch.tensor(math.ceil(len(candidates) / self.cfg.train.micro_batch_size), device=self.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MAX)
-            forwards = int(n)
-        per_sequence = measure_in_chunks(self.model, candidates, self.cfg.train.micro_batch_size, self.device,
-                                         per_sequence=last, forwards=forwards, autocast=self.autocast)
-        return (candidates, per_sequence) if last else None
-
-    def _forward_no_grad(self, rows_NT1: torch.Tensor) -> None:
-        """These token rows (micro-batch-sized forwards) through the current weights, recording max logits only."""
-        measure_in_chunks(self.model, rows_NT1, self.cfg.train.micro_batch_size, self.device, autocast=self.autocast)
+        for mb in micro_batches:
+            with self.autocast():
+                self.model.measure_max_logits(mb[:, :-1].to(self.device, non_blocking=True))
+        return read_max_logits(self.model.attention_layers(), self.dims.dp_group)
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping to max_norm (works across the EP and dense meshes)."""
@@ -408,8 +299,7 @@ class Trainer:
             raise TrainingError(f"step {self.step}: the model or optimizer state has non-finite values; "
                                 "refusing to write a checkpoint (the previous one is kept)")
         ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                             keep=self.cfg.checkpoint.keep,
-                             rank_arrays={"qk_clip_pool": self.pool.state_dict()} if self.pool is not None else None)
+                             keep=self.cfg.checkpoint.keep)
 
     def _is_logged(self, step: int) -> bool:
         """Whether fit() logs the record of (1-based) step ``step``."""

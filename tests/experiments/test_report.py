@@ -12,13 +12,11 @@ from kimi_train.report import build_report, main, markdown_table, smoothed, summ
 
 
 def write_run(run_dir: Path, records: list[dict], optim: str = "muonclip", lr: float = 0.01, tau: float = 30.0,
-              clip: bool = True, remeasure: int = 0, pool: int = 0, scan: int = 0, lookahead: bool = False) -> Path:
+              clip: bool = True) -> Path:
     run_dir.mkdir(parents=True)
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     (run_dir / "config.yaml").write_text(
-        f"optim:\n  name: {optim}\n  lr: {lr}\n  qk_clip:\n    enabled: {str(clip).lower()}\n    tau: {tau}\n"
-        f"    remeasure: {remeasure}\n    remeasure_pool: {pool}\n    remeasure_scan: {scan}\n"
-        f"    lookahead: {str(lookahead).lower()}\n")
+        f"optim:\n  name: {optim}\n  lr: {lr}\n  qk_clip:\n    enabled: {str(clip).lower()}\n    tau: {tau}\n")
     return run_dir
 
 
@@ -55,17 +53,10 @@ def test_summary_figures(clip_run):
     assert s.elapsed_s == 3.0
 
 
-def test_remeasure_runs_are_named_apart(tmp_path):
+def test_qk_clip_off_reads_as_muon(tmp_path):
     records = [rec(1, 5.0, 0.2), rec(2, 4.0, 35.0, clipped=3)]
-    assert summarise(write_run(tmp_path / "r", records, remeasure=2)).optimizer == "muonclip+remeasure2"
-    assert summarise(write_run(tmp_path / "p", records, remeasure=1, pool=4)).optimizer == "muonclip+remeasure1+pool4"
-    assert (summarise(write_run(tmp_path / "ps", records, remeasure=1, pool=4, scan=16)).optimizer
-            == "muonclip+remeasure1+pool4+scan16")
-    assert summarise(write_run(tmp_path / "la", records, remeasure=1, lookahead=True)).optimizer == "muonclip+lookahead1"
-    assert (summarise(write_run(tmp_path / "lap", records, remeasure=2, pool=4, lookahead=True)).optimizer
-            == "muonclip+lookahead2+pool4")
     assert summarise(write_run(tmp_path / "k2", records)).optimizer == "muonclip"
-    assert summarise(write_run(tmp_path / "off", records, clip=False, remeasure=1)).optimizer == "muon"
+    assert summarise(write_run(tmp_path / "off", records, clip=False)).optimizer == "muon"
 
 
 def test_post_step_max_logit_columns(tmp_path, clip_run):
@@ -86,25 +77,6 @@ def test_post_step_max_logit_columns(tmp_path, clip_run):
     assert "post-step max logit after 1st clip: max (median)" in table
     assert "| 33.0 (1.10 tau; median 1.02 tau) |" in table
     assert markdown_table([summarise(clip_run)], smooth=1).count("post-step") == 0
-
-
-def test_remeasured_max_logit_columns(tmp_path, clip_run):
-    """optim.qk_clip.remeasure runs: the re-measured max logit (with lookahead, the batch about to
-    be trained on before its clip), max and median over the steps after the first clip."""
-    run = write_run(tmp_path / "ahead", [
-        rec(1, 5.0, 0.2, max_logit_remeasured=0.2),
-        rec(2, 4.0, 30.0, clipped=3, max_logit_remeasured=36.0),
-        rec(3, 3.0, 30.0, clipped=1, max_logit_remeasured=33.0),
-        rec(4, 3.5, 29.0, max_logit_remeasured=29.0),
-        rec(5, 2.5, 30.0, clipped=2, max_logit_remeasured=39.0),
-    ], remeasure=1, lookahead=True)
-    s = summarise(run)
-    assert (s.max_remeasured_after_first_clip, s.median_remeasured_after_first_clip) == (39.0, 33.0)
-    assert summarise(clip_run).max_remeasured_after_first_clip is None
-    table = markdown_table([summarise(clip_run), s], smooth=1)
-    assert "re-measured max logit after 1st clip: max (median)" in table
-    assert "| 39.0 (1.30 tau; median 1.10 tau) |" in table
-    assert markdown_table([summarise(clip_run)], smooth=1).count("re-measured") == 0
 
 
 def test_smoothing_is_a_trailing_mean(clip_run):
