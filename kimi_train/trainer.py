@@ -43,6 +43,9 @@ from kimi_train.schedule import LRSchedule
 from optim import NonFiniteMaxLogit, reduce_max_logits
 
 
+GROUPED_GEMM_CHOICES = "grouped_gemm_choices.json"  # in the run directory
+
+
 class TrainingError(RuntimeError):
     """Training cannot continue (e.g. too many non-finite steps); the message says why."""
 
@@ -143,6 +146,13 @@ class Trainer:
         self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
         self.resumed_from: Optional[str] = None
         self._prepare_run_dir(resolved_config)
+        # The grouped-GEMM kernel of every expert shape the run can hit, agreed by every rank and
+        # kept in the run directory, so a resumed run computes with the same kernels.
+        from kimi_train.kernels.grouped_gemm import tune_grouped_gemm
+
+        most_rows = t.micro_batch_size * t.seq_len * cfg.model.num_experts_per_tok * self.dims.ep
+        tune_grouped_gemm(self.model, most_rows, self.device, torch.bfloat16 if use_bf16 else torch.float32,
+                          path=self.run_dir / GROUPED_GEMM_CHOICES)
         self.metrics = MetricsLogger(self.run_dir, self.is_main, self.step, cfg.logging.wandb,
                                      cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
 
@@ -156,6 +166,7 @@ class Trainer:
                       file=sys.stderr)
             shutil.rmtree(ckpt.checkpoints_root(self.run_dir), ignore_errors=True)
             (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (self.run_dir / GROUPED_GEMM_CHOICES).unlink(missing_ok=True)
         if dist.is_initialized():
             dist.barrier()
         if self.cfg.resume == "auto" and latest is not None:
