@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from optim.protocol import QKClipTarget
@@ -112,12 +113,12 @@ class MLAttention(_MaxLogitRecorder):
             q_BTX = self.q_proj(x_BTD)
         else:
             q_BTX = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x_BTD)))
-        q_BHTQ = q_BTX.view(B, T, H, Dn + Dr).transpose(1, 2)
+        q_BHTQ = rearrange(q_BTX, "b t (h q) -> b h t q", h=H)
         q_nope_BHTN, q_rope_BHTR = q_BHTQ.split([Dn, Dr], dim=-1)
 
         ckv_BTX = self.kv_a_proj_with_mqa(x_BTD)
         c_kv_BTL, k_rope_BTR = ckv_BTX.split([self.kv_lora_rank, Dr], dim=-1)
-        kv_BHTX = self.kv_b_proj(self.kv_a_layernorm(c_kv_BTL)).view(B, T, H, Dn + Dv).transpose(1, 2)
+        kv_BHTX = rearrange(self.kv_b_proj(self.kv_a_layernorm(c_kv_BTL)), "b t (h x) -> b h t x", h=H)
         k_nope_BHTN, v_BHTV = kv_BHTX.split([Dn, Dv], dim=-1)
 
         q_rope_BHTR = apply_rope(q_rope_BHTR, cos_TD2, sin_TD2)
@@ -133,7 +134,7 @@ class MLAttention(_MaxLogitRecorder):
         if pad > 0:
             v_BHTV = F.pad(v_BHTV, (0, pad))
         o_BHTQ = F.scaled_dot_product_attention(q_BHTQ, k_BHTQ, v_BHTV, is_causal=True, scale=self.softmax_scale)
-        return self.o_proj(o_BHTQ[..., :Dv].transpose(1, 2).reshape(B, T, H * Dv))
+        return self.o_proj(rearrange(o_BHTQ[..., :Dv], "b h t v -> b t (h v)"))
 
 
 class GQAttention(_MaxLogitRecorder):
@@ -163,16 +164,15 @@ class GQAttention(_MaxLogitRecorder):
         )  # fmt: skip
 
     def forward(self, x_BTD: torch.Tensor, cos_TD2: torch.Tensor, sin_TD2: torch.Tensor) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
-        H, Hkv, Dh = self.num_heads, self.num_kv_heads, self.head_dim
-        q_BHTE = apply_rope(self.q_proj(x_BTD).view(B, T, H, Dh).transpose(1, 2), cos_TD2, sin_TD2)
-        k_BKTE = apply_rope(self.k_proj(x_BTD).view(B, T, Hkv, Dh).transpose(1, 2), cos_TD2, sin_TD2)
-        v_BKTE = self.v_proj(x_BTD).view(B, T, Hkv, Dh).transpose(1, 2)
+        H, Hkv = self.num_heads, self.num_kv_heads
+        q_BHTE = apply_rope(rearrange(self.q_proj(x_BTD), "b t (h e) -> b h t e", h=H), cos_TD2, sin_TD2)
+        k_BKTE = apply_rope(rearrange(self.k_proj(x_BTD), "b t (k e) -> b k t e", k=Hkv), cos_TD2, sin_TD2)
+        v_BKTE = rearrange(self.v_proj(x_BTD), "b t (k e) -> b k t e", k=Hkv)
         self._record(q_BHTE, k_BKTE, self.softmax_scale)
         o_BHTE = F.scaled_dot_product_attention(
             q_BHTE, k_BKTE, v_BKTE, is_causal=True, scale=self.softmax_scale, enable_gqa=Hkv != H
         )
-        return self.o_proj(o_BHTE.transpose(1, 2).reshape(B, T, H * Dh))
+        return self.o_proj(rearrange(o_BHTE, "b h t e -> b t (h e)"))
 
 
 def build_attention(cfg: ModelConfig) -> nn.Module:

@@ -18,6 +18,7 @@ kimi_train.kernels.max_logits_triton when it is importable.
 from __future__ import annotations
 
 import torch
+from einops import rearrange, reduce
 
 
 def per_head_max_logits_reference(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float,
@@ -33,24 +34,23 @@ def per_head_max_logits_reference(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, so
 
 def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float, chunk_size: int,
                         per_sequence: bool) -> torch.Tensor:
-    B, H, T, D = q_BHTD.shape
+    B, H, T, _ = q_BHTD.shape
     Hkv = k_BHTD.shape[1]
     G = H // Hkv
-    # Group the query heads by KV head so GQA needs no repeated keys: q [B, Hkv, G*C, D].
-    q_BKGTD = q_BHTD.float().view(B, Hkv, G, T, D)
+    # Group the query heads by KV head (h = kv * G + g) so GQA needs no repeated keys.
+    q_BKGTD = rearrange(q_BHTD.float(), "b (kv g) t d -> b kv g t d", kv=Hkv)
     k_BKTD = k_BHTD.float()
     max_BH = torch.full((B, H), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
     pos_T = torch.arange(T, device=q_BHTD.device)
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
-        C = end - start
-        q_BKXD = q_BKGTD[:, :, :, start:end].reshape(B, Hkv, G * C, D)
+        q_BKXD = rearrange(q_BKGTD[:, :, :, start:end], "b kv g c d -> b kv (g c) d")
         # Only keys j < end can be seen by this block of queries; of those, only the diagonal
         # block [start, end) has future keys to mask.
-        s_BKGCJ = (q_BKXD @ k_BKTD[:, :, :end].transpose(-1, -2)).view(B, Hkv, G, C, end)
+        s_BKGCJ = rearrange(q_BKXD @ k_BKTD[:, :, :end].transpose(-1, -2), "b kv (g c) j -> b kv g c j", g=G)
         future_CC = pos_T[None, start:end] > pos_T[start:end, None]
         s_BKGCJ[..., start:end].masked_fill_(future_CC, float("-inf"))
-        max_BH = torch.maximum(max_BH, s_BKGCJ.amax(dim=(3, 4)).reshape(B, H))
+        max_BH = torch.maximum(max_BH, reduce(s_BKGCJ, "b kv g c j -> b (kv g)", "max"))
     # The scale is positive, so it commutes with the max: one multiply on [B, H], not on the scores.
     max_BH *= softmax_scale
     return max_BH if per_sequence else max_BH.amax(0)

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 from kimi_train.kernels.grouped_gemm import grouped_gemm
@@ -93,12 +94,11 @@ class Router(_Fp32Buffers):
             scores_TE = F.linear(x_TD.float(), self.weight.float()).sigmoid()
         choice_TE = scores_TE.detach() + self.e_score_correction_bias
         if self.n_group > 1:
-            T, G = choice_TE.shape[0], self.n_group
-            choice_TGX = choice_TE.view(T, G, -1)
+            choice_TGX = rearrange(choice_TE, "t (g x) -> t g x", g=self.n_group)
             group_score_TG = choice_TGX.topk(min(2, choice_TGX.shape[-1]), dim=-1).values.sum(-1)
             keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
             keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
-            choice_TE = choice_TGX.masked_fill(~keep_TG[:, :, None], float("-inf")).view(T, -1)
+            choice_TE = rearrange(choice_TGX.masked_fill(~keep_TG[:, :, None], float("-inf")), "t g x -> t (g x)")
         idx_TK = choice_TE.topk(self.top_k, dim=-1).indices
         weights_TK = scores_TE.gather(1, idx_TK)
         if self.norm_topk_prob:
@@ -168,23 +168,25 @@ class MoE(_Fp32Buffers):
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
-        T, K = x_TD.shape[0], self.top_k
+        K = self.top_k
         weights_TK, idx_TK = self.gate(x_TD)
 
         with torch.no_grad():
-            idx_S = idx_TK.reshape(-1)
+            idx_S = rearrange(idx_TK, "t k -> (t k)")  # slot s = t * K + k: token t's k-th choice
             # scatter_add, not bincount: bincount syncs with the host on CUDA.
             num_tokens_per_expert_E = idx_S.new_zeros(self.num_experts).scatter_add_(0, idx_S, torch.ones_like(idx_S))
             if self.training:
                 self.tokens_per_expert += num_tokens_per_expert_E.float()
-            order_S = torch.argsort(idx_S, stable=True)  # slot s = token s // K, its k-th choice
+            order_S = torch.argsort(idx_S, stable=True)  # the slots sorted by expert
             token_S = order_S // K
 
-        y_SD = self.experts(x_TD[token_S], num_tokens_per_expert_E)
-        # Un-sort into [T, K, D] and take the weighted sum (deterministic, no atomics).
-        y_TKD = y_SD.new_empty(T * K, shape[-1])
-        y_TKD[order_S] = y_SD
-        y_TD = (y_TKD.view(T, K, -1) * weights_TK.unsqueeze(-1).to(y_SD.dtype)).sum(dim=1)
+        y_sorted_SD = self.experts(x_TD[token_S], num_tokens_per_expert_E)
+        # Un-sort into slot order and take the weighted sum over each token's K slots
+        # (deterministic, no atomics).
+        y_SD = torch.empty_like(y_sorted_SD)
+        y_SD[order_S] = y_sorted_SD
+        y_TKD = rearrange(y_SD, "(t k) d -> t k d", k=K)
+        y_TD = (y_TKD * weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(shape)

@@ -21,6 +21,7 @@ import math
 from typing import Any, Optional
 
 import torch
+from einops import rearrange
 
 
 def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
@@ -99,13 +100,9 @@ def interleaved_to_half(rows: torch.Tensor, dim: int) -> torch.Tensor:
     Rows (0, 1, 2, 3, ...) -> (0, 2, 4, ..., 1, 3, 5, ...): the interleaved pair (2i, 2i+1)
     becomes the half-rotated pair (i, i + D/2).
     """
-    perm = torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
-    return rows.index_select(-2, perm.to(rows.device))
+    return rearrange(rows, "... (d2 pair) i -> ... (pair d2) i", d2=dim // 2)
 
 
 def half_to_interleaved(rows: torch.Tensor, dim: int) -> torch.Tensor:
     """Inverse of `interleaved_to_half`."""
-    perm = torch.cat([torch.arange(0, dim, 2), torch.arange(1, dim, 2)])
-    inverse = torch.empty_like(perm)
-    inverse[perm] = torch.arange(dim)
-    return rows.index_select(-2, inverse.to(rows.device))
+    return rearrange(rows, "... (pair d2) i -> ... (d2 pair) i", d2=dim // 2)

@@ -27,6 +27,7 @@ import types
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+from einops import rearrange, reduce
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
@@ -51,19 +52,23 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         R = self.ep_size
         L = self.num_experts // R
         with torch.no_grad():
-            counts_send_RL = num_tokens_per_expert_E.to(torch.int64).view(R, L)
+            # Global expert e = r * L + l lives on rank r as its local expert l.
+            counts_send_RL = rearrange(num_tokens_per_expert_E.to(torch.int64), "(r l) -> r l", r=R)
             counts_recv_RL = torch.empty_like(counts_send_RL)
             dist.all_to_all_single(counts_recv_RL, counts_send_RL, group=self.ep_group)
             # Index maths on the host (one sync: the splits are needed there anyway).
             send_RL, recv_RL = counts_send_RL.cpu(), counts_recv_RL.cpu()
-            in_splits, out_splits = send_RL.sum(1).tolist(), recv_RL.sum(1).tolist()
-            # received order: (source r, expert l); GEMM order: (expert l, source r)
-            n_LR = recv_RL.t().reshape(-1)
-            src_start_LR = (recv_RL.reshape(-1).cumsum(0) - recv_RL.reshape(-1)).view(R, L).t().reshape(-1)
-            dst_start_LR = n_LR.cumsum(0) - n_LR
+            in_splits = reduce(send_RL, "r l -> r", "sum").tolist()  # slots I send to rank r
+            out_splits = reduce(recv_RL, "r l -> r", "sum").tolist()  # slots rank r sends me
+            # The received blocks come in (source r, expert l) order; the GEMM wants (expert l, source r).
+            n_RL = rearrange(recv_RL, "r l -> (r l)")
+            src_start_LR = rearrange(n_RL.cumsum(0) - n_RL, "(r l) -> (l r)", r=R)  # where each block arrived
+            n_LR = rearrange(recv_RL, "r l -> (l r)")
+            dst_start_LR = n_LR.cumsum(0) - n_LR  # where the GEMM order puts it
+            # Slot q of the GEMM order is received slot perm_Q[q].
             perm_Q = torch.arange(int(n_LR.sum())) + torch.repeat_interleave(src_start_LR - dst_start_LR, n_LR)
             perm_Q = perm_Q.to(x_SD.device)
-            local_counts_L = recv_RL.sum(0).to(num_tokens_per_expert_E.device)
+            local_counts_L = reduce(recv_RL, "r l -> l", "sum").to(num_tokens_per_expert_E.device)
 
         x_QD = _all_to_all(x_SD, out_splits, in_splits, self.ep_group)[perm_Q]
         # The model's own expert maths, on the local shards (E/R whole experts) of the weights.
