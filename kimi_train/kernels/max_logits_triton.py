@@ -121,10 +121,8 @@ def _split_head_dim(D: int) -> tuple[int, int]:
     return d1, (0 if rest == 0 else max(16, 1 << (rest - 1).bit_length()))
 
 
-def max_logits_triton(q_BHTD: torch.Tensor, k_BHkvTD: torch.Tensor, softmax_scale: float,
-                      per_sequence: bool = False) -> torch.Tensor:
-    """[H] fp32: softmax_scale * causal max of q.k per head over batch, queries and keys
-    ([B, H], each sequence's own, with per_sequence).
+def max_logits_triton(q_BHTD: torch.Tensor, k_BHkvTD: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """[H] fp32: softmax_scale * causal max of q.k per head over batch, queries and keys.
 
     q_BHTD [B, H, T, D], k_BHkvTD [B, Hkv, T, D] with H % Hkv == 0 (any strides;
     bf16, fp16 or fp32). Runs without autograd; CPU tensors use Triton's interpreter.
@@ -146,7 +144,7 @@ def max_logits_triton(q_BHTD: torch.Tensor, k_BHkvTD: torch.Tensor, softmax_scal
     if q_BHTD.dtype != k_BHkvTD.dtype:
         raise ValueError(f"max_logits_triton dtypes differ: q {q_BHTD.dtype}, k {k_BHkvTD.dtype}")
     if B == 0 or T == 0:
-        return torch.full((B, H) if per_sequence else (H,), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
+        return torch.full((H,), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
     kernel, configs = _kernel(q_BHTD.device, q_BHTD.dtype)
     meta = _INTERPRETER_META if configs is None else {}
     # One partial per (batch, head, query block); sized for the smallest BLOCK_M an autotune config may pick.
@@ -164,8 +162,7 @@ def max_logits_triton(q_BHTD: torch.Tensor, k_BHkvTD: torch.Tensor, softmax_scal
             *q_BHTD.stride(), *k_BHkvTD.stride(),
             BLOCK_D1=d1, BLOCK_D2=d2, PRECISION="ieee" if q_BHTD.dtype == torch.float32 else "tf32", **meta,
         )
-    max_BH = partial.view(B, H, -1).amax(dim=2) * softmax_scale  # one partial per (sequence, head, block)
-    return max_BH if per_sequence else max_BH.amax(dim=0)
+    return partial.view(B, H, -1).amax(dim=(0, 2)) * softmax_scale  # one partial per (sequence, head, block)
 
 
 if not TRITON_AVAILABLE:

@@ -46,9 +46,6 @@ class _MaxLogitRecorder(nn.Module):
         self.record_max_logits = cfg.record_max_logits
         self.max_logits_chunk = cfg.max_logits_chunk
         self.max_logits = None
-        # [B, H] of the last forward, when KimiForCausalLM.measure_max_logits(per_sequence=True) asks
-        self.max_logits_per_sequence: Optional[torch.Tensor] = None
-        self.record_per_sequence = False
         self.name = ""  # set by the model ("layers.3.self_attn") for MuonClip's logs
 
     def reset_max_logits(self) -> None:
@@ -57,12 +54,7 @@ class _MaxLogitRecorder(nn.Module):
     def _record(self, q_BHTQ: torch.Tensor, k_BKTQ: torch.Tensor, softmax_scale: float) -> None:
         if not (self.record_max_logits and self.training):
             return
-        if self.record_per_sequence:
-            m_BH = per_head_max_logits(q_BHTQ.detach(), k_BKTQ.detach(), softmax_scale, self.max_logits_chunk,
-                                       per_sequence=True)
-            self.max_logits_per_sequence, m_H = m_BH, m_BH.amax(0)
-        else:
-            m_H = per_head_max_logits(q_BHTQ.detach(), k_BKTQ.detach(), softmax_scale, self.max_logits_chunk)
+        m_H = per_head_max_logits(q_BHTQ.detach(), k_BKTQ.detach(), softmax_scale, self.max_logits_chunk)
         self.max_logits = m_H if self.max_logits is None else torch.maximum(self.max_logits, m_H)
 
 

@@ -21,26 +21,23 @@ import torch
 from einops import rearrange, reduce
 
 
-def per_head_max_logits_reference(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float,
-                                   per_sequence: bool = False) -> torch.Tensor:
-    """Brute force: the full [B, H, T, T] logits, masked, max ([H], or [B, H] per sequence). For tests."""
+def per_head_max_logits_reference(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float) -> torch.Tensor:
+    """Brute force: the full [B, H, T, T] logits, masked, max [H]. For tests."""
     H, Hkv, T = q_BHTD.shape[1], k_BHTD.shape[1], q_BHTD.shape[2]
     k_BHTD = k_BHTD.repeat_interleave(H // Hkv, dim=1)
     s_BHTT = (q_BHTD.double() @ k_BHTD.double().transpose(-1, -2)) * softmax_scale
     causal_TT = torch.ones(T, T, dtype=torch.bool, device=q_BHTD.device).tril()
-    max_BH = s_BHTT.masked_fill(~causal_TT, float("-inf")).amax(dim=(2, 3)).float()
-    return max_BH if per_sequence else max_BH.amax(0)
+    return s_BHTT.masked_fill(~causal_TT, float("-inf")).amax(dim=(0, 2, 3)).float()
 
 
-def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float, chunk_size: int,
-                        per_sequence: bool) -> torch.Tensor:
-    B, H, T, _ = q_BHTD.shape
+def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float, chunk_size: int) -> torch.Tensor:
+    H, T = q_BHTD.shape[1], q_BHTD.shape[2]
     Hkv = k_BHTD.shape[1]
     G = H // Hkv
     # Group the query heads by KV head (h = kv * G + g) so GQA needs no repeated keys.
     q_BKGTD = rearrange(q_BHTD.float(), "b (kv g) t d -> b kv g t d", kv=Hkv)
     k_BKTD = k_BHTD.float()
-    max_BH = torch.full((B, H), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
+    max_H = torch.full((H,), float("-inf"), device=q_BHTD.device, dtype=torch.float32)
     pos_T = torch.arange(T, device=q_BHTD.device)
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
@@ -50,10 +47,9 @@ def _chunked_max_logits(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scal
         s_BKGCJ = rearrange(q_BKXD @ k_BKTD[:, :, :end].transpose(-1, -2), "b kv (g c) j -> b kv g c j", g=G)
         future_CC = pos_T[None, start:end] > pos_T[start:end, None]
         s_BKGCJ[..., start:end].masked_fill_(future_CC, float("-inf"))
-        max_BH = torch.maximum(max_BH, reduce(s_BKGCJ, "b kv g c j -> b (kv g)", "max"))
-    # The scale is positive, so it commutes with the max: one multiply on [B, H], not on the scores.
-    max_BH *= softmax_scale
-    return max_BH if per_sequence else max_BH.amax(0)
+        max_H = torch.maximum(max_H, reduce(s_BKGCJ, "b kv g c j -> (kv g)", "max"))
+    # The scale is positive, so it commutes with the max: one multiply on [H], not on the scores.
+    return max_H * softmax_scale
 
 
 @torch.no_grad()
@@ -63,13 +59,11 @@ def per_head_max_logits(
     softmax_scale: float,
     chunk_size: int = 128,
     backend: str = "auto",
-    per_sequence: bool = False,
 ) -> torch.Tensor:
     """Per-head max causal logit [H] fp32 (max over batch, queries and visible keys).
 
     q: [B, H, T, D]; k: [B, Hkv, T, D] with H % Hkv == 0 (MLA passes k expanded to H heads).
     backend: "auto" (Triton on CUDA when importable, else "torch"), "torch" (chunked), "triton".
-    per_sequence: return [B, H], each sequence's own max.
     """
     if q_BHTD.dim() != 4 or k_BHTD.dim() != 4 or q_BHTD.shape[1] % k_BHTD.shape[1]:
         raise ValueError(f"per_head_max_logits: q {tuple(q_BHTD.shape)} / k {tuple(k_BHTD.shape)} are not [B,H,T,D] / [B,Hkv,T,D]")
@@ -78,11 +72,11 @@ def per_head_max_logits(
     if backend == "triton" or (backend == "auto" and q_BHTD.is_cuda):
         kernel = _triton_kernel()
         if kernel is not None:
-            return kernel(q_BHTD, k_BHTD, softmax_scale, per_sequence=per_sequence)
+            return kernel(q_BHTD, k_BHTD, softmax_scale)
         if backend == "triton":
             raise ValueError("per_head_max_logits backend='triton': kimi_train.kernels.max_logits_triton is not importable")
     with torch.autocast(q_BHTD.device.type, enabled=False):  # exact fp32 logits even under autocast
-        return _chunked_max_logits(q_BHTD, k_BHTD, softmax_scale, max(1, int(chunk_size)), per_sequence)
+        return _chunked_max_logits(q_BHTD, k_BHTD, softmax_scale, max(1, int(chunk_size)))
 
 
 _TRITON_KERNEL: list = []

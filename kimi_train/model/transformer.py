@@ -19,7 +19,6 @@ biases 0. With pre-norm blocks and a final RMSNorm the logits are O(init_std * s
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -113,31 +112,17 @@ class KimiForCausalLM(nn.Module):
         return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
 
     @torch.no_grad()
-    def measure_max_logits(self, input_ids_BT: torch.Tensor, per_sequence: bool = False) -> Optional[torch.Tensor]:
-        """A forward whose only effect is the attention layers' max-logit records (for QK-Clip's
-        re-measure pass and the post-step diagnostic): no grad, and the MoE layers in eval mode,
-        so their routed-token counts (which the expert-bias update reads) are untouched.
-
-        per_sequence: also return each sequence's own per-head max logits, [B, layers, heads]
-        fp32 (the records still take the max over the batch)."""
+    def measure_max_logits(self, input_ids_BT: torch.Tensor) -> None:
+        """A forward whose only effect is the attention layers' max-logit records (for the
+        trainer's post-step diagnostic): no grad, and the MoE layers in eval mode, so their
+        routed-token counts (which the expert-bias update reads) are untouched."""
         was_training = self.training
-        attention = self.attention_layers()
         self.eval()
-        for attn in attention:  # attention records max logits only in train mode
+        for attn in self.attention_layers():  # attention records max logits only in train mode
             attn.train()
-            attn.record_per_sequence = per_sequence
         try:
             self(input_ids_BT)
-            if not per_sequence:
-                return None
-            if any(attn.max_logits_per_sequence is None for attn in attention):
-                raise RuntimeError("measure_max_logits(per_sequence=True): an attention layer recorded nothing "
-                                   "(model.record_max_logits is off?)")
-            return torch.stack([attn.max_logits_per_sequence for attn in attention], dim=1)
         finally:
-            for attn in attention:
-                attn.record_per_sequence = False
-                attn.max_logits_per_sequence = None
             self.train(was_training)
 
     def set_record_max_logits(self, enabled: bool) -> None:

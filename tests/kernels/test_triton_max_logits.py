@@ -57,13 +57,12 @@ def test_model_dispatch_uses_kernel(interpreter):
     torch.testing.assert_close(got, per_head_max_logits(q, k, 0.1, chunk_size=8, backend="torch"))
 
 
-def test_per_sequence_equals_the_chunked_path(interpreter):
+def test_batch_max_over_sequences_and_empty_batch(interpreter):
     q, k = torch.randn(3, 4, 33, 48), torch.randn(3, 2, 33, 48)
     q[1, 1:] *= 3  # different sequences hold different heads' maxima
-    got = per_head_max_logits(q, k, 0.1, backend="triton", per_sequence=True)
-    assert got.shape == (3, 4)
-    torch.testing.assert_close(got, per_head_max_logits(q, k, 0.1, chunk_size=8, backend="torch", per_sequence=True))
-    assert max_logits_triton(q[:0], k[:0], 0.1, per_sequence=True).shape == (0, 4)
+    q[2, 0] *= 3
+    torch.testing.assert_close(max_logits_triton(q, k, 0.1), _brute_force(q, k, 0.1), atol=1e-5, rtol=1e-5)
+    assert torch.equal(max_logits_triton(q[:0], k[:0], 0.1), torch.full((4,), float("-inf")))
 
 
 def test_split_head_dim():
@@ -93,6 +92,4 @@ def test_gpu_bf16(H, Hkv, T, D):
     want = per_head_max_logits(q.float(), k.float(), D**-0.5, backend="torch")
     # bf16 inputs are exact in fp32; only the accumulation order differs.
     torch.testing.assert_close(got, want, atol=1e-2, rtol=1e-3)
-    per = per_head_max_logits(q, k, D**-0.5, per_sequence=True)  # "auto": the kernel on CUDA
-    want_per = per_head_max_logits(q.float(), k.float(), D**-0.5, backend="torch", per_sequence=True)
-    torch.testing.assert_close(per, want_per, atol=1e-2, rtol=1e-3)
+    torch.testing.assert_close(per_head_max_logits(q, k, D**-0.5), want, atol=1e-2, rtol=1e-3)  # "auto": the kernel

@@ -19,19 +19,6 @@ def test_chunked_equals_brute_force(H, Hkv, T, chunk):
     torch.testing.assert_close(got, per_head_max_logits_reference(q, k, 0.3), rtol=1e-6, atol=1e-5)
 
 
-@pytest.mark.parametrize("H,Hkv,chunk", [(4, 4, 5), (6, 2, 8)])
-def test_per_sequence_equals_brute_force_and_reduces_to_the_batch_max(H, Hkv, chunk):
-    g = torch.Generator().manual_seed(H + chunk)
-    q, k = torch.randn(3, H, 17, 24, generator=g), torch.randn(3, Hkv, 17, 24, generator=g)
-    q[1, 1:] *= 3  # sequence 1 holds the max of every head but head 0 ...
-    q[2, 0] *= 3  # ... whose max is in sequence 2
-    got = per_head_max_logits(q, k, 0.3, chunk_size=chunk, backend="torch", per_sequence=True)
-    assert got.shape == (3, H) and got.dtype == torch.float32
-    torch.testing.assert_close(got, per_head_max_logits_reference(q, k, 0.3, per_sequence=True), rtol=1e-6, atol=1e-5)
-    assert torch.equal(got.amax(0), per_head_max_logits(q, k, 0.3, chunk_size=chunk, backend="torch"))
-    assert got.argmax(0).tolist() == [2] + [1] * (H - 1)
-
-
 def test_signed_and_causal():
     # Head 0: every visible logit negative -> a negative max. Head 1: the only large logit is
     # in the future (j > i) and must be ignored.
@@ -154,22 +141,29 @@ def test_muonclip_brings_clipped_heads_to_tau(variant):
 
 
 @pytest.mark.parametrize("variant", ["mla", "gqa"])
-def test_measure_max_logits_per_sequence(variant):
-    """Each row is what that sequence alone records; the records still take the max over the batch;
-    nothing else changes (MoE counts, the per-sequence buffers, train mode)."""
+def test_measure_max_logits_records_and_nothing_else(variant):
+    """The records of a training forward, from a no-grad forward that leaves the MoE counts and
+    every module's train/eval mode as they were (even in eval mode, where forwards record nothing)."""
     model = _model(variant).train()
-    ids = torch.randint(0, 256, (3, 21), generator=torch.Generator().manual_seed(4))
-    per_BLH = model.measure_max_logits(ids, per_sequence=True)
     layers = model.attention_layers()
-    assert per_BLH.shape == (3, len(layers), model.config.num_attention_heads)
-    assert torch.equal(torch.stack([a.max_logits for a in layers]), per_BLH.amax(0))
-    assert all(a.max_logits_per_sequence is None and not a.record_per_sequence for a in layers)
-    assert model.training and all(m.tokens_per_expert.sum() == 0 for m in model.moe_layers())
-    for b in range(3):
-        for a in layers:
-            a.reset_max_logits()
-        assert model.measure_max_logits(ids[b:b + 1]) is None
-        torch.testing.assert_close(torch.stack([a.max_logits for a in layers]), per_BLH[b], rtol=1e-5, atol=1e-6)
+    ids = torch.randint(0, 256, (3, 21), generator=torch.Generator().manual_seed(4))
+    model(ids)
+    want = torch.stack([a.max_logits for a in layers])
+    for a in layers:
+        a.reset_max_logits()
+    for m in model.moe_layers():
+        m.tokens_per_expert.zero_()
+    assert model.measure_max_logits(ids) is None
+    assert torch.equal(torch.stack([a.max_logits for a in layers]), want)
+    assert all(m.training for m in model.modules())
+    assert all(m.tokens_per_expert.sum() == 0 for m in model.moe_layers())
+    for a in layers:
+        a.reset_max_logits()
+    model.eval().measure_max_logits(ids)
+    assert torch.equal(torch.stack([a.max_logits for a in layers]), want)
+    assert not any(m.training for m in model.modules())
+    for a in layers:
+        a.reset_max_logits()
     model.set_record_max_logits(False)
-    with pytest.raises(RuntimeError, match="recorded nothing"):
-        model.measure_max_logits(ids, per_sequence=True)
+    model.measure_max_logits(ids)
+    assert all(a.max_logits is None for a in layers)
