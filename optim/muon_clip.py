@@ -96,11 +96,12 @@ class MuonClip(Muon):
     def qk_clip_(self, max_logits: Optional[Sequence[Optional[torch.Tensor]]] = None) -> dict[str, Any]:
         """QK-Clip now, outside step(), and return its stats (``last_stats`` is left alone).
 
-        max_logits: None clips with the attention layers' records (and resets them); or the
-            per-head max logits the caller measured, one [H] tensor (or None: no record) per
-            attention layer, e.g. from a forward of its own choosing. Either way they are
-            MAX-reduced over ``process_group`` first, so every rank applies the same clip
-            (a collective: every rank must call it), and checked before any weight changes.
+        max_logits: None clips with the attention layers' records; or the per-head max
+            logits the caller measured, one [H] tensor (or None: no record) per attention
+            layer, e.g. from a forward of its own choosing. Either way they are MAX-reduced
+            over ``process_group`` first, so every rank applies the same clip (a collective:
+            every rank must call it), and checked before any weight changes. The layers'
+            records are reset after the clip (they describe the weights before it).
         """
         if not self.attention_layers:
             return _stats([], [])

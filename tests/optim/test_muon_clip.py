@@ -148,7 +148,7 @@ def test_a_bad_record_changes_nothing(bad):
 def test_qk_clip_with_max_logits_the_caller_measured():
     """qk_clip_(max_logits): the primitive for clip variants outside step(). Heads over tau get
     exactly tau on the measured batch, the others are untouched, the layers' own records are
-    ignored and left alone, and last_stats is not changed."""
+    ignored (and reset: they describe the weights before the clip), and last_stats is not changed."""
     torch.manual_seed(0)
     model = TinyLM()
     opt = MuonClip(muon_param_groups(model), attention_layers=list(model.layers), tau=0.5, lr=0.0)
@@ -162,9 +162,8 @@ def test_qk_clip_with_max_logits_the_caller_measured():
     assert stats["max_logit_per_layer"] == [float(measured[0].max()), -math.inf]
     assert stats["clipped_heads_per_layer"] == [int((measured[0] > 0.5).sum()), 0] and stats["clipped_heads"] > 0
     assert opt.last_stats["clipped_heads"] == 0
+    assert all(layer.max_logits is None for layer in model.layers)
     with torch.no_grad():
-        for layer in model.layers:
-            layer.reset_max_logits()
         model(ids[:, :-1])
     after_H, over_H = model.layers[0].max_logits, measured[0] > 0.5
     torch.testing.assert_close(after_H[over_H], torch.full_like(after_H[over_H], 0.5), rtol=1e-5, atol=0)
