@@ -1,5 +1,6 @@
-"""ExpertParallelGroupedExperts == GroupedExperts on the full weights, forward and backward,
-with empty experts and a rank that sends nothing to another (2 gloo ranks)."""
+"""ExpertParallelGroupedExperts == GroupedExperts on the full weights, forward and backward
+(2 gloo ranks): with a receive permutation that is not the identity, an empty expert, and a
+rank that sends nothing to another."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kimi_train.parallel import apply_ep
 
 from _spawn import spawn
 
-E, D, I = 4, 8, 6
+E, D, I = 6, 8, 6  # 3 local experts per rank
 
 
 def _worker(rank: int, world: int) -> None:
@@ -23,9 +24,12 @@ def _worker(rank: int, world: int) -> None:
     ep.load_state_dict(ref.state_dict())
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
     apply_ep(torch.nn.Sequential(ep), mesh["ep"])
-    # Per-rank token counts per global expert; rank 1 sends nothing to rank 0's experts (0, 1),
-    # expert 3 gets no token anywhere.
-    counts = {0: torch.tensor([3, 0, 2, 0]), 1: torch.tensor([0, 0, 4, 0])}
+    # Per-rank token counts per global expert (rank 0 owns experts 0-2, rank 1 owns 3-5).
+    # Both ranks send to rank 1's experts 3 and 4, so rank 1 receives blocks in (source, expert)
+    # order [r0: 3, 1, 2 | r1: 1, 2, 0] and must regroup them by expert, [e3: 3, 1 | e4: 1, 2 |
+    # e5: 2, 0]: a permutation that is not the identity. Rank 1 sends nothing to rank 0
+    # (whose receive permutation is then the identity); expert 2 gets no token anywhere.
+    counts = {0: torch.tensor([2, 1, 0, 3, 1, 2]), 1: torch.tensor([0, 0, 0, 1, 2, 0])}
     x_all = {r: torch.randn(int(c.sum()), D, generator=torch.Generator().manual_seed(10 + r)) for r, c in counts.items()}
     x = x_all[rank].clone().requires_grad_()
     y = ep(x, counts[rank])

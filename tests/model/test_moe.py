@@ -11,6 +11,8 @@ from kimi_train.kernels.grouped_gemm import resolve_backend
 from kimi_train.model import GroupedExperts, MoE, load_model_config, update_expert_bias
 from kimi_train.model.moe import Router
 
+from _ports import free_port
+
 
 def _cfg(**kw):
     base = dict(hidden_size=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16)
@@ -136,12 +138,7 @@ def _worker(rank, port, out_dir):
 
 
 def test_update_expert_bias_all_reduces_counts(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     # Global counts [6, 6, 2, 2], mean 4 -> sign [-1, -1, 1, 1] on both ranks.
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"bias{rank}.pt"), torch.tensor([-1.0, -1, 1, 1]))
