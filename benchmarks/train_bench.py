@@ -9,7 +9,7 @@ batch, same loss (cross-entropy in fp32 over the logits):
 
     ours+adamw      KimiForCausalLM + torch.optim.AdamW
     hf+adamw        transformers DeepseekV3ForCausalLM built from our export's config.json
-                    (kimi_train.hf.export) with the same weights + torch.optim.AdamW
+                    (kimi_train.tools.hf.export) with the same weights + torch.optim.AdamW
     ours+muonclip   KimiForCausalLM + optim.MuonClip (Muon + AdamW groups + QK-Clip)
 
 One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
@@ -56,7 +56,7 @@ def run_variant(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from kimi_train.hf import export
+    from kimi_train.tools.hf import export
     from kimi_train.model import KimiForCausalLM
 
     torch.manual_seed(0)

@@ -20,7 +20,7 @@ from hydra.core.config_store import ConfigStore
 from kimi_train.data.sources import SOURCES
 from kimi_train.data.tokenizer import TOKENIZER_KINDS
 from kimi_train.model.config import ModelConfig
-from kimi_train.schedule import DECAY_SHAPES, SCHEDULE_TYPES
+from kimi_train.loop.schedule import DECAY_SHAPES, SCHEDULE_TYPES
 from optim.muon import ADJUST_LR, NS_DTYPE_NAMES
 from optim.newton_schulz import NS_BACKENDS, NS_METHODS
 

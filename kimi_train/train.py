@@ -140,7 +140,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"kimi-train: config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
-    from kimi_train.trainer import Trainer
+    from kimi_train.loop.trainer import Trainer
 
     Trainer(train_cfg, train_cfg.run_dir, resolved).fit()
 
@@ -167,7 +167,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from kimi_train.trainer import TrainingError
+    from kimi_train.loop.trainer import TrainingError
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]

@@ -5,7 +5,7 @@ Legend: B batch, H heads, T sequence, D rotary dims (even), D2 = D / 2 frequency
 Layout: "half-rotated" (the pair of frequency i is (x[i], x[i + D/2])), which is what
 transformers' DeepseekV3 computes with ``rope_interleave=False``. DeepSeek's and Kimi's
 released checkpoints use the interleaved layout (pairs (x[2i], x[2i+1])); the two are a
-fixed permutation of the rope rows of q and k, applied by kimi_train.hf on import/export
+fixed permutation of the rope rows of q and k, applied by kimi_train.tools.hf on import/export
 (`interleaved_to_half`). Attention logits are identical either way.
 
 YaRN (arXiv 2309.00071), as DeepSeek-V3 uses it: frequencies whose wavelength fits the

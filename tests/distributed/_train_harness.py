@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kimi_train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from kimi_train.loop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kimi_train.model import KimiForCausalLM, load_model_config
 from kimi_train.model.moe import update_expert_bias
 from kimi_train.parallel import ParallelDims, clip_grad_norm_, parallelize_model

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from kimi_train.report import build_report
+from kimi_train.analysis.report import build_report
 
 # A 2-layer, 64-wide model on 200 kB of text: seconds per run. The experiment's own lr/tau/sweep stay.
 TOY = [

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kimi_train.report import build_report, main, markdown_table, smoothed, summarise
+from kimi_train.analysis.report import build_report, main, markdown_table
+from kimi_train.analysis.runs import smoothed, summarise
 
 
 def write_run(run_dir: Path, records: list[dict], optim: str = "muonclip", lr: float = 0.01, tau: float = 30.0,

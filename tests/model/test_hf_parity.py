@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from kimi_train.hf import export, load  # noqa: E402
+from kimi_train.tools.hf import export, load  # noqa: E402
 from kimi_train.model import KimiForCausalLM, load_model_config  # noqa: E402
 
 BASE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
@@ -56,7 +56,7 @@ def test_transformers_logits_match(case, rope_interleave, tmp_path):
 
 
 def test_export_command_reexports_and_fails_in_one_line(tmp_path, capsys):
-    from kimi_train.hf import main
+    from kimi_train.tools.hf import main
 
     model = _model("mla_no_qlora")
     export(model, tmp_path / "a")
@@ -81,11 +81,11 @@ def test_gqa_models_do_not_export(tmp_path):
 
 
 def test_export_command_from_a_training_run_dir(tmp_path, capsys):
-    checkpoint = pytest.importorskip("kimi_train.checkpoint")
+    checkpoint = pytest.importorskip("kimi_train.loop.checkpoint")
     from omegaconf import OmegaConf
 
     import optim
-    from kimi_train.hf import main
+    from kimi_train.tools.hf import main
 
     model = _model("mla_qlora_groups")
     run = tmp_path / "run"
@@ -102,7 +102,7 @@ def test_export_command_from_a_training_run_dir(tmp_path, capsys):
 
 
 def test_load_reads_transformers_saved_and_fused_expert_layouts(tmp_path):
-    from kimi_train.hf import from_hf_state_dict, to_hf_state_dict
+    from kimi_train.tools.hf import from_hf_state_dict, to_hf_state_dict
 
     model = _model("mla_qlora_groups")
     export(model, tmp_path / "ours", rope_interleave=True)

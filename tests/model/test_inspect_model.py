@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kimi_train.inspect_model import inspect, main
+from kimi_train.tools.inspect_model import inspect, main
 from kimi_train.model import KimiForCausalLM, load_model_config
 
 

@@ -2,7 +2,7 @@
 
 import signal
 
-from kimi_train.checkpoint import complete_checkpoints, latest_checkpoint
+from kimi_train.loop.checkpoint import complete_checkpoints, latest_checkpoint
 
 from conftest import read_metrics, run_cli
 

@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from kimi_train.schedule import LRSchedule
+from kimi_train.loop.schedule import LRSchedule
 
 
 def test_warmup_is_linear_from_first_step():

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 
-from kimi_train import checkpoint as ckpt
+from kimi_train.loop import checkpoint as ckpt
 from kimi_train.config import (CheckpointConfig, DataConfig, LoggingConfig, ScheduleConfig, TrainConfig,
                                TrainLoopConfig, validate)
 from kimi_train.model.config import ModelConfig
-from kimi_train.plots import main as plot_main
-from kimi_train.trainer import Trainer, TrainingError
+from kimi_train.analysis.plots import main as plot_main
+from kimi_train.loop.trainer import Trainer, TrainingError
 
 from conftest import read_metrics, run_cli
 
@@ -320,7 +320,7 @@ def test_compiled_model_trains_like_eager(tmp_path):
 
 
 def test_metrics_logger_flattens_every_per_layer_list_for_wandb(tmp_path):
-    from kimi_train.metrics import MetricsLogger
+    from kimi_train.loop.metrics import MetricsLogger
 
     class FakeRun:
         def __init__(self):

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kimi_train.config import validate
-from kimi_train.trainer import Trainer
+from kimi_train.loop.trainer import Trainer
 from optim import Muon, MuonClip
 
 from conftest import read_metrics

@@ -8,14 +8,13 @@
     best_curves.png  the lowest-final-loss run of each optimizer, loss vs step, with the target loss
                      and the step each reaches it (only with a target: --steps-to-target-of / --target-loss)
 
-Written by `kimi-train-report RUN_DIR ... --plots DIR` (also `python -m kimi_train.sweep_plots`).
+Written by `kimi-train-report RUN_DIR ... --plots DIR`.
 Figures are small PNGs (about 50 KB) so they can live in docs/results/.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Optional
@@ -25,7 +24,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from kimi_train.report import RunSummary, best_per_optimizer  # noqa: E402
+from kimi_train.analysis.runs import RunSummary, best_per_optimizer  # noqa: E402
 
 # One colour per optimizer, so the same optimizer reads the same in every figure.
 OPTIM_COLORS = {"adamw": "tab:blue", "muon": "tab:red", "muonclip": "tab:green"}
@@ -167,17 +166,3 @@ def plot_all(runs: list[RunSummary], out_dir: str | Path, target: Optional[float
     if target is not None:
         paths.append(plot_best_curves(runs, out / "best_curves.png", target))
     return paths
-
-
-def main(argv: Optional[list[str]] = None) -> None:
-    """`python -m kimi_train.sweep_plots RUN_DIR ... --out DIR` (same as kimi-train-report --plots DIR)."""
-    from kimi_train.report import main as report_main
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--out" in argv:
-        argv[argv.index("--out")] = "--plots"
-    report_main(argv)
-
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Hugging Face interop: our model <-> a transformers DeepseekV3ForCausalLM directory.
 
-    from kimi_train.hf import export, load
+    from kimi_train.tools.hf import export, load
     export(model, "out/")             # config.json (model_type deepseek_v3) + model.safetensors
     model = load("out/")              # KimiForCausalLM; model(input_ids_BT) -> logits_BTV
 
@@ -224,9 +224,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             model = load(src)  # already a Hugging Face directory: re-export (e.g. to change the rope layout)
         else:
             try:
-                from kimi_train.checkpoint import load_model_from_run
+                from kimi_train.loop.checkpoint import load_model_from_run
             except ImportError as e:
-                raise ValueError(f"cannot read {src}: kimi_train.checkpoint.load_model_from_run is unavailable ({e})")
+                raise ValueError(f"cannot read {src}: kimi_train.loop.checkpoint.load_model_from_run is unavailable ({e})")
             model = load_model_from_run(src)
         export(model, out, rope_interleave=interleave)
     except ValueError as e:

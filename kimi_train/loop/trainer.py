@@ -35,11 +35,11 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kimi_train import checkpoint as ckpt
+from kimi_train.loop import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
-from kimi_train.metrics import MetricsLogger, flops_per_token, peak_flops
-from kimi_train.schedule import LRSchedule
+from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
+from kimi_train.loop.schedule import LRSchedule
 from optim import NonFiniteMaxLogit, reduce_max_logits
 
 
@@ -399,7 +399,7 @@ class Trainer:
         if self.is_main:
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             if self.cfg.logging.plots and last is not None:
-                from kimi_train.plots import plot_runs
+                from kimi_train.analysis.plots import plot_runs
 
                 plot_runs([self.run_dir], self.run_dir / "plots")
             print(f"done: loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "done",
