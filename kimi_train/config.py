@@ -18,6 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 
 from kimi_train.data.sources import SOURCES
+from kimi_train.errors import UserError
 from kimi_train.data.tokenizer import TOKENIZER_KINDS
 from kimi_train.model.config import ModelConfig
 from kimi_train.loop.schedule import DECAY_SHAPES, SCHEDULE_TYPES
@@ -30,7 +31,7 @@ RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("offline", "online", "disabled")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A bad config value: the message is one line naming the key and the valid values."""
 
 

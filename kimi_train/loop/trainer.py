@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from kimi_train.loop import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
+from kimi_train.errors import TrainingError
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.loop.schedule import LRSchedule
@@ -44,10 +45,6 @@ from optim import NonFiniteMaxLogit, reduce_max_logits
 
 
 GROUPED_GEMM_CHOICES = "grouped_gemm_choices.json"  # in the run directory
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. too many non-finite steps); the message says why."""
 
 
 def seed_everything(seed: int) -> None:
