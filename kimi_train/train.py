@@ -26,6 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kimi_train.config import ConfigError, TrainConfig, register_configs, validate
+from kimi_train.errors import Interrupted, TrainingError, UserError
 
 try:
     from kimi_train.paths import config_dir as _config_dir
@@ -163,26 +164,38 @@ def _one_line(ex: BaseException) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    """Console entry point: exit 2 with one line for any config problem."""
+    """Console entry point: kimi_train.errors' exit codes, one line each.
+
+    UserError (a config value, a path, the run directory, data): exit 2; TrainingError: exit 1;
+    Interrupted (SIGINT/SIGTERM, after saving): 130 / 143. KIMI_TRAIN_DEBUG=1 re-raises them
+    with their traceback.
+    """
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
-
-    from kimi_train.loop.trainer import TrainingError
 
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's exit(1)
+    debug = os.environ.get("KIMI_TRAIN_DEBUG", "") not in ("", "0")
     try:
         _hydra_main()
     except ConfigError as e:
-        print(f"kimi-train: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"config error: {e}", 2, debug)
     except (HydraException, OmegaConfBaseException) as e:
-        print(f"kimi-train: config error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"config error: {_one_line(e)}", 2, debug)
+    except UserError as e:
+        _exit(str(e), 2, debug)
     except TrainingError as e:
-        print(f"kimi-train: {e}", file=sys.stderr)
-        sys.exit(1)
+        _exit(str(e), 1, debug)
+    except Interrupted as e:
+        _exit(str(e), e.exit_code, False)
+
+
+def _exit(message: str, code: int, debug: bool) -> None:
+    if debug:
+        raise
+    print(f"kimi-train: {message}", file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
