@@ -2,7 +2,8 @@
 
 Writes loss.png (train, and val as markers; the corpus unigram entropy dashed),
 max_logit.png (max attention logit per layer over steps, tau dashed when QK-Clip is on),
-clipped_heads.png, expert_load.png (max/mean routed-token load per MoE layer) and lr.png.
+clipped_heads.png, expert_load.png (max/mean routed-token load of each MoE layer, labelled by
+its model layer index, as max_logit.png's layers are) and lr.png.
 Several runs overlay in one figure each, one colour per run. One run: plots go to
 RUN_DIR/plots; several: to --out (default ./plots).
 """
@@ -20,13 +21,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from kimi_train.errors import UserError  # noqa: E402
+
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run_dir!s} has no metrics.jsonl; pass the directory of a kimi-train run")
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ValueError(f"{path} cannot be read: {e.strerror}") from None
     records = []
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -38,8 +45,20 @@ def _float(v: Any) -> float:
     return float(v) if v is not None else float("nan")  # "inf"/"nan" strings included
 
 
+def moe_layer_ids(model_cfg: dict) -> Optional[list[int]]:
+    """The model layer index of each MoE layer, in the order of the *_per_layer MoE records
+    (ModelConfig.is_moe_layer: layers from first_k_dense_replace on, when there are experts);
+    None when the config does not say."""
+    try:
+        layers, first_dense = int(model_cfg["num_hidden_layers"]), int(model_cfg.get("first_k_dense_replace", 0))
+        experts = int(model_cfg.get("n_routed_experts", 0))
+    except (KeyError, TypeError, ValueError):
+        return None
+    return [i for i in range(layers) if i >= first_dense and experts > 0]
+
+
 def _run_info(run_dir: Path) -> dict[str, Any]:
-    info: dict[str, Any] = {"label": run_dir.name, "tau": None, "entropy": None}
+    info: dict[str, Any] = {"label": run_dir.name, "tau": None, "entropy": None, "moe_layers": None}
     summary = run_dir / "summary.json"
     if summary.is_file():
         info["entropy"] = json.loads(summary.read_text()).get("unigram_entropy")
@@ -47,10 +66,12 @@ def _run_info(run_dir: Path) -> dict[str, Any]:
     if cfg_file.is_file():
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(cfg_file)
-        optim = cfg.get("optim", {})
-        if optim.get("name") == "muonclip" and optim.get("qk_clip", {}).get("enabled", False):
-            info["tau"] = float(optim.qk_clip.tau)
+        cfg = OmegaConf.to_container(OmegaConf.load(cfg_file))
+        optim = cfg.get("optim") or {}
+        if optim.get("name") == "muonclip" and (optim.get("qk_clip") or {}).get("enabled", False):
+            info["tau"] = float(optim["qk_clip"]["tau"])
+        if isinstance(cfg.get("model"), dict):
+            info["moe_layers"] = moe_layer_ids(cfg["model"])
     return info
 
 
@@ -78,8 +99,9 @@ def _layer_style(run_color: str, i: int, n_layers: int, n_runs: int, layer_label
 
 def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
     """Write the PNGs for one or several runs into out_dir; returns their paths."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from kimi_train.fs import writable_dir
+
+    out_dir = writable_dir(out_dir, "plots directory")
     runs = [(Path(d), read_metrics(d), _run_info(Path(d))) for d in run_dirs]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     written = []
@@ -123,8 +145,10 @@ def plot_runs(run_dirs: list[str | Path], out_dir: str | Path) -> list[Path]:
 
     def load(ax, records, info, c, label):
         steps, layers = _per_layer(records, "expert_load_imbalance_per_layer")
+        ids = info["moe_layers"] if info["moe_layers"] and len(info["moe_layers"]) == len(layers) else None
         for i, ys in enumerate(layers):
-            ax.plot(steps, ys, lw=1, **_layer_style(c, i, len(layers), len(runs), f"{label} MoE layer {i}", label))
+            name = f"layer {ids[i]}" if ids else f"MoE layer {i}"  # without a config: counted over MoE layers
+            ax.plot(steps, ys, lw=1, **_layer_style(c, i, len(layers), len(runs), f"{label} {name}", label))
         ax.axhline(1.0, color="gray", ls=":", lw=1)
 
     def lr(ax, records, info, c, label):
@@ -146,7 +170,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     out = args.out or (str(Path(args.run_dirs[0]) / "plots") if len(args.run_dirs) == 1 else "plots")
     try:
         paths = plot_runs(args.run_dirs, out)
-    except ValueError as e:
+    except (UserError, ValueError) as e:
         print(f"kimi-train-plot: {e}", file=sys.stderr)
         sys.exit(2)
     for p in paths:

@@ -41,6 +41,7 @@ from typing import Any, Optional
 from kimi_train.analysis.runs import (RunSummary, add_steps_to_target, best_per_optimizer, expand_run_dirs,
                                       summarise)
 from kimi_train.analysis.sweep_plots import plot_all
+from kimi_train.errors import UserError
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -133,10 +134,14 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="also write comparison plots (stability.png, lr_sweep.png, best_curves.png) into DIR")
     args = parser.parse_args(argv)
     try:
+        if args.json:
+            from kimi_train.fs import writable_dir
+
+            writable_dir(Path(args.json).parent, "--json's directory")
         runs, target = build_report(args.run_dirs, args.smooth, args.steps_to_target_of, args.target_loss,
                                     args.best_per_optimizer)
         plots = plot_all(runs, args.plots, target) if args.plots else []
-    except ValueError as e:
+    except (UserError, ValueError) as e:
         print(f"kimi-train-report: {e}", file=sys.stderr)
         sys.exit(2)
     if target is not None:

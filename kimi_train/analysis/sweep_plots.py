@@ -153,8 +153,9 @@ def plot_all(runs: list[RunSummary], out_dir: str | Path, target: Optional[float
     """Every figure that applies to these runs (see the module docstring); returns their paths."""
     if not runs:
         raise ValueError("no runs to plot")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    from kimi_train.fs import writable_dir
+
+    out = writable_dir(out_dir, "--plots")
     lrs_per_opt = defaultdict(set)
     for r in runs:
         if r.lr is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from kimi_train.data.errors import DataError
 from kimi_train.data.sources import describe_source, iter_documents
 from kimi_train.data.tokenizer import ByteTokenizer, load_hf_tokenizer, train_bpe
 
@@ -68,30 +69,47 @@ def _tokenize(docs: list[str], tokenizer) -> np.ndarray:
     return np.asarray(out, dtype=dtype)
 
 
+def _cache_dir(data_cfg, default: Path | None) -> Path:
+    """data.cache_dir (else ``default``, else $KIMI_TRAIN_CACHE or ~/.cache/kimi_train), created."""
+    path = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else (default or default_cache_dir())
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(path, os.W_OK | os.X_OK) else "not writable"
+    except OSError as e:
+        problem = f"cannot be created: {e.strerror}"
+    if problem:
+        raise DataError(f"data.cache_dir={str(path)!r} {problem}; set data.cache_dir or $KIMI_TRAIN_CACHE "
+                        "to a writable directory")
+    return path
+
+
+def build_tokenizer(data_cfg, docs: list[str], cache_dir: Path | None = None):
+    """The configured tokenizer: byte, bpe (trained on ``docs``, or the cached one), or hf."""
+    if data_cfg.tokenizer == "byte":
+        return ByteTokenizer()
+    if data_cfg.tokenizer == "bpe":
+        return train_bpe(docs, data_cfg.bpe_vocab_size, _cache_dir(data_cfg, cache_dir), describe_source(data_cfg))
+    return load_hf_tokenizer(data_cfg.tokenizer_path)
+
+
 def load_corpus(data_cfg, cache_dir: Path | None = None) -> Corpus:
     """Read, tokenize (with a cache for non-byte tokenizers) and split the configured corpus."""
-    cache_dir = Path(data_cfg.cache_dir).expanduser() if data_cfg.cache_dir else (cache_dir or default_cache_dir())
     key_src = describe_source(data_cfg)
     docs = list(iter_documents(data_cfg))
     if not docs:
-        raise ValueError(f"data.source={data_cfg.source!r} produced no text")
-    if data_cfg.tokenizer == "byte":
-        tokenizer = ByteTokenizer()
-    elif data_cfg.tokenizer == "bpe":
-        tokenizer = train_bpe(docs, data_cfg.bpe_vocab_size, cache_dir, key_src)
-    else:
-        tokenizer = load_hf_tokenizer(data_cfg.tokenizer_path)
+        where = f"data.paths={list(data_cfg.paths)}" if data_cfg.source == "files" else f"data.source={data_cfg.source!r}"
+        raise DataError(f"{where} produced no text (every document is empty)")
+    tokenizer = build_tokenizer(data_cfg, docs, cache_dir)
 
     if isinstance(tokenizer, ByteTokenizer):
         tokens = _tokenize(docs, tokenizer)
     else:
         key = hashlib.sha256(json.dumps([key_src, tokenizer.name, tokenizer.vocab_size]).encode()).hexdigest()[:16]
-        path = cache_dir / f"tokens-{key}.npy"
+        path = _cache_dir(data_cfg, cache_dir) / f"tokens-{key}.npy"
         if path.exists():
             tokens = np.load(path, allow_pickle=False)
         else:
             tokens = _tokenize(docs, tokenizer)
-            cache_dir.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.stem + f".{os.getpid()}.tmp.npy")
             np.save(tmp, tokens, allow_pickle=False)
             os.replace(tmp, path)
@@ -118,6 +136,11 @@ class PackedWindows:
         return torch.from_numpy(rows.astype(np.int64))
 
 
+_WHAT = {"seed": "train.seed",
+         "global_batch": "windows per step: train.global_batch_size, or micro_batch_size x data-parallel ranks",
+         "num_windows": "training windows: data.*, train.seq_len"}
+
+
 class TrainLoader:
     """Shuffled, dp-sharded global batches; ``next_batch()`` returns this rank's A micro-batches."""
 
@@ -127,9 +150,10 @@ class TrainLoader:
         self.micro, self.accum, self.dp_rank, self.dp_size = micro_batch_size, grad_accum, dp_rank, dp_size
         self.global_batch = micro_batch_size * grad_accum * dp_size
         if len(windows) < self.global_batch:
-            raise ValueError(
+            raise DataError(
                 f"the training split has {len(windows)} windows of seq_len+1 tokens, fewer than one global batch "
-                f"({self.global_batch}); use more data (data.max_bytes) or a smaller train.global_batch_size"
+                f"({self.global_batch}); use more data (more files, a larger data.max_bytes) or a smaller "
+                "train.global_batch_size or train.seq_len"
             )
         self.epoch, self.position = 0, 0
         self._perm_epoch, self._perm = -1, None
@@ -162,9 +186,9 @@ class TrainLoader:
         mine = self.state_dict()
         for key in ("seed", "global_batch", "num_windows"):
             if state[key] != mine[key]:
-                raise ValueError(
-                    f"the checkpoint's data loader has {key}={state[key]} but this run has {mine[key]}; resume "
-                    "with the same data, seq_len, batch sizes and seed (or resume=never)"
+                raise DataError(
+                    f"the checkpoint's data loader has {key}={state[key]} but this run has {mine[key]} ({_WHAT[key]}); "
+                    "resume with the same data, seq_len, batch sizes and seed, or start over with resume=never"
                 )
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import warnings
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
+
+from kimi_train.errors import UserError
 
 # Dense bf16 peak FLOP/s per device (no sparsity), for MFU. Matched as substrings of the device name.
 PEAK_FLOPS_BF16 = {
@@ -81,6 +81,10 @@ class MetricsLogger:
     def __init__(self, run_dir: Path, enabled: bool, resume_step: int, wandb_mode: str = "disabled",
                  wandb_project: str = "kimi-train", run_name: str = "run", config: Optional[dict] = None):
         self.enabled, self.path, self._wandb = enabled, Path(run_dir) / "metrics.jsonl", None
+        # wandb keys name a layer by its model index; the MoE records list the MoE layers only
+        model = (config or {}).get("model") or {}
+        first_moe = model.get("first_k_dense_replace", 0) if model.get("n_routed_experts", 0) else 0
+        self._first_layer = {"expert_load_imbalance_per_layer": int(first_moe)}
         if not enabled:
             return
         self._truncate(resume_step)
@@ -110,8 +114,9 @@ class MetricsLogger:
             flat = {k: v for k, v in record.items() if not isinstance(v, list)}
             for key, values in record.items():  # max_logit_per_layer -> max_logit_per_layer/0, /1, ...
                 if key.endswith("_per_layer") and isinstance(values, list):
+                    first = self._first_layer.get(key, 0)
                     for i, v in enumerate(values):
-                        flat[f"{key}/{i}"] = v
+                        flat[f"{key}/{first + i}"] = v
             self._wandb.log(flat, step=record["step"])
 
     def summary(self, values: dict[str, Any]) -> None:
@@ -128,14 +133,15 @@ class MetricsLogger:
 
 
 def _init_wandb(run_dir: Path, mode: str, project: str, run_name: str, config: dict):
-    try:
-        import wandb
-    except ImportError:
-        warnings.warn("logging.wandb is set but wandb is not installed; pip install wandb (or logging.wandb=disabled)")
-        return None
-    os.environ.setdefault("WANDB_SILENT", "true")
+    """A quiet wandb run in RUN_DIR/wandb: no console capture, no banner; a resumed run continues it."""
+    import wandb
+
     # A stable id from the run directory: a resumed run continues the same wandb run.
     run_id = "kt-" + hashlib.sha256(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
     (Path(run_dir) / "wandb").mkdir(parents=True, exist_ok=True)
-    return wandb.init(project=project, name=run_name, id=run_id, resume="allow", mode=mode,
-                      dir=str(run_dir), config=config)
+    try:
+        return wandb.init(project=project, name=run_name, id=run_id, resume="allow", mode=mode, dir=str(run_dir),
+                          config=config, settings=wandb.Settings(silent=True, console="off"))
+    except wandb.errors.Error as e:  # e.g. online without `wandb login`
+        raise UserError(f"logging.wandb={mode}: wandb could not start ({str(e).strip().splitlines()[0]}); "
+                        "run `wandb login`, or use logging.wandb=offline or disabled") from None

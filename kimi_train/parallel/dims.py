@@ -22,6 +22,12 @@ from typing import Any
 
 import torch.distributed as dist
 
+from kimi_train.errors import UserError
+
+
+class LayoutError(UserError, ValueError):
+    """parallel.* sizes that do not fit the world size or the model: one line naming them."""
+
 
 def _get(cfg: Any, key: str, default: int) -> int:
     if cfg is None:
@@ -54,32 +60,32 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, parallel_cfg: Any, world_size: int, model_cfg: Any = None) -> "ParallelDims":
-        """Infer -1 sizes and validate; raises ValueError (one line) before any collective."""
+        """Infer -1 sizes and validate; raises LayoutError (one line) before any collective."""
         dp_replicate = _get(parallel_cfg, "dp_replicate", 1)
         dp_shard = _get(parallel_cfg, "dp_shard", -1)
         ep = _get(parallel_cfg, "ep", 1)
         for key, value in (("dp_replicate", dp_replicate), ("ep", ep)):
             if not (isinstance(value, int) and value >= 1):
-                raise ValueError(f"parallel.{key}={value!r}; valid: an int >= 1")
+                raise LayoutError(f"parallel.{key}={value!r}; valid: an int >= 1")
         if not (isinstance(dp_shard, int) and (dp_shard >= 1 or dp_shard == -1)):
-            raise ValueError(f"parallel.dp_shard={dp_shard!r}; valid: an int >= 1, or -1 to infer")
+            raise LayoutError(f"parallel.dp_shard={dp_shard!r}; valid: an int >= 1, or -1 to infer")
         if world_size % dp_replicate:
-            raise ValueError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world_size}")
+            raise LayoutError(f"parallel.dp_replicate={dp_replicate} does not divide the world size {world_size}")
         if dp_shard == -1:
             dp_shard = world_size // dp_replicate
         if dp_replicate * dp_shard != world_size:
-            raise ValueError(
+            raise LayoutError(
                 f"parallel.dp_replicate * parallel.dp_shard = {dp_replicate} * {dp_shard} = "
                 f"{dp_replicate * dp_shard}, but the world size is {world_size}; set dp_shard=-1 to infer it"
             )
         if dp_shard % ep:
-            raise ValueError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard} (EP borrows from dp_shard)")
+            raise LayoutError(f"parallel.ep={ep} must divide parallel.dp_shard={dp_shard} (EP borrows from dp_shard)")
         if ep > 1 and model_cfg is not None:
             experts = getattr(model_cfg, "n_routed_experts", 0) or 0
             if experts == 0:
-                raise ValueError(f"parallel.ep={ep} but the model has no routed experts; use ep=1")
+                raise LayoutError(f"parallel.ep={ep} but the model has no routed experts; use ep=1")
             if experts % ep:
-                raise ValueError(f"parallel.ep={ep} must divide model.n_routed_experts={experts}")
+                raise LayoutError(f"parallel.ep={ep} must divide model.n_routed_experts={experts}")
         distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
         rank = dist.get_rank() if distributed else 0
         return cls(

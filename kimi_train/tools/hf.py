@@ -4,10 +4,13 @@
     export(model, "out/")             # config.json (model_type deepseek_v3) + model.safetensors
     model = load("out/")              # KimiForCausalLM; model(input_ids_BT) -> logits_BTV
 
-    kimi-train-export CHECKPOINT_OR_RUN_DIR OUT_DIR
+    kimi-train-export RUN_DIR_OR_HF_DIR OUT_DIR [--rope-interleave] [--force]
 
 The directory loads with transformers.AutoModelForCausalLM.from_pretrained (no remote
-code). Routed experts are written per expert (``mlp.experts.{j}.{gate,up,down}_proj.weight``),
+code); exported from a run directory it also holds the run's tokenizer
+(RUN_DIR/tokenizer/), so transformers.AutoTokenizer.from_pretrained(OUT_DIR) gives the ids
+the model was trained on, and config.json names its eos token. Files get the usual
+permissions (0o666 and 0o777 less the umask). Routed experts are written per expert (``mlp.experts.{j}.{gate,up,down}_proj.weight``),
 the layout of DeepSeek's and Kimi's checkpoints, which transformers (>= 5) fuses on load;
 `load` reads both that layout and transformers' fused ``experts.gate_up_proj``.
 
@@ -22,11 +25,14 @@ Only MLA models can be exported (transformers' DeepseekV3 has no GQA attention).
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import torch
+
+from kimi_train.errors import UserError
 
 from kimi_train.model import KimiForCausalLM, ModelConfig, model_config_from_dict
 from kimi_train.model.rope import half_to_interleaved, interleaved_to_half
@@ -154,17 +160,41 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig, rope_inter
 
 
 # ------------------------------------------------------------------------------------ API
-def export(model: KimiForCausalLM, out_dir: Union[str, Path], rope_interleave: bool = False) -> Path:
-    """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def export(model: KimiForCausalLM, out_dir: Union[str, Path], rope_interleave: bool = False,
+           tokenizer: Any = None) -> Path:
+    """Write config.json + model.safetensors that transformers' DeepseekV3ForCausalLM loads.
+
+    tokenizer: None, one of kimi_train.data's tokenizers, or a directory that
+    kimi_train.data.tokenizer.save_pretrained wrote (a run's RUN_DIR/tokenizer): its files go
+    next to the weights and its eos id into config.json (eos_token_id; no bos token).
+    """
     from safetensors.torch import save_file
+
+    from kimi_train.data.tokenizer import copy_saved, save_pretrained, saved_eos_id
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = to_hf_state_dict(model, rope_interleave=rope_interleave)
     dtype = str(next(iter(sd.values())).dtype).removeprefix("torch.")
     config = hf_config_dict(model.config, rope_interleave=rope_interleave, dtype=dtype)
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, Path)):
+            copy_saved(tokenizer, out)
+            eos = saved_eos_id(tokenizer)
+        else:
+            save_pretrained(tokenizer, out, model.config.max_position_embeddings)
+            eos = tokenizer.eos_id
+        config.update(bos_token_id=None, eos_token_id=eos)
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    save_file({k: v.cpu() for k, v in sd.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file({k: v.cpu() for k, v in sd.items()}, str(weights), metadata={"format": "pt"})
+    os.chmod(weights, 0o666 & ~_umask())  # safetensors creates it 0o600
     return out
 
 
@@ -208,31 +238,98 @@ def load(path: Union[str, Path], dtype: Optional[torch.dtype] = None, **override
     return model.to(dtype) if dtype is not None else model
 
 
+HF_WEIGHT_FILES = ("*.safetensors", "model.safetensors.index.json")  # what --force clears first
+
+
+def _source(src: Path) -> tuple[KimiForCausalLM, Any]:
+    """(model, tokenizer for export(): a directory, one of ours, or None) of SRC."""
+    if not src.exists():
+        raise UserError(f"{str(src)!r} does not exist; pass a kimi-train run directory or a Hugging Face model directory")
+    if not src.is_dir():
+        raise UserError(f"{str(src)!r} is a file; pass a kimi-train run directory or a Hugging Face model directory")
+    if (src / "config.json").is_file() and any(src.glob("*.safetensors")):
+        # already a Hugging Face directory: re-export (e.g. to change the rope layout), tokenizer included
+        has_tokenizer = (src / "tokenizer_config.json").is_file()
+        return load(src), src if has_tokenizer else None
+    from kimi_train.loop.checkpoint import load_model_from_run
+
+    model = load_model_from_run(src)
+    return model, run_tokenizer(src)
+
+
+def run_tokenizer(run_dir: Path) -> Any:
+    """The run's tokenizer: its directory RUN_DIR/tokenizer, or, for a run from before the trainer
+    kept it, the one config.yaml's data section builds (bpe: the cached one, or trained again on
+    the same corpus); None when config.yaml has no data section."""
+    from kimi_train.data.tokenizer import TOKENIZER_DIR
+
+    saved = run_dir / TOKENIZER_DIR
+    if (saved / "tokenizer_config.json").is_file():
+        return saved
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    if "data" not in cfg:
+        return None
+    from kimi_train.config import DataConfig
+    from kimi_train.data import iter_documents
+    from kimi_train.data.loader import build_tokenizer
+
+    data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
+    return build_tokenizer(data, list(iter_documents(data)) if data.tokenizer == "bpe" else [])
+
+
+def _prepare_out(out: Path, force: bool, src_is_out: bool) -> None:
+    """OUT_DIR must be new or empty, unless --force (then old weight files are removed first)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"OUT_DIR {str(out)!r} is a file; pass a directory (new or empty)")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"OUT_DIR {str(out)!r} is not empty; pass a new or empty directory, or --force to "
+                            "replace the export there")
+        if src_is_out:
+            raise UserError(f"OUT_DIR {str(out)!r} is the directory being exported; pass another one")
+        for pattern in HF_WEIGHT_FILES:
+            for f in out.glob(pattern):
+                f.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"OUT_DIR {str(out)!r} cannot be created: {e.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"OUT_DIR {str(out)!r} is not writable")
+
+
+USAGE = "usage: kimi-train-export RUN_DIR_OR_HF_DIR OUT_DIR [--rope-interleave] [--force]"
+
+
 def main(argv: Optional[list[str]] = None) -> None:
-    """kimi-train-export CHECKPOINT_OR_RUN_DIR OUT_DIR [--rope-interleave]"""
+    """kimi-train-export RUN_DIR_OR_HF_DIR OUT_DIR [--rope-interleave] [--force]
+
+    OUT_DIR must be new or empty; --force writes into a non-empty one, replacing an earlier
+    export there (its weight files are removed first). Errors: one line, exit 2.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
-    interleave = "--rope-interleave" in args
-    args = [a for a in args if a != "--rope-interleave"]
-    if len(args) != 2 or args[0] in ("-h", "--help"):
-        print("usage: kimi-train-export CHECKPOINT_OR_RUN_DIR OUT_DIR [--rope-interleave]", file=sys.stderr)
+    if any(a in ("-h", "--help") for a in args):
+        print(USAGE + "\n\n" + __doc__)
+        return
+    flags = {a for a in args if a.startswith("--")}
+    args = [a for a in args if not a.startswith("--")]
+    unknown = flags - {"--rope-interleave", "--force"}
+    if len(args) != 2 or unknown:
+        print(f"kimi-train-export: unknown option {sorted(unknown)[0]!r}; " if unknown else "kimi-train-export: ",
+              USAGE, sep="", file=sys.stderr)
         raise SystemExit(2)
     src, out = Path(args[0]), Path(args[1])
     try:
-        if not src.exists():
-            raise ValueError(f"{src}: no such checkpoint or run directory")
-        if (src / "config.json").is_file() and any(src.glob("*.safetensors")):
-            model = load(src)  # already a Hugging Face directory: re-export (e.g. to change the rope layout)
-        else:
-            try:
-                from kimi_train.loop.checkpoint import load_model_from_run
-            except ImportError as e:
-                raise ValueError(f"cannot read {src}: kimi_train.loop.checkpoint.load_model_from_run is unavailable ({e})")
-            model = load_model_from_run(src)
-        export(model, out, rope_interleave=interleave)
-    except ValueError as e:
+        model, tokenizer = _source(src)
+        _prepare_out(out, "--force" in flags, src.resolve() == out.resolve())
+        export(model, out, rope_interleave="--rope-interleave" in flags, tokenizer=tokenizer)
+    except (UserError, ValueError) as e:  # ValueError: this module's and load_model_from_run's, one line each
         print(f"kimi-train-export: {e}", file=sys.stderr)
         raise SystemExit(2)
-    print(json.dumps({"exported": str(out), "parameters": sum(p.numel() for p in model.parameters())}))
+    print(json.dumps({"exported": str(out), "parameters": sum(p.numel() for p in model.parameters()),
+                      "tokenizer": tokenizer is not None}))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import sys
 from typing import Any, Optional
 
 import torch
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -153,7 +154,10 @@ def parse_args(argv: list[str]) -> tuple[ModelConfig, dict[str, Any]]:
         else:
             valid = "model, model.FIELD, parallel.dp_replicate, parallel.dp_shard, parallel.ep, dtype, optimizer"
             raise ValueError(f"unknown argument {key!r}; valid: {valid}")
-    base = load_model_config(name)
+    try:
+        base = load_model_config(name)
+    except (OSError, yaml.YAMLError) as e:  # a model=PATH.yaml that cannot be read or parsed
+        raise ValueError(f"model={name!r} cannot be read: {str(e).splitlines()[0]}") from None
     if model_overrides:
         try:
             merged = OmegaConf.merge(OmegaConf.structured(base), OmegaConf.from_dotlist(model_overrides))
@@ -171,7 +175,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     try:
         cfg, kwargs = parse_args(args)
         report = inspect(cfg, **kwargs)
-    except ValueError as e:
+    except ValueError as e:  # the model config's and ours: one line each
         print(f"kimi-train-inspect: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(json.dumps(report, indent=2))
