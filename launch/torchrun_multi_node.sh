@@ -9,6 +9,11 @@
 # MASTER_ADDR (a host every node can reach; required), MASTER_PORT (29500), NPROC_PER_NODE (8),
 # RDZV_ID (a job id shared by all nodes; default: the run's arguments hashed).
 # Pass run_name=... (or run_dir=... on a shared filesystem) so every rank writes the same run.
+# Ctrl-C / SIGTERM reach torchrun (exec below), which forwards them to every rank: the ranks finish
+# their step, save it and exit 130 / 143 (torchrun itself exits 1); it SIGKILLs them after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (default 30): raise it if a step plus a save takes longer.
+# PET_MAX_RESTARTS=1 (torchrun's --max-restarts) restarts every rank when one dies; they resume
+# from the last checkpoint (docs/distributed.md#restarts-and-stopping).
 set -euo pipefail
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host (e.g. node 0)}"

@@ -6,6 +6,11 @@
 #
 # Every argument is a Hydra override passed to kimi-train. Set run_name (or run_dir): every rank
 # must agree on the run directory, and restarts with the same name resume from its latest checkpoint.
+# Ctrl-C / SIGTERM reach torchrun (exec below), which forwards them to every rank: the ranks finish
+# their step, save it and exit 130 / 143 (torchrun itself exits 1); it SIGKILLs them after
+# TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (default 30): raise it if a step plus a save takes longer.
+# PET_MAX_RESTARTS=1 (torchrun's --max-restarts) restarts every rank when one dies; they resume
+# from the last checkpoint (docs/distributed.md#restarts-and-stopping).
 set -euo pipefail
 NPROC="${NPROC:-${NPROC_PER_NODE:-8}}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-8}"

@@ -37,9 +37,9 @@ import torch.nn.functional as F
 
 from kimi_train.loop import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
-from kimi_train.errors import TrainingError, UserError
+from kimi_train.errors import TrainingError
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
-from kimi_train.data.tokenizer import TOKENIZER_DIR, save_pretrained
+from kimi_train.loop.interrupt import StopOnSignal, debug_signal_at
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.loop.schedule import LRSchedule
 from optim import NonFiniteMaxLogit, reduce_max_logits
@@ -117,7 +117,7 @@ class Trainer:
         if self.is_main and dist.is_initialized():
             dist.barrier()
         if self.corpus.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise UserError(
+            raise TrainingError(
                 f"the tokenizer has {self.corpus.tokenizer.vocab_size} tokens but model.vocab_size="
                 f"{cfg.model.vocab_size}; set model.vocab_size >= {self.corpus.tokenizer.vocab_size}"
             )
@@ -144,8 +144,6 @@ class Trainer:
         self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
         self.resumed_from: Optional[str] = None
         self._prepare_run_dir(resolved_config)
-        if self.is_main:  # the run's tokenizer, loadable by transformers (kimi-train-export copies it)
-            save_pretrained(self.corpus.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
         # The grouped-GEMM kernel of every expert shape the run can hit, agreed by every rank and
         # kept in the run directory, so a resumed run computes with the same kernels.
         from kimi_train.kernels.grouped_gemm import tune_grouped_gemm
@@ -272,21 +270,18 @@ class Trainer:
         return clip_grad_norm_(self.model.parameters(), max_norm)
 
     def _skip_step(self, reason: str) -> None:
-        """Drop this step's gradients and records; stop after too many. reason: what was not finite."""
+        """Drop this step's gradients and records. reason: what was not finite. fit() logs every
+        skipped step and, after train.max_skipped_steps of them, saves and stops."""
         self.optimizer.zero_grad(set_to_none=True)
         for layer in self.model.attention_layers():
             layer.reset_max_logits()
         for moe in self.model.moe_layers():
             moe.tokens_per_expert.zero_()
         self.skipped_steps += 1
-        limit = self.cfg.train.max_skipped_steps
-        if self.skipped_steps > limit:
-            raise TrainingError(
-                f"step {self.step + 1}: {reason}, {self.skipped_steps} skipped "
-                f"steps > train.max_skipped_steps={limit}; lower optim.lr or check the data"
-            )
+        self._skip_reason = reason
         if self.is_main:
-            warnings.warn(f"step {self.step + 1}: {reason}; step skipped ({self.skipped_steps}/{limit})", stacklevel=2)
+            warnings.warn(f"step {self.step + 1}: {reason}; step skipped "
+                          f"({self.skipped_steps}/{self.cfg.train.max_skipped_steps})", stacklevel=2)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -317,6 +312,8 @@ class Trainer:
         return step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps or step == 1
 
     def fit(self) -> dict[str, Any]:
+        """Train to train.steps. SIGINT/SIGTERM: finish the step, save, raise Interrupted (exit 130/143);
+        more than train.max_skipped_steps skipped steps: save the last good weights, raise TrainingError."""
         t, every = self.cfg.train, self.cfg.checkpoint.every
         self._print_header()
         bar = None
@@ -326,43 +323,58 @@ class Trainer:
             bar = tqdm(total=t.steps, initial=self.step, dynamic_ncols=True, desc="train")
         train_time, interval_tokens, last = 0.0, 0, None
         start = time.perf_counter()
-        while self.step < t.steps:
-            t0 = time.perf_counter()
-            record = self.train_step()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
-            train_time += dt
-            interval_tokens += self.tokens_per_step
-            is_last = self.step == t.steps
-            if self._is_logged(self.step):
-                tps = interval_tokens / max(train_time, 1e-9)
-                record.update(step=self.step, tokens=self.tokens_seen, tokens_per_s=tps,
-                              skipped_steps=self.skipped_steps, elapsed_s=time.perf_counter() - start)
-                if self.step == 1:
-                    record["unigram_entropy"] = self.corpus.unigram_entropy  # the loss to beat, nats/token
-                if self.peak_flops:
-                    record["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.world_size)
-                if t.val_batches and ((t.val_every and self.step % t.val_every == 0) or is_last):
-                    record["val_loss"] = self.evaluate()
-                record.pop("skipped", None)
-                record = {"step": record.pop("step"), **record}
-                self.metrics.log(record)
-                last = record
-                train_time, interval_tokens = 0.0, 0
+        with StopOnSignal(self.device, verbose=self.is_main) as stop:
+            while self.step < t.steps:
+                debug_signal_at(self.rank, self.step + 1)
+                t0 = time.perf_counter()
+                record = self.train_step()
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                dt = time.perf_counter() - t0
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                train_time += dt
+                interval_tokens += self.tokens_per_step
+                is_last = self.step == t.steps
+                if self._is_logged(self.step) or record.get("skipped"):  # every skipped step is logged
+                    tps = interval_tokens / max(train_time, 1e-9)
+                    record.update(step=self.step, tokens=self.tokens_seen, tokens_per_s=tps,
+                                  skipped_steps=self.skipped_steps, elapsed_s=time.perf_counter() - start)
+                    if self.step == 1:
+                        record["unigram_entropy"] = self.corpus.unigram_entropy  # the loss to beat, nats/token
+                    if self.peak_flops:
+                        record["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.world_size)
+                    if t.val_batches and ((t.val_every and self.step % t.val_every == 0) or is_last):
+                        record["val_loss"] = self.evaluate()
+                    record = {"step": record.pop("step"), **record}
+                    self.metrics.log(record)
+                    last = record
+                    train_time, interval_tokens = 0.0, 0
+                    if bar is not None:
+                        bar.set_postfix(_postfix(record), refresh=False)
+                    elif self.is_main:
+                        print(" ".join(f"{k}={v}" for k, v in _postfix(record).items()), flush=True)
                 if bar is not None:
-                    bar.set_postfix(_postfix(record), refresh=False)
-                elif self.is_main:
-                    print(" ".join(f"{k}={v}" for k, v in _postfix(record).items()), flush=True)
+                    bar.update(1)
+                # A skipped step changes no weight: after too many, the saved state is the last good one.
+                too_many = record.get("skipped") and self.skipped_steps > t.max_skipped_steps
+                stopping = stop.requested() and not is_last  # every rank, every step: one tiny all-reduce
+                if (every and self.step % every == 0) or is_last or too_many or stopping:
+                    self.save()
+                if too_many or stopping:
+                    if bar is not None:
+                        bar.close()
+                    self.metrics.close()
+                if too_many:
+                    raise TrainingError(
+                        f"step {self.step}: {self._skip_reason}, {self.skipped_steps} skipped steps > "
+                        f"train.max_skipped_steps={t.max_skipped_steps}; lower optim.lr or check the data "
+                        f"(the last good weights are saved as step {self.step})")
+                if stopping:
+                    raise stop.interrupted(self.step)
             if bar is not None:
-                bar.update(1)
-            if (every and self.step % every == 0) or is_last:
-                self.save()
-        if bar is not None:
-            bar.close()
-        return self._finish(last, time.perf_counter() - start)
+                bar.close()
+            return self._finish(last, time.perf_counter() - start)
 
     def _print_header(self) -> None:
         if not self.is_main:

@@ -56,14 +56,29 @@ def test_non_finite_step_is_skipped_and_params_untouched(tmp_path):
     assert all(m.tokens_per_expert.sum() == 0 for m in trainer.model.moe_layers())
 
 
-def test_too_many_non_finite_steps_stop_with_a_clear_error_and_no_checkpoint(tmp_path):
+def test_too_many_non_finite_steps_stop_with_a_clear_error_and_the_last_good_weights_saved(tmp_path):
     trainer = Trainer(small_cfg(), tmp_path)
     _poison(trainer, {2, 3})
-    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=r"2 skipped steps > train.max_skipped_steps=1"):
+    after_step_1 = {}
+    train_step = trainer.train_step
+
+    def spy():
+        if trainer.step == 1:
+            after_step_1.update({k: v.clone() for k, v in trainer.model.state_dict().items()})
+        return train_step()
+
+    trainer.train_step = spy
+    with pytest.warns(UserWarning), pytest.raises(TrainingError, match=r"step 3: non-finite loss=nan .*"
+                                                  r"2 skipped steps > train.max_skipped_steps=1.* saved as step 3"):
         trainer.fit()
-    assert ckpt.latest_checkpoint(tmp_path) is None
+    # saved at the step it stopped (both batches consumed), with the weights of step 1
+    assert ckpt.latest_checkpoint(tmp_path) == ckpt.checkpoint_path(tmp_path, 3)
+    fresh = Trainer(small_cfg(), tmp_path)
+    assert fresh.step == 3 and fresh.skipped_steps == 2
+    assert all(torch.equal(after_step_1[k], v) for k, v in fresh.model.state_dict().items())
     records = read_metrics(tmp_path)
-    assert records[-1]["step"] == 2 and records[-1]["skipped_steps"] == 1 and records[-1]["loss"] == "nan"
+    assert [(r["step"], r.get("skipped"), r["skipped_steps"]) for r in records] == [(1, None, 0), (2, True, 1), (3, True, 2)]
+    assert records[-1]["loss"] == "nan"
 
 
 def test_post_step_max_logit_is_tau_on_the_same_batch_when_the_update_is_negligible(tmp_path):

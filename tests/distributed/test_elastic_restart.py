@@ -1,0 +1,27 @@
+"""torchrun --max-restarts=1 with one rank SIGKILLed: the job restarts, resumes from the last
+checkpoint and logs exactly what the uninterrupted run logs (CPU), with no step duplicated or missing.
+
+Rank 1 is killed as it starts step 13 (KIMI_TRAIN_DEBUG_KILL_AT=1:13, first attempt only), while
+rank 0 waits inside that step's first collective; the last checkpoint is step 10 (every 5).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+import _torchrun
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")]
+
+
+def test_a_killed_rank_restarts_and_resumes_exactly(tmp_path, tmp_path_factory):
+    reference = _torchrun.reference(tmp_path_factory)
+    run_dir = tmp_path / "run"
+    proc = _torchrun.run(run_dir, max_restarts=1, extra_env={"KIMI_TRAIN_DEBUG_KILL_AT": "1:13"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr
+    assert "Signal 9 (SIGKILL)" in output or "exitcode: -9" in output, output[-3000:]  # it did die
+    assert "resumed from step_00000010" in output, output[-3000:]
+    assert _torchrun.per_step(run_dir) == reference
