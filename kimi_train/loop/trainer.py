@@ -37,8 +37,9 @@ import torch.nn.functional as F
 
 from kimi_train.loop import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
-from kimi_train.errors import TrainingError
+from kimi_train.errors import TrainingError, UserError
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
+from kimi_train.data.tokenizer import TOKENIZER_DIR, save_pretrained
 from kimi_train.loop.interrupt import StopOnSignal, debug_signal_at
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.loop.schedule import LRSchedule
@@ -117,7 +118,7 @@ class Trainer:
         if self.is_main and dist.is_initialized():
             dist.barrier()
         if self.corpus.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise TrainingError(
+            raise UserError(
                 f"the tokenizer has {self.corpus.tokenizer.vocab_size} tokens but model.vocab_size="
                 f"{cfg.model.vocab_size}; set model.vocab_size >= {self.corpus.tokenizer.vocab_size}"
             )
@@ -144,6 +145,8 @@ class Trainer:
         self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
         self.resumed_from: Optional[str] = None
         self._prepare_run_dir(resolved_config)
+        if self.is_main:  # the run's tokenizer, loadable by transformers (kimi-train-export copies it)
+            save_pretrained(self.corpus.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
         # The grouped-GEMM kernel of every expert shape the run can hit, agreed by every rank and
         # kept in the run directory, so a resumed run computes with the same kernels.
         from kimi_train.kernels.grouped_gemm import tune_grouped_gemm
