@@ -102,26 +102,26 @@ def _is_whole_locally(p: DTensor) -> bool:
 # --------------------------------------------------------------------------- groups
 
 
-_GROUP_CACHE: dict = {}
-
-
 def _mesh_key(mesh) -> tuple:
     """Identifies a mesh by its layout (ids of dead meshes can be reused)."""
     return tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), mesh.mesh_dim_names
 
 
-def _mesh_group(mesh) -> tuple[Optional[dist.ProcessGroup], list[int]]:
-    """A process group spanning every rank of ``mesh`` and its global ranks in group-rank order."""
-    key = _mesh_key(mesh)
-    if key not in _GROUP_CACHE:
-        if mesh.ndim == 1:
-            pg = mesh.get_group(0)
-        elif mesh.size() == dist.get_world_size():
-            pg = dist.group.WORLD
-        else:  # a proper N-D submesh: flatten it once (collective over its ranks, cached)
-            pg = mesh._flatten().get_group(0)
-        _GROUP_CACHE[key] = (pg, dist.get_process_group_ranks(pg))
-    return _GROUP_CACHE[key]
+def _mesh_group(mesh) -> dist.ProcessGroup:
+    """A process group spanning every rank of ``mesh``, looked up on every call.
+
+    Never cached in this module: a module-level cache keeps a gloo group alive past
+    ``dist.destroy_process_group()`` until interpreter finalisation destroys it and joins its
+    worker threads; a worker still finishing a collective there needs the GIL and aborts the
+    process ("terminate called without an active exception"). After a re-init it would also
+    hand a destroyed group to a new mesh of the same layout. The mesh owns its groups; a
+    flattened submesh is created once (a collective) and then cached on its root mesh.
+    """
+    if mesh.ndim == 1:
+        return mesh.get_group(0)
+    if mesh.size() == dist.get_world_size():
+        return dist.group.WORLD
+    return mesh._flatten().get_group(0)
 
 
 # --------------------------------------------------------------------------- plan
@@ -139,8 +139,9 @@ class _Unit:
 
 @dataclass
 class _MeshPlan:
-    pg: Optional[dist.ProcessGroup]
-    ranks: list[int]  # global ranks in group-rank order
+    """Who owns which matrix and how many elements go where: layout only, no process group."""
+
+    ranks: list[int]  # global ranks in the group-rank order of _mesh_group(mesh)
     me: int  # my group rank
     params: list[int]  # indices into the call's lists
     units: list[_Unit] = field(default_factory=list)
@@ -167,13 +168,13 @@ def _unit_block(box: Box, u: _Unit) -> Optional[Box]:
 
 def _build_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:
     mesh = params[idx[0]].device_mesh
-    pg, ranks = _mesh_group(mesh)
+    ranks = dist.get_process_group_ranks(_mesh_group(mesh))
     me = ranks.index(dist.get_rank())
     mesh_ranks = mesh.mesh
     coords = {}
     for g in ranks:
         coords[g] = [int(c) for c in (mesh_ranks == g).nonzero()[0].tolist()]
-    plan = _MeshPlan(pg=pg, ranks=ranks, me=me, params=idx)
+    plan = _MeshPlan(ranks=ranks, me=me, params=idx)
     for i in idx:
         p = params[i]
         boxes, senders = [], []
@@ -215,12 +216,12 @@ def _build_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:
     return plan
 
 
-_PLAN_CACHE: dict = {}
+_PLAN_CACHE: dict = {}  # layouts and sizes only: still valid after a destroy and re-init of the groups
 
 
 def _plan_key(params: list[DTensor], idx: list[int]) -> tuple:
-    # the plan refers to positions in `params`: the same layouts at other positions need another plan
-    return (tuple(idx),) + tuple((tuple(params[i].shape), tuple(params[i].placements), _mesh_key(params[i].device_mesh)) for i in idx)
+    # this rank's plan for positions in `params`: the same layouts at other positions need another plan
+    return (dist.get_rank(), tuple(idx)) + tuple((tuple(params[i].shape), tuple(params[i].placements), _mesh_key(params[i].device_mesh)) for i in idx)
 
 
 def _get_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:
@@ -233,9 +234,10 @@ def _get_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:
 # --------------------------------------------------------------------------- main entry
 
 
-def _a2a(plan: _MeshPlan, send: torch.Tensor, send_splits: list[int], recv_splits: list[int], async_op: bool):
+def _a2a(plan: _MeshPlan, pg: dist.ProcessGroup, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
+         async_op: bool):
     recv = send.new_empty(sum(recv_splits))
-    work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=plan.pg, async_op=async_op)
+    work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=pg, async_op=async_op)
     item = send.element_size()
     comm_stats.bytes_sent += item * (sum(send_splits) - send_splits[plan.me])
     comm_stats.bytes_recv += item * (sum(recv_splits) - recv_splits[plan.me])
@@ -309,8 +311,8 @@ def orthogonalize_dtensors(
 
     # Forward all-to-all per mesh, launched async so the local NS below overlaps it.
     pending = []
-    for (_, dtype), idx in by_mesh.items():
-        plan = _get_plan(updates, idx)
+    for (mesh, dtype), idx in by_mesh.items():
+        plan, pg = _get_plan(updates, idx), _mesh_group(mesh)
         comm_stats.calls += 1
         chunks: list[list[torch.Tensor]] = [[] for _ in plan.ranks]
         for u in plan.units:
@@ -324,8 +326,8 @@ def orthogonalize_dtensors(
             chunks[u.owner].append(_slice(local, _relative(blk, my_box)).reshape(-1))
         flat = [c for cs in chunks for c in cs]
         send = torch.cat(flat) if flat else updates[idx[0]].to_local().new_empty(0)
-        recv, work = _a2a(plan, send.to(dtype), plan.send_splits, plan.recv_splits, async_op=True)
-        pending.append((plan, recv, work, dtype))
+        recv, work = _a2a(plan, pg, send.to(dtype), plan.send_splits, plan.recv_splits, async_op=True)
+        pending.append((plan, pg, recv, work, dtype))
 
     local_mats = []
     for i in local_idx:
@@ -334,7 +336,7 @@ def orthogonalize_dtensors(
     for i, y in zip(local_idx, _run_ns_batched(local_mats, ns_fn)):
         out[i] = y if updates[i].ndim == 3 else y.squeeze(0)
 
-    for plan, recv, work, dtype in pending:
+    for plan, pg, recv, work, dtype in pending:
         work.wait()
         # Assemble the matrices this rank owns; source-major order, units in plan order.
         mine = [u for u in plan.units if u.owner == plan.me]
@@ -361,7 +363,7 @@ def orthogonalize_dtensors(
                 if blk is not None:
                     parts.append(_slice(y, blk).reshape(-1))
         send = torch.cat(parts).to(dtype) if parts else recv.new_empty(0)
-        back, work = _a2a(plan, send, plan.ret_send_splits, plan.ret_recv_splits, async_op=False)
+        back, work = _a2a(plan, pg, send, plan.ret_send_splits, plan.ret_recv_splits, async_op=False)
 
         local_out = {i: torch.empty_like(updates[i].to_local()) for i in plan.params}
         pos = 0
