@@ -141,9 +141,14 @@ def _hydra_main(cfg: DictConfig) -> None:
         print(f"kimi-train: config error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
 
+    import torch.distributed as dist
+
     from kimi_train.loop.trainer import Trainer
 
+    owns_group = not dist.is_initialized()  # under torchrun the Trainer initialises it
     Trainer(train_cfg, train_cfg.run_dir, resolved).fit()
+    if owns_group and dist.is_initialized():  # success: every rank tears down what the run set up
+        dist.destroy_process_group()
 
 
 def _one_line(ex: BaseException) -> str:

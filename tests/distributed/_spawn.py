@@ -1,23 +1,18 @@
 """Run a function on N gloo processes on CPU (torch.multiprocessing spawn), for the tests.
 
-A failing rank raises in the parent with the child's traceback, so pytest shows it.
+A failing rank raises in the parent with the child's traceback, so pytest shows it; a rank that
+dies after its work (a signal or a non-zero exit code at interpreter exit) fails the test too.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from _ports import free_port
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
@@ -29,15 +24,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
         fn(rank, world_size, *args)
     finally:
         dist.destroy_process_group()
-    # Success only (an exception has propagated above, so its traceback reaches the parent):
-    # leave without interpreter finalisation. Once in six full-suite runs a worker that had
-    # finished and written its results aborted there ("terminate called without an active
-    # exception", SIGABRT), as gloo objects still referenced from module caches were torn down.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def spawn(fn, world_size: int, *args) -> None:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo processes."""
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, args), nprocs=world_size, join=True)
+    mp.spawn(_entry, args=(world_size, free_port(), fn, args), nprocs=world_size, join=True)
