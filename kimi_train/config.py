@@ -104,6 +104,9 @@ class TrainLoopConfig:
     max_skipped_steps: int = 10  # non-finite loss/grad steps tolerated before stopping
     compile: bool = False  # torch.compile the model
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    # torch intra-op threads per process. 1 vs 2 on 2 cores: 7-14x faster when other jobs run, ~1.5x
+    # slower when idle (docs/training.md). The count changes CPU results: a resume must keep it.
+    cpu_threads: int = 1
     peak_flops: Optional[float] = None  # per device, for MFU; null = known GPU table (none on CPU)
     expert_bias_rate: float = 1e-3  # aux-loss-free balancing: bias += rate * sign(mean load - load)
 
@@ -228,6 +231,7 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(t.val_batches >= 0, "train.val_batches", t.val_batches, "must be >= 0 (0 = no validation)")
     _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
     _one_of("train.dtype", t.dtype, TRAIN_DTYPES)
+    _check(t.cpu_threads >= 1, "train.cpu_threads", t.cpu_threads, "must be >= 1")
     _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops, "must be > 0 or null")
     _check(t.expert_bias_rate >= 0, "train.expert_bias_rate", t.expert_bias_rate, "must be >= 0")
 

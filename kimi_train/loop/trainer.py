@@ -19,7 +19,6 @@ Legend: B micro-batch size, T sequence length, V vocab size, A accumulation step
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import shutil
@@ -41,6 +40,7 @@ from kimi_train.errors import TrainingError, UserError
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
 from kimi_train.data.tokenizer import TOKENIZER_DIR, save_pretrained
 from kimi_train.loop.interrupt import StopOnSignal, debug_signal_at
+from kimi_train.loop import run_record
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.loop.schedule import LRSchedule
 from optim import NonFiniteMaxLogit, reduce_max_logits
@@ -101,6 +101,18 @@ class Trainer:
         t = cfg.train
         self.rank, self.world_size, _, self.device = init_distributed()
         self.is_main = self.rank == 0
+        # Before anything is built or written: may this config run in run_dir, and how? Every rank
+        # reads the same files and decides alike; a refusal (UserError) or a finished run leaves
+        # every file as it was (Hydra's record of this command included).
+        try:
+            self.rerun = run_record.check_rerun(self.run_dir, cfg)
+        except UserError:
+            run_record.drop_hydra_record(self.run_dir, self.is_main)
+            raise
+        if self.rerun.action == "finished":
+            run_record.drop_hydra_record(self.run_dir, self.is_main)
+            return  # fit() says so and writes nothing
+        torch.set_num_threads(t.cpu_threads)  # part of the config: the count changes CPU results
         self.dims = ParallelDims.from_config(cfg.parallel, self.world_size, cfg.model)
         mesh = self.dims.build_mesh(self.device.type)
         self.accum = grad_accum_steps(cfg, self.dims.dp_size)
@@ -144,7 +156,7 @@ class Trainer:
 
         self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
         self.resumed_from: Optional[str] = None
-        self._prepare_run_dir(resolved_config)
+        self._prepare_run_dir()
         if self.is_main:  # the run's tokenizer, loadable by transformers (kimi-train-export copies it)
             save_pretrained(self.corpus.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
         # The grouped-GEMM kernel of every expert shape the run can hit, agreed by every rank and
@@ -158,16 +170,20 @@ class Trainer:
                                      cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
 
     # ------------------------------------------------------------------ setup
-    def _prepare_run_dir(self, resolved_config: Optional[dict]) -> None:
+    def _prepare_run_dir(self) -> None:
+        """Start or resume as self.rerun (run_record.check_rerun) decided; rank 0 writes config.yaml:
+        the whole config, so with accepted changes (safe keys, a longer schedule) it says what trains
+        from here on, and every key that shapes the steps before is the same as it was."""
         latest = ckpt.latest_checkpoint(self.run_dir)
         if self.cfg.resume == "never" and self.is_main:
             # A fresh run in this directory: old checkpoints/metrics would be mixed with the new ones.
             if latest is not None or (self.run_dir / "metrics.jsonl").exists():
-                print(f"resume=never: removing the previous run's checkpoints and metrics in {self.run_dir}",
+                print(f"resume=never: removing the previous run's checkpoints, metrics and summary in {self.run_dir}",
                       file=sys.stderr)
             shutil.rmtree(ckpt.checkpoints_root(self.run_dir), ignore_errors=True)
-            (self.run_dir / "metrics.jsonl").unlink(missing_ok=True)
-            (self.run_dir / GROUPED_GEMM_CHOICES).unlink(missing_ok=True)
+            shutil.rmtree(self.run_dir / "plots", ignore_errors=True)
+            for name in ("metrics.jsonl", GROUPED_GEMM_CHOICES, run_record.SUMMARY_FILE):
+                (self.run_dir / name).unlink(missing_ok=True)
         if dist.is_initialized():
             dist.barrier()
         if self.cfg.resume == "auto" and latest is not None:
@@ -178,10 +194,11 @@ class Trainer:
             self.resumed_from = str(latest)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if resolved_config is not None:
-                from omegaconf import OmegaConf
-
-                OmegaConf.save(OmegaConf.create(resolved_config), self.run_dir / "config.yaml")
+            run_record.write_config(self.run_dir, self.cfg)
+            run_record.adopt_hydra_record(self.run_dir)
+            if self.rerun.changed:
+                print(self.rerun.changes_message(), file=sys.stderr, flush=True)
+        self._session_start = (self.step, self.tokens_seen)
 
     # ------------------------------------------------------------------ one step
     def _set_lr(self, step: int) -> float:
@@ -317,6 +334,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to train.steps. SIGINT/SIGTERM: finish the step, save, raise Interrupted (exit 130/143);
         more than train.max_skipped_steps skipped steps: save the last good weights, raise TrainingError."""
+        if self.rerun.action == "finished":  # run_record.check_rerun: nothing to train, nothing written
+            return self._finish(None, 0.0)
         t, every = self.cfg.train, self.cfg.checkpoint.every
         self._print_header()
         bar = None
@@ -397,22 +416,27 @@ class Trainer:
         print("\n".join(lines), flush=True)
 
     def _finish(self, last: Optional[dict], elapsed: float) -> dict[str, Any]:
-        summary = {
-            "run_dir": str(self.run_dir),
-            "steps": self.step,
-            "skipped_steps": self.skipped_steps,
-            "tokens": self.tokens_seen,
-            "unigram_entropy": self.corpus.unigram_entropy,
-            "final_loss": last.get("loss") if last else None,
-            "final_val_loss": last.get("val_loss") if last else None,
-            "num_params": self.num_params,
-            "elapsed_s_this_session": elapsed,
-            "resumed_from": self.resumed_from,
-        }
+        """summary.json (run_record.summarize: this session appended to the run's), plots, one line.
+        A finished run's rerun writes nothing and returns its summary as it is."""
+        if self.rerun.action == "finished":
+            if self.is_main:
+                print(self.rerun.finished_message(self.run_dir), flush=True)
+            return run_record.read_summary(self.run_dir) or {}
+        start_step, start_tokens = self._session_start
+        session = {"start_step": start_step, "end_step": self.step, "elapsed_s": elapsed,
+                   "tokens": self.tokens_seen - start_tokens, "cpu_threads": torch.get_num_threads(),
+                   "resumed_from": self.resumed_from}
+        if self.rerun.changed:
+            session["changed"] = {k: list(v) for k, v in self.rerun.changed.items()}
+        totals = {"run_dir": str(self.run_dir), "steps": self.step, "skipped_steps": self.skipped_steps,
+                  "tokens": self.tokens_seen, "unigram_entropy": self.corpus.unigram_entropy,
+                  "num_params": self.num_params, "resumed_from": self.resumed_from}  # this session's
+        previous = run_record.read_summary(self.run_dir) if self.resumed_from else None
+        summary = run_record.summarize(previous, session, totals, last)
         self.metrics.summary(summary)
         self.metrics.close()
         if self.is_main:
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            run_record.write_summary(self.run_dir, summary)
             if self.cfg.logging.plots and last is not None:
                 from kimi_train.analysis.plots import plot_runs
 
