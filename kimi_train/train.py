@@ -146,9 +146,20 @@ def _hydra_main(cfg: DictConfig) -> None:
     from kimi_train.loop.trainer import Trainer
 
     owns_group = not dist.is_initialized()  # under torchrun the Trainer initialises it
-    Trainer(train_cfg, train_cfg.run_dir, resolved).fit()
+    try:
+        Trainer(train_cfg, train_cfg.run_dir, resolved).fit()
+    except (UserError, TrainingError, Interrupted) as e:
+        raise _JobError(e) from e  # past Hydra, which would print a line of its own for an Exception
     if owns_group and dist.is_initialized():  # success: every rank tears down what the run set up
         dist.destroy_process_group()
+
+
+class _JobError(BaseException):
+    """Carries one of kimi_train.errors' exceptions out of the Hydra job to main()."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
 
 
 def _one_line(ex: BaseException) -> str:
@@ -183,7 +194,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let errors reach us instead of Hydra's exit(1)
     debug = os.environ.get("KIMI_TRAIN_DEBUG", "") not in ("", "0")
     try:
-        _hydra_main()
+        try:
+            _hydra_main()
+        except _JobError as job:
+            raise job.error from None
     except ConfigError as e:
         _exit(f"config error: {e}", 2, debug)
     except (HydraException, OmegaConfBaseException) as e:
@@ -192,14 +206,15 @@ def main(argv: Optional[list[str]] = None) -> None:
         _exit(str(e), 2, debug)
     except TrainingError as e:
         _exit(str(e), 1, debug)
-    except Interrupted as e:
-        _exit(str(e), e.exit_code, False)
+    except Interrupted as e:  # every rank stops; one of them says so
+        _exit(str(e), e.exit_code, False, quiet=os.environ.get("RANK", "0") != "0")
 
 
-def _exit(message: str, code: int, debug: bool) -> None:
+def _exit(message: str, code: int, debug: bool, quiet: bool = False) -> None:
     if debug:
         raise
-    print(f"kimi-train: {message}", file=sys.stderr)
+    if not quiet:
+        print(f"kimi-train: {message}", file=sys.stderr)
     sys.exit(code)
 
 
