@@ -26,6 +26,8 @@ summary.json keeps one entry per session (`sessions`) with the safe keys it chan
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import os
 import shutil
@@ -175,6 +177,7 @@ class Rerun:
     action: str  # "start" | "resume" | "finished"
     trained_steps: int = 0  # steps in the latest complete checkpoint (resume / finished)
     changed: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # accepted changes: old, new
+    checkpoint: Optional[Path] = None  # the verified checkpoint of trained_steps (resume / finished)
 
     def finished_message(self, run_dir: Path) -> str:
         return (f"run_dir {run_dir} already finished {self.trained_steps}/{self.trained_steps} steps; nothing to "
@@ -184,12 +187,11 @@ class Rerun:
         return f"resuming at step {self.trained_steps} with changed keys: {_changes(self.changed)}"
 
 
-def trained_steps(run_dir: Path) -> Optional[int]:
-    """The step of the latest complete checkpoint in run_dir, or None without one."""
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        return None
-    return int(json.loads((latest / ckpt.TRAINER_STATE).read_text())["step"])
+def usable_checkpoint(run_dir: Path) -> Optional[tuple[Path, int]]:
+    """The newest checkpoint of run_dir that verifies (a damaged newer one: a warning) and its step;
+    None without one. Collective under torch.distributed (every rank gets the same answer)."""
+    found = ckpt.latest_usable(run_dir)
+    return None if found is None else (found[0], int(found[1]["step"]))
 
 
 def check_rerun(run_dir: str | Path, cfg: Any) -> Rerun:
@@ -198,9 +200,11 @@ def check_rerun(run_dir: str | Path, cfg: Any) -> Rerun:
     run_dir = Path(run_dir)
     if cfg.resume == "never":
         return Rerun("start")
-    trained = trained_steps(run_dir)
+    found = usable_checkpoint(run_dir)
+    trained = None if found is None else found[1]
     old = recorded_config(run_dir) if trained is not None else None
-    return decide(run_dir, old, flatten(config_container(cfg)), trained)
+    rerun = decide(run_dir, old, flatten(config_container(cfg)), trained)
+    return dataclasses.replace(rerun, checkpoint=found[0]) if found is not None else rerun
 
 
 def decide(run_dir: Path, old: Optional[dict[str, Any]], new: dict[str, Any], trained: Optional[int]) -> Rerun:

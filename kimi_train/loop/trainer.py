@@ -174,10 +174,9 @@ class Trainer:
         """Start or resume as self.rerun (run_record.check_rerun) decided; rank 0 writes config.yaml:
         the whole config, so with accepted changes (safe keys, a longer schedule) it says what trains
         from here on, and every key that shapes the steps before is the same as it was."""
-        latest = ckpt.latest_checkpoint(self.run_dir)
         if self.cfg.resume == "never" and self.is_main:
             # A fresh run in this directory: old checkpoints/metrics would be mixed with the new ones.
-            if latest is not None or (self.run_dir / "metrics.jsonl").exists():
+            if ckpt.checkpoints_root(self.run_dir).exists() or (self.run_dir / "metrics.jsonl").exists():
                 print(f"resume=never: removing the previous run's checkpoints, metrics and summary in {self.run_dir}",
                       file=sys.stderr)
             shutil.rmtree(ckpt.checkpoints_root(self.run_dir), ignore_errors=True)
@@ -186,8 +185,9 @@ class Trainer:
                 (self.run_dir / name).unlink(missing_ok=True)
         if dist.is_initialized():
             dist.barrier()
+        latest = self.rerun.checkpoint  # verified by run_record.check_rerun (a damaged newer one: warned, passed)
         if self.cfg.resume == "auto" and latest is not None:
-            state = ckpt.load_checkpoint(latest, self.model, self.optimizer)
+            state = ckpt.load_checkpoint(latest, self.model, self.optimizer, checksums=False)
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
             self.tokens_seen = state["tokens_seen"]
             self.train_loader.load_state_dict(state["data"])
