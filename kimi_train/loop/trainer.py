@@ -386,6 +386,8 @@ class Trainer:
                 if too_many or stopping:
                     if bar is not None:
                         bar.close()
+                    self._write_summary(last, time.perf_counter() - start,
+                                        stopped="too many skipped steps" if too_many else "signal")
                     self.metrics.close()
                 if too_many:
                     raise TrainingError(
@@ -422,10 +424,28 @@ class Trainer:
             if self.is_main:
                 print(self.rerun.finished_message(self.run_dir), flush=True)
             return run_record.read_summary(self.run_dir) or {}
+        summary = self._write_summary(last, elapsed)
+        self.metrics.summary(summary)
+        self.metrics.close()
+        if self.is_main:
+            if self.cfg.logging.plots and last is not None:
+                from kimi_train.analysis.plots import plot_runs
+
+                plot_runs([self.run_dir], self.run_dir / "plots")
+            print(f"done: loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "done",
+                  f"(unigram entropy {self.corpus.unigram_entropy:.3f}); outputs in {self.run_dir}", flush=True)
+        return summary
+
+
+    def _write_summary(self, last: Optional[dict], elapsed: float, stopped: Optional[str] = None) -> dict[str, Any]:
+        """summary.json with this session appended (run_record.summarize); also for a session that
+        stopped early (``stopped``: why), so the run's totals count every session's time and tokens."""
         start_step, start_tokens = self._session_start
         session = {"start_step": start_step, "end_step": self.step, "elapsed_s": elapsed,
                    "tokens": self.tokens_seen - start_tokens, "cpu_threads": torch.get_num_threads(),
                    "resumed_from": self.resumed_from}
+        if stopped:
+            session["stopped"] = stopped
         if self.rerun.changed:
             session["changed"] = {k: list(v) for k, v in self.rerun.changed.items()}
         totals = {"run_dir": str(self.run_dir), "steps": self.step, "skipped_steps": self.skipped_steps,
@@ -433,16 +453,8 @@ class Trainer:
                   "num_params": self.num_params, "resumed_from": self.resumed_from}  # this session's
         previous = run_record.read_summary(self.run_dir) if self.resumed_from else None
         summary = run_record.summarize(previous, session, totals, last)
-        self.metrics.summary(summary)
-        self.metrics.close()
         if self.is_main:
             run_record.write_summary(self.run_dir, summary)
-            if self.cfg.logging.plots and last is not None:
-                from kimi_train.analysis.plots import plot_runs
-
-                plot_runs([self.run_dir], self.run_dir / "plots")
-            print(f"done: loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "done",
-                  f"(unigram entropy {self.corpus.unigram_entropy:.3f}); outputs in {self.run_dir}", flush=True)
         return summary
 
 

@@ -47,9 +47,15 @@ def test_fit_saves_at_the_signalled_step_raises_interrupted_and_restores_the_han
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [2]
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    stopped_summary = json.loads((tmp_path / "summary.json").read_text())  # the stopped session counts
+    assert [(s["start_step"], s["end_step"], s["stopped"]) for s in stopped_summary["sessions"]] == [(0, 2, "signal")]
     monkeypatch.delenv("KIMI_TRAIN_DEBUG_KILL_AT")
-    assert Trainer(small_cfg(steps=4), tmp_path).fit()["steps"] == 4  # and after a normal return
+    summary = Trainer(small_cfg(steps=4), tmp_path).fit()
+    assert summary["steps"] == 4  # and after a normal return
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert [(s["start_step"], s["end_step"]) for s in summary["sessions"]] == [(0, 2), (2, 4)]
+    assert summary["elapsed_s_total"] == pytest.approx(sum(s["elapsed_s"] for s in summary["sessions"]))
+    assert summary["tokens"] == sum(s["tokens"] for s in summary["sessions"])
 
 
 def test_a_second_sigint_during_the_save_stops_at_once_and_the_previous_checkpoint_loads(tmp_path, monkeypatch):
