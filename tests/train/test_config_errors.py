@@ -16,7 +16,6 @@ BAD = [
     ("train.steps=0", "train.steps=0 is not valid; must be >= 1"),
     ("optim.lr=-0.1", "optim.lr=-0.1 is not valid"),
     ("optim.qk_clip.tau=0", "optim.qk_clip.tau=0.0 is not valid"),
-    ("optim.qk_clip.remeasure=1", "Key 'remeasure' not in 'QKClipConfig'"),
     ("optim.ns_method=newton", "optim.ns_method='newton' is not valid; valid values: keller, polar_express, gram"),
     ("optim.ns_backend=cuda", "optim.ns_backend='cuda' is not valid; valid values: auto, torch, triton"),
     ("resume=sometimes", "resume='sometimes' is not valid; valid values: auto, never"),
