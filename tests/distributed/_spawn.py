@@ -7,6 +7,7 @@ dies after its work (a signal or a non-zero exit code at interpreter exit) fails
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -19,7 +20,8 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)  # N processes share 2 cores
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    # A collective that one rank never joins (a bug) fails after 5 minutes instead of gloo's 30.
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=5))
     try:
         fn(rank, world_size, *args)
     finally:
