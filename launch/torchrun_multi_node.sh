@@ -14,6 +14,7 @@
 # TORCH_ELASTIC_SHUTDOWN_TIMEOUT s (default 30): raise it if a step plus a save takes longer.
 # PET_MAX_RESTARTS=1 (torchrun's --max-restarts) restarts every rank when one dies; they resume
 # from the last checkpoint (docs/distributed.md#restarts-and-stopping).
+# With restarts, also export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/distributed.md#restarts-and-stopping).
 set -euo pipefail
 : "${NNODES:?set NNODES to the number of nodes}"
 : "${MASTER_ADDR:?set MASTER_ADDR to the rendezvous host (e.g. node 0)}"

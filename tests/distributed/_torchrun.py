@@ -29,7 +29,8 @@ def command(run_dir: Path, max_restarts: int = 0) -> list[str]:
 
 
 def env(extra: Optional[dict] = None) -> dict:
-    out = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(extra or {})}
+    out = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
+           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(extra or {})}  # see test_elastic_restart.py
     out.pop("HYDRA_FULL_ERROR", None)
     return out
 

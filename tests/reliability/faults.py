@@ -196,8 +196,8 @@ def killed_rank_under_torchrun(run_dir, ref, rng):
     """torchrun --max-restarts=1, rank 1 SIGKILLed at a random step: the job restarts, resumes, and
     its records equal the one-process run of the same global batch (2 ranks x 2 sequences)."""
     step = rng.randint(2, STEPS)
-    proc = kimi_train(run_dir, "train.micro_batch_size=2", env=_env(KIMI_TRAIN_DEBUG_KILL_AT=f"1:{step}:KILL"),
-                      torchrun=2, extra_torchrun=("--max-restarts=1",))
+    proc = kimi_train(run_dir, "train.micro_batch_size=2", torchrun=2, extra_torchrun=("--max-restarts=1",),
+                      env=_env(KIMI_TRAIN_DEBUG_KILL_AT=f"1:{step}:KILL", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1"))
     return proc.returncode == 0, _lost_approx(run_dir, ref), f"rank 1 at step {step}"
 
 

@@ -10,6 +10,7 @@ import torch
 
 from kimi_train.config import TrainConfig
 from kimi_train.errors import UserError
+from kimi_train.loop import checkpoint as ckpt
 from kimi_train.loop import run_record
 from kimi_train.loop.run_record import SAFE_KEYS, config_container, decide, flatten
 from kimi_train.loop.schedule import LRSchedule
@@ -211,7 +212,8 @@ def test_summary_keeps_every_session_and_a_finished_rerun_writes_nothing(tmp_pat
 
     Trainer(constant(3), tmp_path).fit()
     second = Trainer(constant(5, log_every=2), tmp_path)  # longer, and a safe key changed
-    assert second.rerun == run_record.Rerun("resume", 3, {"train.steps": (3, 5), "train.log_every": (1, 2)})
+    assert second.rerun == run_record.Rerun("resume", 3, {"train.steps": (3, 5), "train.log_every": (1, 2)},
+                                            checkpoint=ckpt.checkpoint_path(tmp_path, 3))
     summary = second.fit()
     assert json.loads((tmp_path / "summary.json").read_text()) == summary
     tokens_per_step = second.tokens_per_step
