@@ -144,14 +144,15 @@ def _hydra_main(cfg: DictConfig) -> None:
     import torch.distributed as dist
 
     from kimi_train.loop.trainer import Trainer
+    from kimi_train.parallel import destroy_distributed
 
     owns_group = not dist.is_initialized()  # under torchrun the Trainer initialises it
     try:
         Trainer(train_cfg, train_cfg.run_dir, resolved).fit()
     except (UserError, TrainingError, Interrupted) as e:
         raise _JobError(e) from e  # past Hydra, which would print a line of its own for an Exception
-    if owns_group and dist.is_initialized():  # success: every rank tears down what the run set up
-        dist.destroy_process_group()
+    if owns_group:  # success: every rank tears down what the run set up, before the interpreter exits
+        destroy_distributed()
 
 
 class _JobError(BaseException):

@@ -10,22 +10,29 @@ where every function here is a no-op.
     dims.dp_rank, dims.dp_size                   # data sharding
     dims.dp_group                                # max-logit / expert-load all-reduce (None: single process)
     grad_norm = clip_grad_norm_(model.parameters(), max_norm)   # works across the EP and dense meshes
+    destroy_distributed()                        # after a successful run: no gloo thread is left for exit
 
 See docs/distributed.md for the mesh layout, the EP gradient-scaling trap and how to launch.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
+# Before any process group exists: this module binds its functions' default `group=group.WORLD`
+# at import, and imported after init_process_group it would hold the world group until exit.
+import torch.distributed.nn.functional  # noqa: F401
+
 from .dims import ParallelDims
 from .grad_norm import clip_grad_norm_
 
-__all__ = ["init_distributed", "ParallelDims", "parallelize_model", "apply_ep", "apply_fsdp", "clip_grad_norm_"]
+__all__ = ["init_distributed", "destroy_distributed", "ParallelDims", "parallelize_model", "apply_ep", "apply_fsdp",
+           "clip_grad_norm_"]
 
 
 def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torch.device]:
@@ -41,6 +48,31 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torc
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world_size, local_rank, device
+
+
+def destroy_distributed() -> None:
+    """Destroy the process groups and stop their gloo worker threads now, after a successful run.
+
+    ``dist.destroy_process_group()`` only unregisters the groups; a gloo group stops its worker
+    threads when its last reference goes. torch keeps device meshes in module-level caches
+    (DTensor's redistribute planner and transform caches) and a mesh keeps its groups, so they
+    would die during interpreter finalisation instead. A worker thread still freeing a finished
+    collective's tensors there needs the GIL; Python 3.11 ends it with pthread_exit, whose unwind
+    through a noexcept C++ destructor aborts the process ("terminate called without an active
+    exception": 5 of 22 torchrun smoke runs, after their last collective, a broadcast). Here
+    every mesh lets go of its groups and a collection frees the caller's dropped objects that
+    held them, so the groups die while the interpreter is alive, each joining its workers. Not
+    for error paths: joining waits for any collective still in flight.
+    """
+    if not dist.is_initialized():
+        return
+    dist.destroy_process_group()
+    from torch.distributed.device_mesh import DeviceMesh
+
+    for obj in gc.get_objects():
+        if isinstance(obj, DeviceMesh):  # outside torch.compile, get_group() resolves groups by name
+            getattr(obj, "_pg_registry", {}).clear()
+    gc.collect()
 
 
 def parallelize_model(model: torch.nn.Module, dims: ParallelDims, mesh: Any, mixed_precision: bool = False):

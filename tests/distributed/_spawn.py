@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from _ports import free_port
+from kimi_train.parallel import destroy_distributed
 
 
 def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
@@ -24,8 +25,10 @@ def _entry(rank: int, world_size: int, port: int, fn, args) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(minutes=5))
     try:
         fn(rank, world_size, *args)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    destroy_distributed()  # gloo's threads stop here, not during interpreter finalisation
 
 
 def spawn(fn, world_size: int, *args) -> None:
