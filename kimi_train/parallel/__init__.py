@@ -10,7 +10,7 @@ where every function here is a no-op.
     dims.dp_rank, dims.dp_size                   # data sharding
     dims.dp_group                                # max-logit / expert-load all-reduce (None: single process)
     grad_norm = clip_grad_norm_(model.parameters(), max_norm)   # works across the EP and dense meshes
-    destroy_distributed()                        # after a successful run: no gloo thread is left for exit
+    destroy_distributed()                        # after a successful distributed run: no gloo thread left
 
 See docs/distributed.md for the mesh layout, the EP gradient-scaling trap and how to launch.
 """
@@ -62,15 +62,15 @@ def destroy_distributed() -> None:
     exception": 5 of 22 torchrun smoke runs, after their last collective, a broadcast). Here
     every mesh lets go of its groups and a collection frees the caller's dropped objects that
     held them, so the groups die while the interpreter is alive, each joining its workers. Not
-    for error paths: joining waits for any collective still in flight.
+    for error paths: joining waits for any collective still in flight. Call it after a distributed
+    run; it also releases the groups of a process group that something else destroyed already.
     """
-    if not dist.is_initialized():
-        return
-    dist.destroy_process_group()
     from torch.distributed.device_mesh import DeviceMesh
 
+    if dist.is_initialized():
+        dist.destroy_process_group()
     for obj in gc.get_objects():
-        if isinstance(obj, DeviceMesh):  # outside torch.compile, get_group() resolves groups by name
+        if type(obj) is DeviceMesh:  # outside torch.compile, get_group() resolves groups by name
             getattr(obj, "_pg_registry", {}).clear()
     gc.collect()
 
