@@ -33,6 +33,7 @@ from typing import Any, Optional, Union
 import torch
 
 from kimi_train.errors import UserError
+from kimi_train.fs import writable_dir
 
 from kimi_train.model import KimiForCausalLM, ModelConfig, model_config_from_dict
 from kimi_train.model.rope import half_to_interleaved, interleaved_to_half
@@ -292,12 +293,7 @@ def _prepare_out(out: Path, force: bool, src_is_out: bool) -> None:
         for pattern in HF_WEIGHT_FILES:
             for f in out.glob(pattern):
                 f.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"OUT_DIR {str(out)!r} cannot be created: {e.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise UserError(f"OUT_DIR {str(out)!r} is not writable")
+    writable_dir(out, "OUT_DIR")
 
 
 USAGE = "usage: kimi-train-export RUN_DIR_OR_HF_DIR OUT_DIR [--rope-interleave] [--force]"
