@@ -29,6 +29,7 @@ This module imports torch only (``optim`` stands alone).
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -38,7 +39,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.placement_types import _StridedShard
 
-__all__ = ["orthogonalize_dtensors", "scale_rows_", "ns_cost", "comm_stats", "CommStats"]
+__all__ = ["orthogonalize_", "orthogonalize_dtensors", "scale_rows_", "ns_cost", "comm_stats", "CommStats", "BUCKET_NUMEL"]
 
 Box = tuple[tuple[int, ...], tuple[int, ...]]  # (global offsets, sizes) of a local shard
 
@@ -137,21 +138,41 @@ class _Unit:
     owner: int = -1  # group rank
 
 
-@dataclass
-class _MeshPlan:
-    """Who owns which matrix and how many elements go where: layout only, no process group."""
+Key = tuple  # an index into a local tensor: (expert?, row slice, column slice)
+Piece = tuple[int, Key, tuple[int, int]]  # (param or slot, key, block shape)
 
-    ranks: list[int]  # global ranks in the group-rank order of _mesh_group(mesh)
-    me: int  # my group rank
-    params: list[int]  # indices into the call's lists
-    units: list[_Unit] = field(default_factory=list)
-    # boxes[param][group_rank] -> Box; senders[param][group_rank] -> bool
-    boxes: dict = field(default_factory=dict)
-    senders: dict = field(default_factory=dict)
+
+@dataclass
+class _Bucket:
+    """A slice of the plan that travels in one all-to-all each way.
+
+    Every list is in buffer order: ``send``/``ret_recv`` destination- resp. source-major over
+    this rank's local shards; ``recv``/``ret_send`` over the owned matrices (slots).
+    ``slots``: the owned units, grouped into NS batches by wide shape: batches[(n, m)] ->
+    slot ids; slot_pos[slot] -> (batch key, position, tall).
+    """
+
+    send: list[Piece] = field(default_factory=list)
+    recv: list[Piece] = field(default_factory=list)
+    ret_send: list[Piece] = field(default_factory=list)
+    ret_recv: list[Piece] = field(default_factory=list)
     send_splits: list[int] = field(default_factory=list)
     recv_splits: list[int] = field(default_factory=list)
     ret_send_splits: list[int] = field(default_factory=list)
     ret_recv_splits: list[int] = field(default_factory=list)
+    batches: dict = field(default_factory=dict)
+    slot_pos: list[tuple[tuple[int, int], int, bool]] = field(default_factory=list)
+
+
+@dataclass
+class _MeshPlan:
+    """Who owns which matrix and what goes where: layout only, no process group."""
+
+    ranks: list[int]  # global ranks in the group-rank order of _mesh_group(mesh)
+    me: int  # my group rank
+    params: list[int]  # indices into the call's lists
+    buckets: list[_Bucket] = field(default_factory=list)
+    signature: str = ""  # what every rank must agree on
 
 
 def _unit_block(box: Box, u: _Unit) -> Optional[Box]:
@@ -166,107 +187,253 @@ def _unit_block(box: Box, u: _Unit) -> Optional[Box]:
     return tuple(off), tuple(size)
 
 
-def _build_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:
+def _box_key(blk: Box, origin: Sequence[int] = (0, 0)) -> Key:
+    return tuple(slice(o - z, o - z + s) for o, s, z in zip(blk[0], blk[1], origin))
+
+
+def _local_key(u: _Unit, blk: Box, shard_box: Box) -> Key:
+    """Index of unit u's block ``blk`` (global 2-D box) inside the local shard ``shard_box``."""
+    key = _box_key(blk, shard_box[0][-2:])
+    return key if u.expert is None else (u.expert - shard_box[0][0],) + key
+
+
+def _assign_owners(units: list[_Unit], load: list[int]) -> None:
+    """Longest processing time first: biggest matrices first, each to the least-loaded rank.
+    Balanced within the bucket (a bucket's results return once its slowest owner is done),
+    ties broken by the load carried over from earlier buckets."""
+    local = [0] * len(load)
+    for u in sorted(units, key=lambda u: -ns_cost(*u.shape)):
+        r = min(range(len(load)), key=lambda r: (local[r], load[r], r))
+        u.owner = r
+        local[r] += ns_cost(*u.shape)
+        load[r] += ns_cost(*u.shape)
+
+
+def _build_plan(params: list[DTensor], idx: list[int], bucket_numel: int) -> _MeshPlan:
     mesh = params[idx[0]].device_mesh
     ranks = dist.get_process_group_ranks(_mesh_group(mesh))
     me = ranks.index(dist.get_rank())
-    mesh_ranks = mesh.mesh
-    coords = {}
-    for g in ranks:
-        coords[g] = [int(c) for c in (mesh_ranks == g).nonzero()[0].tolist()]
+    coords = {g: [int(c) for c in (mesh.mesh == g).nonzero()[0].tolist()] for g in ranks}
     plan = _MeshPlan(ranks=ranks, me=me, params=idx)
+    boxes, senders, units = {}, {}, []
     for i in idx:
         p = params[i]
-        boxes, senders = [], []
         rep_dims = [d for d, pl in enumerate(p.placements) if isinstance(pl, Replicate)]
-        for g in ranks:
-            boxes.append(_local_box(p.shape, mesh.shape, coords[g], p.placements))
-            # One copy of each slice travels: the replica at coordinate 0 on Replicate dims.
-            senders.append(all(coords[g][d] == 0 for d in rep_dims))
-        plan.boxes[i], plan.senders[i] = boxes, senders
-        mat = tuple(p.shape[-2:])
+        boxes[i] = [_local_box(p.shape, mesh.shape, coords[g], p.placements) for g in ranks]
+        # One copy of each slice travels: the replica at coordinate 0 on Replicate dims.
+        senders[i] = [all(coords[g][d] == 0 for d in rep_dims) for g in ranks]
         experts = [None] if p.ndim == 2 else list(range(p.shape[0]))
-        plan.units += [_Unit(i, e, mat) for e in experts]
+        units += [_Unit(i, e, tuple(p.shape[-2:])) for e in experts]
 
-    # Longest processing time first: biggest matrices first, each to the least-loaded rank.
+    # Buckets in parameter order (the order gradients are ready in), ~bucket_numel each.
+    chunks, cur, size = [], [], 0
+    for u in units:
+        cur.append(u)
+        size += u.shape[0] * u.shape[1]
+        if size >= bucket_numel:
+            chunks.append(cur)
+            cur, size = [], 0
+    if cur:
+        chunks.append(cur)
     load = [0] * len(ranks)
-    for u in sorted(plan.units, key=lambda u: -ns_cost(*u.shape)):
-        r = min(range(len(ranks)), key=lambda r: (load[r], r))
-        u.owner = r
-        load[r] += ns_cost(*u.shape)
-
-    def numel(b: Optional[Box]) -> int:
-        return 0 if b is None else math.prod(b[1])
-
     n = len(ranks)
-    plan.send_splits = [0] * n
-    plan.recv_splits = [0] * n
-    plan.ret_send_splits = [0] * n
-    plan.ret_recv_splits = [0] * n
-    for u in plan.units:
-        boxes, senders = plan.boxes[u.param], plan.senders[u.param]
-        if senders[me]:
-            plan.send_splits[u.owner] += numel(_unit_block(boxes[me], u))
-        if u.owner == me:
-            for r in range(n):
-                if senders[r]:
-                    plan.recv_splits[r] += numel(_unit_block(boxes[r], u))
-                plan.ret_send_splits[r] += numel(_unit_block(boxes[r], u))
-        plan.ret_recv_splits[u.owner] += numel(_unit_block(boxes[me], u))
+    for chunk in chunks:
+        _assign_owners(chunk, load)
+        b = _Bucket(send_splits=[0] * n, recv_splits=[0] * n, ret_send_splits=[0] * n, ret_recv_splits=[0] * n)
+        mine = [u for u in chunk if u.owner == me]
+        for slot, u in enumerate(mine):
+            wide = (min(u.shape), max(u.shape))
+            b.batches.setdefault(wide, []).append(slot)
+            b.slot_pos.append((wide, len(b.batches[wide]) - 1, u.shape[0] > u.shape[1]))
+        for r in range(n):  # what I send to r: my blocks of r's units (destination-major)
+            for u in chunk:
+                blk = _unit_block(boxes[u.param][me], u)
+                if u.owner == r and blk is not None and senders[u.param][me]:
+                    b.send.append((u.param, _local_key(u, blk, boxes[u.param][me]), blk[1]))
+                    b.send_splits[r] += math.prod(blk[1])
+        for r in range(n):  # what r sends me (source-major), and what I return to r
+            for slot, u in enumerate(mine):
+                blk = _unit_block(boxes[u.param][r], u)
+                if blk is None:
+                    continue
+                if senders[u.param][r]:
+                    b.recv.append((slot, _box_key(blk), blk[1]))
+                    b.recv_splits[r] += math.prod(blk[1])
+                b.ret_send.append((slot, _box_key(blk), blk[1]))
+                b.ret_send_splits[r] += math.prod(blk[1])
+        for r in range(n):  # what r returns to me: my blocks of r's units
+            for u in chunk:
+                blk = _unit_block(boxes[u.param][me], u)
+                if u.owner == r and blk is not None:
+                    b.ret_recv.append((u.param, _local_key(u, blk, boxes[u.param][me]), blk[1]))
+                    b.ret_recv_splits[r] += math.prod(blk[1])
+        plan.buckets.append(b)
+    layout = [(tuple(params[i].shape), str(params[i].placements)) for i in idx]
+    owners = [u.owner for u in units]
+    plan.signature = repr((ranks, tuple(mesh.mesh.shape), layout, owners, [len(c) for c in chunks]))
     return plan
 
 
+def _check_same_plan(plan: _MeshPlan, pg: dist.ProcessGroup, device: torch.device) -> None:
+    """Every rank of the group must have planned the same matrices, else the all-to-alls would
+    pair up mismatched buffers (a hang or garbage): one collective on a fixed-size digest."""
+    digest = int.from_bytes(hashlib.sha256(plan.signature.encode()).digest()[:7], "little")
+    mine = torch.tensor([digest], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in plan.ranks]
+    dist.all_gather(every, mine, group=pg)
+    differ = [plan.ranks[r] for r, t in enumerate(every) if int(t.item()) != digest]
+    if differ:
+        raise ValueError(
+            f"optim.distributed: rank {dist.get_rank()} planned other Muon matrices than ranks {differ} "
+            f"({len(plan.params)} sharded parameters here); every rank must step the same parameters, in the "
+            f"same order, with the same shapes and placements"
+        )
+
+
 _PLAN_CACHE: dict = {}  # layouts and sizes only: still valid after a destroy and re-init of the groups
+BUCKET_NUMEL = 1 << 22  # matrix elements per all-to-all bucket (8 MB in bf16); two buckets are in flight
 
 
-def _plan_key(params: list[DTensor], idx: list[int]) -> tuple:
+def _plan_key(params: list[DTensor], idx: list[int], bucket_numel: int) -> tuple:
     # this rank's plan for positions in `params`: the same layouts at other positions need another plan
-    return (dist.get_rank(), tuple(idx)) + tuple((tuple(params[i].shape), tuple(params[i].placements), _mesh_key(params[i].device_mesh)) for i in idx)
+    return (dist.get_rank(), tuple(idx), bucket_numel) + tuple(
+        (tuple(params[i].shape), tuple(params[i].placements), _mesh_key(params[i].device_mesh)) for i in idx
+    )
 
 
-def _get_plan(params: list[DTensor], idx: list[int]) -> _MeshPlan:
-    key = _plan_key(params, idx)
+def _get_plan(params: list[DTensor], idx: list[int], pg: dist.ProcessGroup, bucket_numel: int) -> _MeshPlan:
+    key = _plan_key(params, idx, bucket_numel)
     if key not in _PLAN_CACHE:
-        _PLAN_CACHE[key] = _build_plan(params, idx)
+        plan = _build_plan(params, idx, bucket_numel)
+        _check_same_plan(plan, pg, params[idx[0]].to_local().device)
+        _PLAN_CACHE[key] = plan
     return _PLAN_CACHE[key]
 
 
 # --------------------------------------------------------------------------- main entry
 
 
-def _a2a(plan: _MeshPlan, pg: dist.ProcessGroup, send: torch.Tensor, send_splits: list[int], recv_splits: list[int],
-         async_op: bool):
-    recv = send.new_empty(sum(recv_splits))
-    work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=pg, async_op=async_op)
-    item = send.element_size()
-    comm_stats.bytes_sent += item * (sum(send_splits) - send_splits[plan.me])
-    comm_stats.bytes_recv += item * (sum(recv_splits) - recv_splits[plan.me])
-    return recv, work
+class _Stage:
+    """One bucket on its way: forward all-to-all, owners' NS, return all-to-all, apply."""
+
+    def __init__(self, plan: _MeshPlan, bucket: _Bucket, pg: dist.ProcessGroup, dtype: torch.dtype, device):
+        self.plan, self.b, self.pg, self.dtype, self.device = plan, bucket, pg, dtype, device
+
+    def _a2a(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]):
+        recv = send.new_empty(sum(recv_splits))
+        work = dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.pg, async_op=True)
+        item, me = send.element_size(), self.plan.me
+        comm_stats.bytes_sent += item * (sum(send_splits) - send_splits[me])
+        comm_stats.bytes_recv += item * (sum(recv_splits) - recv_splits[me])
+        return recv, work
+
+    def post_forward(self, fill) -> None:
+        """Write this rank's update blocks (cast to the NS dtype) into one send buffer; send."""
+        send = torch.empty(sum(self.b.send_splits), dtype=self.dtype, device=self.device)
+        pos = 0
+        for param, key, shape in self.b.send:
+            k = shape[0] * shape[1]
+            fill(param, key, send[pos : pos + k].view(shape))
+            pos += k
+        comm_stats.calls += 1
+        self.recv, self.work = self._a2a(send, self.b.send_splits, self.b.recv_splits)
+
+    def run_ns(self, ns) -> None:
+        """Owners: assemble the matrices from the receive buffer, NS them, send the blocks back."""
+        self.work.wait()
+        b = self.b
+        X = {wide: torch.empty(len(slots), *wide, dtype=self.dtype, device=self.device) for wide, slots in b.batches.items()}
+
+        def slot_view(bufs, slot):
+            wide, j, tall = b.slot_pos[slot]
+            return bufs[wide][j].mT if tall else bufs[wide][j]
+
+        pos = 0
+        for slot, key, shape in b.recv:
+            k = shape[0] * shape[1]
+            slot_view(X, slot)[key].copy_(self.recv[pos : pos + k].view(shape))
+            pos += k
+        Y = {wide: ns(x) for wide, x in X.items()}
+        send = torch.empty(sum(b.ret_send_splits), dtype=self.dtype, device=self.device)
+        pos = 0
+        for slot, key, shape in b.ret_send:
+            k = shape[0] * shape[1]
+            send[pos : pos + k].view(shape).copy_(slot_view(Y, slot)[key])
+            pos += k
+        self.back, self.work = self._a2a(send, b.ret_send_splits, b.ret_recv_splits)
+
+    def finish(self, apply) -> None:
+        """Hand every returned block, straight from the receive buffer, to ``apply``."""
+        self.work.wait()
+        pos = 0
+        for param, key, shape in self.b.ret_recv:
+            k = shape[0] * shape[1]
+            apply(param, key, self.back[pos : pos + k].view(shape))
+            pos += k
 
 
-def _slice(t: torch.Tensor, box: Box) -> torch.Tensor:
-    off, size = box
-    return t[tuple(slice(o, o + s) for o, s in zip(off, size))]
+@torch.no_grad()
+def orthogonalize_(
+    params: list[DTensor],
+    ns: Callable[[torch.Tensor], torch.Tensor],
+    ns_dtype: torch.dtype,
+    fill: Callable[[int, Key, torch.Tensor], None],
+    apply: Callable[[int, Key, torch.Tensor], None],
+    bucket_numel: Optional[int] = None,
+) -> None:
+    """Newton-Schulz of every full matrix of ``params``, each run once, by one owner rank.
 
+    ``fill(i, key, out)`` writes parameter i's update at ``key`` (an index into i's LOCAL shard)
+    into ``out`` (NS dtype); ``ns(X)`` orthogonalises a contiguous wide [B, n, m] buffer it may
+    overwrite; ``apply(i, key, O)`` consumes the result for that block. Sharded matrices travel
+    in buckets of ~``bucket_numel`` elements, one packed all-to-all per bucket each way, in the
+    NS dtype; the next bucket's forward all-to-all is in flight while this bucket's NS runs.
+    Matrices whole on their rank (Replicate, 3-D experts split on dim 0) are NS'd locally while
+    the first buckets travel. Collective: every rank of every parameter's mesh calls it with
+    the same parameter list (checked once per layout; a mismatch is a ValueError on every rank).
+    """
+    from .muon import orthogonalize_local_
 
-def _relative(blk: Box, shard_box: Box) -> Box:
-    """A 2-D block in global coordinates, shifted into the coordinates of the local shard."""
-    off = shard_box[0][-2:]
-    return tuple(b - o for b, o in zip(blk[0], off)), blk[1]
+    bucket_numel = bucket_numel or BUCKET_NUMEL
+    local_items, by_mesh = [], {}
+    for i, p in enumerate(params):
+        if p.ndim not in (2, 3):
+            raise ValueError(f"Muon parameter {i} has shape {tuple(p.shape)}; valid: 2-D [n, m] or 3-D [E, n, m]")
+        if not isinstance(p, DTensor):
+            local_items.append((i, p.shape, p.device))
+            continue
+        if any(pl.is_partial() for pl in p.placements):
+            raise ValueError(f"update {i} has Partial placements {p.placements}; reduce gradients first")
+        if _is_whole_locally(p):
+            local_items.append((i, p.to_local().shape, p.to_local().device))
+            continue
+        if any(isinstance(pl, _StridedShard) for pl in p.placements):
+            raise NotImplementedError(f"update {i}: {p.placements} splits matrices in strides; unsupported")
+        if p.device_mesh.get_coordinate() is None:
+            continue  # this rank is not part of that parameter's mesh
+        by_mesh.setdefault(_mesh_key(p.device_mesh), []).append(i)
 
+    stages = []
+    for idx in by_mesh.values():
+        mesh = params[idx[0]].device_mesh
+        pg = _mesh_group(mesh)
+        plan = _get_plan(params, idx, pg, bucket_numel)
+        device = params[idx[0]].to_local().device
+        stages += [_Stage(plan, b, pg, ns_dtype, device) for b in plan.buckets]
 
-def _run_ns_batched(mats: list[torch.Tensor], ns_fn: Callable[[torch.Tensor], torch.Tensor]) -> list[torch.Tensor]:
-    """NS on a list of 3-D [b, n, m] tensors: one ns_fn call per matrix shape."""
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for j, x in enumerate(mats):
-        by_shape.setdefault(tuple(x.shape[-2:]), []).append(j)
-    out: list[Optional[torch.Tensor]] = [None] * len(mats)
-    for js in by_shape.values():
-        xs = [mats[j] for j in js]
-        y = ns_fn(torch.cat(xs, dim=0) if len(xs) > 1 else xs[0])
-        for j, part in zip(js, torch.split(y, [x.shape[0] for x in xs], dim=0)):
-            out[j] = part
-    return out  # type: ignore[return-value]
+    in_flight = 2
+    for st in stages[:in_flight]:
+        st.post_forward(fill)
+    if local_items:
+        orthogonalize_local_([(i, s, d) for i, s, d in local_items if math.prod(s)], ns, ns_dtype, fill, apply)
+    for k, st in enumerate(stages):
+        st.run_ns(ns)
+        if k + in_flight < len(stages):
+            stages[k + in_flight].post_forward(fill)
+        if k > 0:
+            stages[k - 1].finish(apply)
+    if stages:
+        stages[-1].finish(apply)
 
 
 @torch.no_grad()
@@ -275,118 +442,30 @@ def orthogonalize_dtensors(
 ) -> list[torch.Tensor]:
     """Newton-Schulz of each full update matrix, returned as this rank's LOCAL shards.
 
-    Args:
-        updates: post-momentum updates, DTensors with the placements of ``params``.
-        params: the parameters (2-D [n, m] or 3-D [E, n, m] expert weights); only their
-            shapes, meshes and placements are read.
-        ns_fn: batched Newton-Schulz, ``ns_fn(X_bnm) -> Y_bnm`` (the optimizer's settings bound).
-
-    Returns:
-        ``out[i]`` has the shape of ``updates[i].to_local()`` and equals
-        ``ns_fn(full(updates[i]))`` restricted to this rank's shard. Collective: every rank of
-        every parameter's mesh must call it with the same parameter list.
+    The copying form of ``orthogonalize_`` (which Muon uses): ``updates`` are DTensors with the
+    placements of ``params``; ``out[i]`` has the shape of ``updates[i].to_local()`` and equals
+    ``ns_fn(full(updates[i]))`` restricted to this rank's shard, in the updates' dtype.
     """
     if len(updates) != len(params):
         raise ValueError(f"orthogonalize_dtensors got {len(updates)} updates for {len(params)} params")
-    out: list[Optional[torch.Tensor]] = [None] * len(params)
-    local_idx, by_mesh = [], {}
     for i, (u, p) in enumerate(zip(updates, params)):
-        if p.ndim not in (2, 3):
-            raise ValueError(f"Muon parameter {i} has shape {tuple(p.shape)}; valid: 2-D [n, m] or 3-D [E, n, m]")
-        if not isinstance(u, DTensor):
-            local_idx.append(i)
-            continue
-        if tuple(u.placements) != tuple(p.placements):
+        if isinstance(u, DTensor) and tuple(u.placements) != tuple(p.placements):
             raise ValueError(f"update {i} placements {u.placements} differ from the parameter's {p.placements}")
-        if any(pl.is_partial() for pl in u.placements):
-            raise ValueError(f"update {i} has Partial placements {u.placements}; reduce gradients first")
-        if _is_whole_locally(u):
-            local_idx.append(i)
-            continue
-        if any(isinstance(pl, _StridedShard) for pl in u.placements):
-            raise NotImplementedError(f"update {i}: {u.placements} splits matrices in strides; unsupported")
-        if u.device_mesh.get_coordinate() is None:
-            continue  # this rank is not part of that parameter's mesh
-        by_mesh.setdefault((u.device_mesh, u.dtype), []).append(i)
+    ups = [u.to_local() if isinstance(u, DTensor) else u for u in updates]
+    out = [torch.empty_like(u) for u in ups]
+    dtype = ups[0].dtype if ups else torch.float32
 
-    # Forward all-to-all per mesh, launched async so the local NS below overlaps it.
-    pending = []
-    for (mesh, dtype), idx in by_mesh.items():
-        plan, pg = _get_plan(updates, idx), _mesh_group(mesh)
-        comm_stats.calls += 1
-        chunks: list[list[torch.Tensor]] = [[] for _ in plan.ranks]
-        for u in plan.units:
-            my_box = plan.boxes[u.param][plan.me]
-            blk = _unit_block(my_box, u)
-            if blk is None or not plan.senders[u.param][plan.me]:
-                continue
-            local = updates[u.param].to_local()
-            if u.expert is not None:
-                local = local[u.expert - my_box[0][0]]
-            chunks[u.owner].append(_slice(local, _relative(blk, my_box)).reshape(-1))
-        flat = [c for cs in chunks for c in cs]
-        send = torch.cat(flat) if flat else updates[idx[0]].to_local().new_empty(0)
-        recv, work = _a2a(plan, pg, send.to(dtype), plan.send_splits, plan.recv_splits, async_op=True)
-        pending.append((plan, pg, recv, work, dtype))
+    def fill(i, key, dst):
+        dst.copy_(ups[i][key])
 
-    local_mats = []
-    for i in local_idx:
-        x = updates[i].to_local() if isinstance(updates[i], DTensor) else updates[i]
-        local_mats.append(x if x.ndim == 3 else x.unsqueeze(0))
-    for i, y in zip(local_idx, _run_ns_batched(local_mats, ns_fn)):
-        out[i] = y if updates[i].ndim == 3 else y.squeeze(0)
+    def apply(i, key, O):
+        out[i][key].copy_(O)
 
-    for plan, pg, recv, work, dtype in pending:
-        work.wait()
-        # Assemble the matrices this rank owns; source-major order, units in plan order.
-        mine = [u for u in plan.units if u.owner == plan.me]
-        full = [torch.empty(u.shape, dtype=dtype, device=recv.device) for u in mine]
-        pos = 0
-        for r in range(len(plan.ranks)):
-            for u, f in zip(mine, full):
-                if not plan.senders[u.param][r]:
-                    continue
-                blk = _unit_block(plan.boxes[u.param][r], u)
-                if blk is None:
-                    continue
-                k = math.prod(blk[1])
-                _slice(f, blk).copy_(recv[pos : pos + k].view(blk[1]))
-                pos += k
-        results = _run_ns_batched([f.unsqueeze(0) for f in full], ns_fn)
-        results = [y.squeeze(0) for y in results]
-
-        # Return all-to-all: destination-major, units in plan order.
-        parts = []
-        for r in range(len(plan.ranks)):
-            for u, y in zip(mine, results):
-                blk = _unit_block(plan.boxes[u.param][r], u)
-                if blk is not None:
-                    parts.append(_slice(y, blk).reshape(-1))
-        send = torch.cat(parts).to(dtype) if parts else recv.new_empty(0)
-        back, work = _a2a(plan, pg, send, plan.ret_send_splits, plan.ret_recv_splits, async_op=False)
-
-        local_out = {i: torch.empty_like(updates[i].to_local()) for i in plan.params}
-        pos = 0
-        for r in range(len(plan.ranks)):
-            for u in plan.units:
-                if u.owner != r:
-                    continue
-                my_box = plan.boxes[u.param][plan.me]
-                blk = _unit_block(my_box, u)
-                if blk is None:
-                    continue
-                k = math.prod(blk[1])
-                dst = local_out[u.param]
-                if u.expert is not None:
-                    dst = dst[u.expert - my_box[0][0]]
-                _slice(dst, _relative(blk, my_box)).copy_(back[pos : pos + k].view(blk[1]))
-                pos += k
-        for i, t in local_out.items():
-            out[i] = t
-    for i in range(len(out)):
-        if out[i] is None:  # a rank outside a parameter's mesh holds no shard
-            out[i] = updates[i].to_local().clone()
-    return out  # type: ignore[return-value]
+    orthogonalize_([u if isinstance(u, DTensor) else u for u in updates], ns_fn, dtype, fill, apply)
+    for i, u in enumerate(updates):
+        if isinstance(u, DTensor) and u.device_mesh.get_coordinate() is None:
+            out[i].copy_(ups[i])  # a rank outside a parameter's mesh holds no shard
+    return out
 
 
 @torch.no_grad()

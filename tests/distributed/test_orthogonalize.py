@@ -57,7 +57,7 @@ def _cases(world: int):
     return [((world,), one_d), ((a, b), two_d)]
 
 
-def _worker_orthogonalize(rank: int, world: int) -> None:
+def _worker_orthogonalize(rank: int, world: int, expect_calls: int | None = 4) -> None:
     torch.manual_seed(0)
     meshes = {}
     updates, expected = [], []
@@ -83,14 +83,16 @@ def _worker_orthogonalize(rank: int, world: int) -> None:
         return orig_redist(self, *a, **k)
 
     DTensor.full_tensor, DTensor.redistribute = counting_full, counting_redist
-    comm_stats.reset()
+    if expect_calls is not None:
+        comm_stats.reset()
     try:
         out = orthogonalize_dtensors(updates, updates, ns_fp32)
         out2 = orthogonalize_dtensors(updates, updates, ns_fp32)  # cached plan path
     finally:
         DTensor.full_tensor, DTensor.redistribute = orig_full, orig_redist
     assert calls == {"full_tensor": 0, "redistribute": 0}, calls
-    assert comm_stats.calls == 4  # two meshes x two calls: one all-to-all pair each
+    if expect_calls is not None:
+        assert comm_stats.calls == expect_calls  # two meshes x two calls: one bucket (all-to-all pair) each
     for i, (o, o2, e) in enumerate(zip(out, out2, expected)):
         assert o.shape == e.shape, (i, o.shape, e.shape)
         torch.testing.assert_close(o, e, atol=ATOL, rtol=0, msg=lambda m: f"param {i}: {m}")
@@ -193,10 +195,37 @@ def _worker_plan_cache_positions(rank: int, world: int) -> None:
     torch.testing.assert_close(out.float(), expected, atol=1e-5, rtol=0)
 
 
+def _worker_many_buckets(rank: int, world: int) -> None:
+    """Tiny buckets: every matrix travels alone, two buckets in flight, results unchanged."""
+    import optim.distributed as od
+
+    saved = od.BUCKET_NUMEL
+    od.BUCKET_NUMEL = 30  # smaller than every matrix of the cases: one bucket per matrix
+    try:
+        comm_stats.reset()
+        _worker_orthogonalize(rank, world, expect_calls=None)
+        assert comm_stats.calls > 8, comm_stats.calls
+        _worker_muon_step(rank, world)
+    finally:
+        od.BUCKET_NUMEL = saved
+
+
+def _worker_plan_mismatch(rank: int, world: int) -> None:
+    """Ranks that disagree on the matrices fail together, in one clear error, instead of hanging."""
+    mesh = init_device_mesh("cpu", (world,))
+    cols = 6 if rank == 0 else 7  # rank 0 has another shape
+    ups = [distribute_tensor(torch.zeros(8, 5), mesh, [Shard(0)]),
+           DTensor.from_local(torch.randn(8 // world, cols), mesh, [Shard(0)], shape=(8, cols), stride=(cols, 1))]
+    with pytest.raises(ValueError, match=r"planned other Muon matrices than ranks \[.*\].*same order, with the same shapes"):
+        orthogonalize_dtensors(ups, ups, ns_fp32)
+
+
 def _worker_all(rank: int, world: int) -> None:
     _worker_plan_cache_positions(rank, world)
     _worker_orthogonalize(rank, world)
     _worker_muon_step(rank, world)
+    _worker_many_buckets(rank, world)
+    _worker_plan_mismatch(rank, world)
     _worker_local_only(rank, world)
     _worker_traffic(rank, world)
     _worker_scale_rows(rank, world)

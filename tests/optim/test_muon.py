@@ -178,6 +178,19 @@ def test_non_finite_grad_raises_with_name_and_leaves_state_alone():
             assert torch.equal(now["state"][k][key], v), key
 
 
+def test_a_huge_finite_gradient_is_not_called_non_finite():
+    # The fused check sums squared norms, which overflow at |g| ~ 1e19; the exact pass must
+    # then clear the step (Muon's NS and AdamW are scale-free, so such a step is well defined).
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(6, 4))
+    b = nn.Parameter(torch.randn(4))
+    opt = Muon([{"params": [w]}, {"params": [b], "use_muon": False}], lr=0.01, weight_decay=0.0, ns_dtype=torch.float32)
+    w.grad = torch.randn(6, 4) * 1e30
+    b.grad = torch.full((4,), 3e38)
+    opt.step()
+    assert bool(w.isfinite().all()) and bool(b.isfinite().all())  # stepped, not refused
+
+
 def test_check_finite_false_lets_a_nan_gradient_through_as_torch_optimizers_do():
     # For callers that check the loss or grad norm themselves (kimi_train's trainer skips such steps).
     model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
