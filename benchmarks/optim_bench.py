@@ -179,8 +179,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    warmup = args.warmup if args.warmup is not None else 1  # plus the first step that checks each variant runs
-    iters = args.iters if args.iters is not None else (3 if args.quick else 5)
+    warmup = args.warmup if args.warmup is not None else 2  # plus the first step that checks each variant runs
+    iters = args.iters if args.iters is not None else (3 if args.quick else 10)
 
     if args.quick:
         sets = {"dense": dense_gpt_shapes(2, 128, 1024), "moe": k2_moe_shapes(1, 128, 8, 64)}
