@@ -1,25 +1,36 @@
-"""Distributed Muon step: owner-computes all-to-all (ours) vs gather-everything, on CPU gloo ranks.
+"""Distributed Muon step on CPU gloo ranks: ours vs a fair gather baseline vs torchtitan's DistMuon.
 
-    python benchmarks/dist_optim_bench.py                      # 2 and 4 ranks, table + dist_optim_bench.json
-    python benchmarks/dist_optim_bench.py --ranks 2 --iters 5 --out results/dist_optim.json
+    python benchmarks/dist_optim_bench.py                      # 2 and 4 ranks, every set, ~5 min idle
+    python benchmarks/dist_optim_bench.py --ranks 2 --sets peer --iters 10 --json out.json
 
-Both sides run the same optim.Muon step on FSDP-style DTensor parameters (Shard(0) over a 1-D
-mesh); only the orthogonalisation differs:
+Every variant runs one Muon step (momentum, Newton-Schulz of each whole matrix, decoupled
+decay, update scale 0.2 sqrt(max(n, m))) on FSDP-style parameters: DTensors sharded Shard(0)
+over a 1-D mesh, one rank per process, 1 thread per rank (--threads-per-rank), NS in bf16.
+Only the way whole matrices are formed differs:
 
-- ours: optim.distributed.orthogonalize_dtensors (each matrix NS'd once by one owner rank,
-  2 all-to-alls; experts sharded on their expert dim stay local);
-- gather: every rank calls full_tensor() on every update and runs NS on every full matrix, then
-  keeps its slice: what torch.optim.Muon on DTensors and Moonlight / DeepSpeed ZeRO-style Muon do.
+- ours: ``optim.Muon``: each matrix NS'd once by one owner rank (LPT-balanced on NS cost),
+  buckets of ~``optim.distributed.BUCKET_NUMEL`` elements, one packed all-to-all per bucket
+  each way in the NS dtype, the next bucket's all-to-all in flight during this bucket's NS.
+- gather: the same ``optim.Muon`` with its orthogonalisation swapped for what torch.optim.Muon
+  on DTensors and ZeRO-style Muon do, done well: per bucket (same buckets), ONE coalesced
+  all-gather of the local shards in the NS dtype (posted a bucket ahead), NS of every full
+  matrix on every rank, keep the local rows. Weights already whole on their rank (experts
+  split on their expert dim) are not gathered, as in ours.
+- torchtitan: torchtitan 0.3.0's ``DistMuon`` (``benchmarks/peers/torchtitan_dist_muon.py``:
+  owner-computes layout, one bucket per layer, two buckets in flight), when installed; skipped
+  with a note otherwise. It needs two shims to run on gloo (see that file).
 
-Parameter sets: "dense" = the Muon matrices of a small GPT (d 384, 4 layers: q/k/v/o 384x384,
-gate/up 1024x384, down 384x1024); "moe" = the same plus 2 layers of 8 experts x 3 matrices
-[8, 192, 384] (Shard(0) on the expert dim, as FSDP/EP leave them).
+Parameter sets: "dense" = a GPT of d 384, 4 layers (q/k/v/o 384x384, gate/up 1024x384, down
+384x1024); "moe" = dense plus 2 layers of 8 experts x 3 matrices [8, 192, 384]; "peer" = 6
+layers of d 512 (q, k, v, o 512x512, MLP 2048x512 and 512x2048) plus 2 x [16, 256, 512]
+experts (the workload of the torchtitan comparison in the issue).
 
-Reported per rank count: bytes RECEIVED in the orthogonalisation (self-copies excluded; sends
-are symmetric), as a multiple of P/N (P = bytes of all Muon matrices, N = ranks), max over
-ranks; step time = mean over iterations of the slowest rank. Targets (issue 4): bytes <= 2.2
-P/N, and at 2 ranks the dense step <= 0.6x the gather baseline. Timings on a shared 2-core
-machine are noisy: rerun on a quiet one.
+Timing: the variants are interleaved step by step (a load change hits them all alike); a
+step's time is the slowest rank's (barrier before and after); median over --iters steps after
+--warmup. Bytes: what a rank RECEIVES in collectives during one step (self-copies excluded),
+max over ranks, as a multiple of P/N (P = fp32 bytes of all Muon matrices, N = ranks).
+Same maths: every variant gets the same gradients; "weights vs ours" is the largest weight
+difference from ours after all steps, relative to the largest distance ours moved.
 """
 
 from __future__ import annotations
@@ -27,125 +38,291 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import platform
+import statistics
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Shard
 
-import optim.distributed as od
-from optim import Muon
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # optim, tests._ports
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peers
+import optim.distributed as od  # noqa: E402
+from optim import Muon  # noqa: E402
+from optim.muon import orthogonalize_local_  # noqa: E402
 
-
-def dense_shapes(d: int = 384, ffn: int = 1024, layers: int = 4) -> list[tuple[int, ...]]:
-    per_layer = [(d, d)] * 4 + [(ffn, d), (ffn, d), (d, ffn)]
-    return per_layer * layers
-
-
-def moe_shapes(experts: int = 8, inter: int = 192, d: int = 384, layers: int = 2) -> list[tuple[int, ...]]:
-    return dense_shapes() + [(experts, inter, d), (experts, inter, d), (experts, d, inter)] * layers
+LR, WD = 0.02, 0.1
 
 
-def gather_orthogonalize(updates, params, ns_fn):
-    """The baseline: full matrices on every rank (all-gather), redundant NS, keep the local slice."""
-    out, fulls = [], []
-    for u in updates:
-        full = u.full_tensor()
-        od.comm_stats.bytes_recv += (full.numel() - u.to_local().numel()) * full.element_size()
-        fulls.append(full if full.ndim == 3 else full.unsqueeze(0))
-    results = od._run_ns_batched(fulls, ns_fn)
-    coord = updates[0].device_mesh.get_coordinate()
-    for u, y in zip(updates, results):
-        y = y if u.ndim == 3 else y.squeeze(0)
-        off, size = od._local_box(u.shape, u.device_mesh.shape, coord, u.placements)
-        out.append(od._slice(y, (off, size)))
+# ----------------------------------------------------------------------------- parameter sets
+
+
+def dense_set(d: int = 384, ffn: int = 1024, layers: int = 4) -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for l in range(layers):
+        out += [(f"layers.{l}.attn.{w}", (d, d)) for w in "qkvo"]
+        out += [(f"layers.{l}.mlp.gate", (ffn, d)), (f"layers.{l}.mlp.up", (ffn, d)), (f"layers.{l}.mlp.down", (d, ffn))]
     return out
+
+
+def moe_set() -> list[tuple[str, tuple[int, ...]]]:
+    experts = [(f"layers.{l}.experts.{w}", s) for l in range(2) for w, s in
+               (("w1", (8, 192, 384)), ("w3", (8, 192, 384)), ("w2", (8, 384, 192)))]
+    return dense_set() + experts
+
+
+def peer_set() -> list[tuple[str, tuple[int, ...]]]:
+    out = []
+    for l in range(6):
+        out += [(f"layers.{l}.attn.{w}", (512, 512)) for w in "qkvo"]
+        out += [(f"layers.{l}.mlp.fc", (2048, 512)), (f"layers.{l}.mlp.proj", (512, 2048))]
+    return out + [("experts.0", (16, 256, 512)), ("experts.1", (16, 256, 512))]
+
+
+SETS = {"dense": dense_set, "moe": moe_set, "peer": peer_set}
+
+
+# ----------------------------------------------------------------------------- the fair baseline
+
+
+def gather_orthogonalize_(params, ns, ns_dtype, fill, apply, bucket_numel=None) -> None:
+    """optim.distributed.orthogonalize_'s contract, done the gather way (Shard(0) on a 1-D mesh).
+
+    Per bucket: every rank fills its local shards into one flat buffer, ONE all-gather (posted
+    one bucket ahead), then every rank assembles every full matrix, NS's all of them, and
+    applies its own rows. Whole-locally weights are NS'd locally, not gathered.
+    """
+    bucket_numel = bucket_numel or od.BUCKET_NUMEL
+    local, sharded = [], []
+    for i, p in enumerate(params):
+        if od._is_whole_locally(p):
+            local.append((i, p.to_local().shape, p.to_local().device))
+        else:
+            if tuple(p.placements) != (Shard(0),) or p.shape[0] % p.device_mesh.size():
+                raise ValueError(f"the gather baseline takes even Shard(0) matrices, got {tuple(p.shape)} {p.placements}")
+            sharded.append(i)
+    buckets, cur, size = [], [], 0
+    for i in sharded:
+        cur.append(i)
+        size += params[i].numel()
+        if size >= bucket_numel:
+            buckets.append(cur)
+            cur, size = [], 0
+    if cur:
+        buckets.append(cur)
+    if not buckets:
+        orthogonalize_local_(local, ns, ns_dtype, fill, apply)
+        return
+    mesh = params[sharded[0]].device_mesh
+    pg, world, me = mesh.get_group(0), mesh.size(), mesh.get_local_rank()
+    device = params[sharded[0]].to_local().device
+
+    def post(bucket):
+        shards = [params[i].to_local() for i in bucket]
+        n_local = sum(s.numel() for s in shards)
+        send = torch.empty(n_local, dtype=ns_dtype, device=device)
+        pos = 0
+        for i, s in zip(bucket, shards):
+            fill(i, (), send[pos : pos + s.numel()].view(s.shape))
+            pos += s.numel()
+        recv = torch.empty(world * n_local, dtype=ns_dtype, device=device)
+        work = dist.all_gather_single(recv, send, group=pg, async_op=True)
+        od.comm_stats.bytes_recv += (world - 1) * n_local * send.element_size()
+        return recv.view(world, n_local), work
+
+    def run(bucket, recv, work):
+        work.wait()
+        offsets, pos = {}, 0
+        for i in bucket:
+            offsets[i] = pos
+            pos += params[i].to_local().numel()
+
+        def fill_full(i, key, out):  # rank r's rows of matrix i sit at offsets[i] in row r of recv
+            rows = params[i].shape[0] // world
+            for r in range(world):
+                out[r * rows : (r + 1) * rows].copy_(recv[r, offsets[i] : offsets[i] + rows * params[i].shape[1]].view(rows, -1))
+
+        def apply_mine(i, key, O):
+            rows = params[i].shape[0] // world
+            apply(i, (), O[me * rows : (me + 1) * rows])
+
+        orthogonalize_local_([(i, params[i].shape, device) for i in bucket], ns, ns_dtype, fill_full, apply_mine)
+
+    pending = [post(buckets[0])] + ([post(buckets[1])] if len(buckets) > 1 else [])
+    orthogonalize_local_(local, ns, ns_dtype, fill, apply)
+    for k, bucket in enumerate(buckets):
+        recv, work = pending[k]
+        if k + 2 < len(buckets):
+            pending.append(post(buckets[k + 2]))
+        run(bucket, recv, work)
+
+
+@contextmanager
+def counting_collectives(world: int):
+    """Count the bytes this rank receives in the all-to-alls and all-gathers of any variant."""
+    counter = {"recv": 0}
+    a2a, ag = dist.all_to_all_single, dist.all_gather_single
+
+    def a2a_counted(output, input, output_split_sizes=None, input_split_sizes=None, group=None, async_op=False):
+        rank = dist.get_rank(group)
+        own = (output_split_sizes[rank] if output_split_sizes else output.numel() // world)
+        counter["recv"] += (output.numel() - own) * output.element_size()
+        return a2a(output, input, output_split_sizes, input_split_sizes, group=group, async_op=async_op)
+
+    def ag_counted(output, input, group=None, async_op=False):
+        counter["recv"] += (output.numel() - input.numel()) * output.element_size()
+        return ag(output, input, group=group, async_op=async_op)
+
+    dist.all_to_all_single, dist.all_gather_single = a2a_counted, ag_counted
+    try:
+        yield counter
+    finally:
+        dist.all_to_all_single, dist.all_gather_single = a2a, ag
+
+
+# ----------------------------------------------------------------------------- one rank
+
+
+def _variant_step(name, names, named, mesh):
+    """(step function, params) for one variant on its own copy of the parameters."""
+    params = [torch.nn.Parameter(DTensor.from_local(w.clone(), mesh, [Shard(0)], shape=shape, stride=stride))
+              for w, shape, stride in named]
+    if name == "torchtitan":
+        from peers import torchtitan_dist_muon as tt
+
+        return tt.build_step(list(zip(names, params)), mesh, lr=LR, weight_decay=WD), params
+    opt = Muon(params, lr=LR, weight_decay=WD, ns_dtype=torch.bfloat16, ns_backend="torch")
+    if name == "ours":
+        return opt.step, params
+
+    def gather_step():
+        saved = od.orthogonalize_
+        od.orthogonalize_ = gather_orthogonalize_  # what Muon's DTensor branch imports
+        try:
+            opt.step()
+        finally:
+            od.orthogonalize_ = saved
+
+    return gather_step, params
 
 
 def _worker(rank: int, world: int, port: int, args, queue) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(max(1, args.threads // world))
+    torch.set_num_threads(args.threads_per_rank)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    ns_dtype = getattr(torch, args.ns_dtype)
+    variants = ["ours", "gather"] + (["torchtitan"] if args.torchtitan_ok else [])
     rows = []
-    for set_name, shapes in (("dense", dense_shapes()), ("moe", moe_shapes())):
-        torch.manual_seed(0)
-        P = sum(torch.Size(s).numel() * 4 for s in shapes)
-        for method in ("ours", "gather"):
-            params = [torch.nn.Parameter(distribute_tensor(torch.randn(s) * 0.02, mesh, [Shard(0)])) for s in shapes]
-            opt = Muon(params, lr=0.02, ns_dtype=ns_dtype, ns_backend="torch")
-            orig = od.orthogonalize_dtensors
-            if method == "gather":
-                od.orthogonalize_dtensors = gather_orthogonalize  # what Muon's DTensor branch imports
-            try:
-                times = []
-                for it in range(args.warmup + args.iters):
-                    for p in params:
-                        p.grad = distribute_tensor(torch.randn(p.shape), mesh, [Shard(0)])
-                    od.comm_stats.reset()
-                    dist.barrier()
+    for set_name in args.sets.split(","):
+        named_shapes = SETS[set_name]()
+        gen = torch.Generator().manual_seed(0)
+        named = []
+        for _, shape in named_shapes:
+            full = torch.randn(shape, generator=gen) * 0.02
+            rows_per = shape[0] // world
+            named.append((full[rank * rows_per : (rank + 1) * rows_per].contiguous(), torch.Size(shape), full.stride()))
+        P = sum(torch.Size(s).numel() * 4 for _, s in named_shapes)
+        steps = {}
+        for v in variants:
+            step, params = _variant_step(v, [n for n, _ in named_shapes], named, mesh)
+            steps[v] = (step, params)
+        times = {v: [] for v in variants}
+        recv = {v: 0 for v in variants}
+        for it in range(args.warmup + args.iters):
+            for v, (step, params) in steps.items():
+                g = torch.Generator().manual_seed(1000 + it)
+                for p in params:
+                    local = torch.randn(p.to_local().shape, generator=g)
+                    p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
+                dist.barrier()
+                with counting_collectives(world) as counter:
                     t0 = time.perf_counter()
-                    opt.step()
+                    step()
                     dist.barrier()
-                    if it >= args.warmup:
-                        times.append(time.perf_counter() - t0)
-            finally:
-                od.orthogonalize_dtensors = orig
-            recv = torch.tensor([float(od.comm_stats.bytes_recv)])
-            dist.all_reduce(recv, op=dist.ReduceOp.MAX)
-            rows.append(dict(params=set_name, method=method, ranks=world, P_bytes=P,
-                             step_ms=1e3 * sum(times) / len(times), max_recv_bytes=int(recv.item()),
-                             recv_over_P_per_N=recv.item() / (P / world)))
+                    dt = time.perf_counter() - t0
+                slowest = torch.tensor([dt, float(counter["recv"])], dtype=torch.float64)
+                dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+                if it >= args.warmup:
+                    times[v].append(float(slowest[0]))
+                recv[v] = int(slowest[1])
+        # Same maths? Every variant saw the same gradients: compare its weights with ours, against
+        # how far ours moved (bf16 NS noise is ~1% of that; the same algorithm stays well under it).
+        ours = [p.to_local() for p in steps["ours"][1]]
+        moved = torch.tensor([max(float((p - w).abs().max()) for p, (w, _, _) in zip(ours, named))])
+        dist.all_reduce(moved, op=dist.ReduceOp.MAX)
+        for v in variants:
+            diff = torch.tensor([max(float((p.to_local() - q).abs().max()) for p, q in zip(steps[v][1], ours))])
+            dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+            rows.append(dict(set=set_name, variant=v, ranks=world, P_bytes=P, step_ms=1e3 * statistics.median(times[v]),
+                             step_ms_all=[1e3 * t for t in times[v]], max_recv_bytes=recv[v],
+                             recv_over_P_per_N=recv[v] / (P / world),
+                             weights_vs_ours=float(diff) / float(moved)))
+        del steps
     if rank == 0:
         queue.put(rows)
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--ranks", default="2,4", help="comma-separated world sizes")
-    ap.add_argument("--iters", type=int, default=3)
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads shared by the ranks")
-    ap.add_argument("--ns-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--out", default="dist_optim_bench.json", help="where to write the JSON results")
-    args = ap.parse_args()
+    ap.add_argument("--sets", default="dense,moe,peer", help=f"comma-separated parameter sets: {', '.join(SETS)}")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads-per-rank", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    args = ap.parse_args(argv)
+    for s in args.sets.split(","):
+        if s not in SETS:
+            ap.error(f"--sets: unknown set {s!r}; valid: {', '.join(SETS)}")
+
+    from peers import torchtitan_dist_muon as tt
+
+    args.torchtitan_ok, tt_note = tt.available()
+    from tests._ports import free_port
 
     ctx = mp.get_context("spawn")
     rows = []
     for world in [int(r) for r in args.ranks.split(",")]:
         queue = ctx.Queue()
-        mp.start_processes(_worker, args=(world, _free_port(), args, queue), nprocs=world, join=False,
-                           start_method="spawn")
+        procs = mp.start_processes(_worker, args=(world, free_port(), args, queue), nprocs=world, join=False,
+                                   start_method="spawn")
         rows += queue.get()
-    by_key = {(r["params"], r["ranks"], r["method"]): r for r in rows}
+        procs.join()
+    by_key = {(r["set"], r["ranks"], r["variant"]): r for r in rows}
     for r in rows:
-        r["time_vs_gather"] = r["step_ms"] / by_key[(r["params"], r["ranks"], "gather")]["step_ms"]
+        r["time_vs_gather"] = r["step_ms"] / by_key[(r["set"], r["ranks"], "gather")]["step_ms"]
+        tt_row = by_key.get((r["set"], r["ranks"], "torchtitan"))
+        r["time_vs_torchtitan"] = r["step_ms"] / tt_row["step_ms"] if tt_row else None
+    out = dict(
+        command=" ".join(["python", "benchmarks/dist_optim_bench.py"] + (argv if argv is not None else sys.argv[1:])),
+        cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), torch=torch.__version__,
+        threads_per_rank=args.threads_per_rank, iters=args.iters, warmup=args.warmup, ns_dtype="bfloat16",
+        bucket_numel=od.BUCKET_NUMEL, torchtitan="measured" if args.torchtitan_ok else tt_note, rows=rows,
+    )
+    print(render_markdown(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
 
-    print(f"{'params':6} {'ranks':>5} {'method':7} {'step ms':>9} {'vs gather':>9} {'recv MB/rank':>12} {'recv/(P/N)':>10}")
-    for r in rows:
-        print(f"{r['params']:6} {r['ranks']:>5} {r['method']:7} {r['step_ms']:9.1f} {r['time_vs_gather']:9.2f} "
-              f"{r['max_recv_bytes'] / 1e6:12.2f} {r['recv_over_P_per_N']:10.2f}")
-    ours2 = [r for r in rows if r["method"] == "ours" and r["ranks"] == 2 and r["params"] == "dense"]
-    checks = {
-        "bytes_per_rank_le_2.2_P_over_N": all(r["recv_over_P_per_N"] <= 2.2 for r in rows if r["method"] == "ours"),
-        "dense_time_at_2_ranks_le_0.6x_gather": bool(ours2) and ours2[0]["time_vs_gather"] <= 0.6,
-    }
-    print("checks:", checks)
-    with open(args.out, "w") as f:
-        json.dump({"rows": rows, "checks": checks, "args": vars(args), "torch": torch.__version__}, f, indent=2)
-    print(f"wrote {args.out}", file=sys.stderr)
+
+def render_markdown(out: dict) -> str:
+    lines = [f"CPU gloo ranks, {out['threads_per_rank']} thread per rank, torch {out['torch']}, NS in {out['ns_dtype']}, "
+             f"median of {out['iters']} steps after {out['warmup']} warm-up, variants interleaved. "
+             f"torchtitan DistMuon: {out['torchtitan']}.",
+             "", "| set | ranks | variant | median ms/step | vs gather | vs torchtitan | recv MB/rank | recv / (P/N) "
+             "| weights vs ours |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in out["rows"]:
+        vs_tt = f"{r['time_vs_torchtitan']:.2f}x" if r["time_vs_torchtitan"] is not None else "-"
+        lines.append(f"| {r['set']} | {r['ranks']} | {r['variant']} | {r['step_ms']:.1f} | {r['time_vs_gather']:.2f}x | "
+                     f"{vs_tt} | {r['max_recv_bytes'] / 1e6:.2f} | {r['recv_over_P_per_N']:.2f} | {r['weights_vs_ours']:.1e} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

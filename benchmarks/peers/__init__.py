@@ -1,0 +1,1 @@
+"""Optional third-party peers for the benchmarks (each module: ``available()`` + a builder)."""
