@@ -8,7 +8,9 @@ decay, update scale 0.2 sqrt(max(n, m))) on FSDP-style parameters: DTensors shar
 over a 1-D mesh, one rank per process, 1 thread per rank (--threads-per-rank), NS in bf16.
 Only the way whole matrices are formed differs:
 
-- ours: ``optim.Muon``: each matrix NS'd once by one owner rank (LPT-balanced on NS cost),
+- ours: ``optim.Muon`` (``ns_method=keller``, the default; ``ours[gram]``: the same iteration
+  carried out on the Gram matrix, equal to keller in fp64, fewer FLOPs on rectangular
+  matrices): each matrix NS'd once by one owner rank (LPT-balanced on NS cost),
   buckets of ~``optim.distributed.BUCKET_NUMEL`` elements, one packed all-to-all per bucket
   each way in the NS dtype, the next bucket's all-to-all in flight during this bucket's NS.
 - gather: the same ``optim.Muon`` with its orthogonalisation swapped for what torch.optim.Muon
@@ -196,8 +198,9 @@ def _variant_step(name, names, named, mesh):
         from peers import torchtitan_dist_muon as tt
 
         return tt.build_step(list(zip(names, params)), mesh, lr=LR, weight_decay=WD), params
-    opt = Muon(params, lr=LR, weight_decay=WD, ns_dtype=torch.bfloat16, ns_backend="torch")
-    if name == "ours":
+    method = "gram" if name == "ours[gram]" else "keller"
+    opt = Muon(params, lr=LR, weight_decay=WD, ns_dtype=torch.bfloat16, ns_backend="torch", ns_method=method)
+    if name.startswith("ours"):
         return opt.step, params
 
     def gather_step():
@@ -216,7 +219,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
     torch.set_num_threads(args.threads_per_rank)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
-    variants = ["ours", "gather"] + (["torchtitan"] if args.torchtitan_ok else [])
+    variants = ["ours", "ours[gram]", "gather"] + (["torchtitan"] if args.torchtitan_ok else [])
     rows = []
     for set_name in args.sets.split(","):
         named_shapes = SETS[set_name]()

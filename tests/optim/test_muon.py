@@ -99,7 +99,10 @@ def test_torch_ema_momentum_is_ours_times_one_minus_mu(monkeypatch):
         )
 
 
-def test_adamw_group_matches_torch_adamw():
+@pytest.mark.parametrize("kernel", ["fused", "foreach"])
+def test_adamw_group_matches_torch_adamw(monkeypatch, kernel):
+    if kernel == "foreach":  # the path CUDA and bf16 parameters take
+        monkeypatch.setattr("optim.muon._fused_adamw_ok", lambda tensors: False)
     g = torch.Generator().manual_seed(0)
     shapes = [(7,), (5, 3), (11,)]
     ours_p = [nn.Parameter(torch.randn(*s, generator=g)) for s in shapes]
