@@ -260,8 +260,12 @@ class Muon(torch.optim.Optimizer):
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
         bufs = [_local(self.state[p]["momentum_buffer"]) for p in params]
         grads = [_local(p.grad).float() for p in params]  # type: ignore[union-attr]
-        torch._foreach_mul_(bufs, mu)
-        torch._foreach_add_(bufs, grads)  # M <- mu M + G
+        if bufs[0].device.type == "cpu":  # one pass over M; foreach on a CPU is a loop anyway
+            for M, G in zip(bufs, grads):
+                torch.add(G, M, alpha=mu, out=M)  # M <- mu M + G
+        else:  # two multi-tensor kernels beat a launch per parameter
+            torch._foreach_mul_(bufs, mu)
+            torch._foreach_add_(bufs, grads)
         locals_ = [_local(p) for p in params]
         if wd != 0:
             torch._foreach_mul_(locals_, 1.0 - lr * wd)  # W <- W (1 - lr wd), before the update lands
