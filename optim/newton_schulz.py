@@ -169,21 +169,24 @@ def _pick_iterate(X_Bnm: Tensor, backend: str) -> IterateFn:
     return _ns_iterate_torch
 
 
-def _ns_iterate_torch(X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -> Tensor:
+def _ns_iterate_torch(
+    X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]], per_matrix: Optional[bool] = None
+) -> Tensor:
     """Reference iteration: A = X X^T; B = b A + c A A; X = a X + B X per triple.
 
     The products write into buffers allocated once (X ping-pongs with Y), not a fresh tensor
     per product: on a CPU, tens of MB per product cost page faults. On a CPU the batch is
     walked matrix by matrix: a bf16 ``mm`` ran 3-10% faster than ``bmm`` over the same
     matrices (1 thread, 512 x 512 and 512 x 2048), and launches cost nothing there; on a GPU
-    one batched call per product saves the launches. (Folding ``a`` into B's diagonal would
+    one batched call per product saves the launches (``per_matrix`` overrides the choice, for
+    tests). (Folding ``a`` into B's diagonal would
     make the last product a plain matmul, ~14% cheaper on a CPU, but rounding a + B_ii to
     bf16 tripled the bf16 error against an fp32 trajectory:
     tests/optim/test_muon.py::test_matches_torch_muon_bf16.)
     """
     Bt, n, _ = X_Bnm.shape
     Y_Bnm = torch.empty_like(X_Bnm)
-    if X_Bnm.device.type == "cpu":
+    if per_matrix if per_matrix is not None else X_Bnm.device.type == "cpu":
         A_nn, B_nn = X_Bnm.new_empty(n, n), X_Bnm.new_empty(n, n)
         for j in range(Bt):
             x, y = X_Bnm[j], Y_Bnm[j]

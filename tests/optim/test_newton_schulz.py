@@ -58,6 +58,26 @@ def test_gram_equals_standard_fp64(shape, steps):
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_batched_iteration_equals_the_per_matrix_one(steps):
+    # CUDA takes the batched branch, a CPU the per-matrix one; both must give the reference.
+    torch.manual_seed(steps)
+    X = torch.randn(3, 24, 40, dtype=torch.float64)
+    X /= torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True)
+    coeffs = ns_mod.ns_coefficients("keller", steps)
+    ref = torch.stack([_ns5_plain(x, coeffs) for x in X])
+    for per_matrix in (True, False):
+        got = ns_mod._ns_iterate_torch(X.clone(), coeffs, per_matrix=per_matrix)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
+def _ns5_plain(x, coeffs):
+    for a, b, c in coeffs:
+        A = x @ x.T
+        x = a * x + (b * A + c * A @ A) @ x
+    return x
+
+
 def test_tall_is_transpose_of_wide_and_batch_is_per_matrix():
     torch.manual_seed(0)
     G = torch.randn(3, 20, 50, dtype=torch.float64)
