@@ -29,7 +29,8 @@ experts (the workload of the torchtitan comparison in the issue).
 
 Timing: the variants are interleaved step by step (a load change hits them all alike); a
 step's time is the slowest rank's (barrier before and after); median over --iters steps after
---warmup. Bytes: what a rank RECEIVES in collectives during one step (self-copies excluded),
+--warmup; "CPU ms" is the busiest rank's process CPU time in the step (all its threads),
+which a shared machine disturbs less than wall time. Bytes: what a rank RECEIVES in collectives during one step (self-copies excluded),
 max over ranks, as a multiple of P/N (P = fp32 bytes of all Muon matrices, N = ranks).
 Same maths: every variant gets the same gradients; "weights vs ours" is the largest weight
 difference from ours after all steps, relative to the largest distance ours moved.
@@ -235,6 +236,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
             step, params = _variant_step(v, [n for n, _ in named_shapes], named, mesh)
             steps[v] = (step, params)
         times = {v: [] for v in variants}
+        cpu_times = {v: [] for v in variants}
         recv = {v: 0 for v in variants}
         for it in range(args.warmup + args.iters):
             for v, (step, params) in steps.items():
@@ -244,14 +246,16 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
                     p.grad = DTensor.from_local(local, mesh, p.placements, shape=p.shape, stride=p.stride())
                 dist.barrier()
                 with counting_collectives(world) as counter:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     step()
+                    cpu = time.process_time() - c0
                     dist.barrier()
                     dt = time.perf_counter() - t0
-                slowest = torch.tensor([dt, float(counter["recv"])], dtype=torch.float64)
+                slowest = torch.tensor([dt, float(counter["recv"]), cpu], dtype=torch.float64)
                 dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
                 if it >= args.warmup:
                     times[v].append(float(slowest[0]))
+                    cpu_times[v].append(float(slowest[2]))
                 recv[v] = int(slowest[1])
         # Same maths? Every variant saw the same gradients: compare its weights with ours, against
         # how far ours moved (bf16 NS noise is ~1% of that; the same algorithm stays well under it).
@@ -262,6 +266,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
             diff = torch.tensor([max(float((p.to_local() - q).abs().max()) for p, q in zip(steps[v][1], ours))])
             dist.all_reduce(diff, op=dist.ReduceOp.MAX)
             rows.append(dict(set=set_name, variant=v, ranks=world, P_bytes=P, step_ms=1e3 * statistics.median(times[v]),
+                             cpu_ms=1e3 * statistics.median(cpu_times[v]),
                              step_ms_all=[1e3 * t for t in times[v]], max_recv_bytes=recv[v],
                              recv_over_P_per_N=recv[v] / (P / world),
                              weights_vs_ours=float(diff) / float(moved)))
@@ -319,12 +324,12 @@ def render_markdown(out: dict) -> str:
     lines = [f"CPU gloo ranks, {out['threads_per_rank']} thread per rank, torch {out['torch']}, NS in {out['ns_dtype']}, "
              f"median of {out['iters']} steps after {out['warmup']} warm-up, variants interleaved. "
              f"torchtitan DistMuon: {out['torchtitan']}.",
-             "", "| set | ranks | variant | median ms/step | vs gather | vs torchtitan | recv MB/rank | recv / (P/N) "
-             "| weights vs ours |", "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+             "", "| set | ranks | variant | median ms/step | vs gather | vs torchtitan | CPU ms/step | recv MB/rank "
+             "| recv / (P/N) | weights vs ours |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in out["rows"]:
         vs_tt = f"{r['time_vs_torchtitan']:.2f}x" if r["time_vs_torchtitan"] is not None else "-"
         lines.append(f"| {r['set']} | {r['ranks']} | {r['variant']} | {r['step_ms']:.1f} | {r['time_vs_gather']:.2f}x | "
-                     f"{vs_tt} | {r['max_recv_bytes'] / 1e6:.2f} | {r['recv_over_P_per_N']:.2f} | {r['weights_vs_ours']:.1e} |")
+                     f"{vs_tt} | {r['cpu_ms']:.0f} | {r['max_recv_bytes'] / 1e6:.2f} | {r['recv_over_P_per_N']:.2f} | {r['weights_vs_ours']:.1e} |")
     return "\n".join(lines)
 
 
