@@ -71,6 +71,25 @@ def test_batched_iteration_equals_the_per_matrix_one(steps):
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("shape", [(10, 24), (9, 2100), (3, 5)])
+def test_symmetric_products_compute_half_and_mirror(monkeypatch, shape):
+    # Tiny blocks so the blocked path runs on test-sized matrices (uneven splits included).
+    monkeypatch.setattr(ns_mod, "SYM_BLOCK_ROWS", 4)
+    torch.manual_seed(0)
+    X = torch.randn(*shape, dtype=torch.float64)
+    n = shape[0]
+    A = ns_mod._sym_addmm_(torch.empty(n, n, dtype=torch.float64), X, None, 0.0, 1.0)
+    torch.testing.assert_close(A, X @ X.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(A, A.T)
+    B = ns_mod._sym_addmm_(torch.empty(n, n, dtype=torch.float64), A, A, -4.775, 2.0315)
+    torch.testing.assert_close(B, -4.775 * A + 2.0315 * A @ A, rtol=1e-12, atol=1e-9)
+    G = torch.randn(2, n, shape[1], dtype=torch.float64)
+    monkeypatch.setattr(ns_mod, "SYM_BLOCK_ROWS", 4)
+    blocked = newton_schulz(G, dtype=torch.float64)
+    monkeypatch.setattr(ns_mod, "SYM_BLOCK_ROWS", 10**6)
+    torch.testing.assert_close(blocked, newton_schulz(G, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
 def _ns5_plain(x, coeffs):
     for a, b, c in coeffs:
         A = x @ x.T
