@@ -1,0 +1,52 @@
+"""benchmarks/gpu_train_bench.py --cpu-smoke: every variant of the GPU training benchmark runs a
+step on CPU (tiny k2_mini-shaped models) and the JSON has what the device run will report."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BREAKDOWN = {"forward", "backward", "grad_norm", "optimizer", "max_logit_capture", "clip", "other"}
+
+
+def test_cpu_smoke_run(tmp_path):
+    pytest.importorskip("transformers")
+    out = tmp_path / "train_bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_train_bench.py"), "--cpu-smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, TRITON_INTERPRET="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["matmul"]["flops_per_s"] > 0
+    rows = {}
+    for section in ("k2_mini", "dense", "small_batch"):
+        assert results[section]["flops_per_token"] > 0, results[section]
+        for row in results[section]["variants"]:
+            assert "step_ms" in row, row  # neither an error nor skipped
+            rows[section, row["variant"]] = row
+    assert {v for s, v in rows if s == "k2_mini"} == {
+        "ours+adamw", "ours+muonclip", "ours+muon-nocapture", "ours+muonclip+compile", "hf+adamw",
+        "ours+adamw/bf16", "hf+adamw/bf16"}
+    for (section, variant), row in rows.items():
+        assert set(row["breakdown_ms"]) == BREAKDOWN, (variant, row["breakdown_ms"])
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["mfu_vs_measured_matmul"] > 0
+        assert row["breakdown_ms"]["forward"] > 0 and row["breakdown_ms"]["backward"] > 0
+    k2 = {v: r for (s, v), r in rows.items() if s == "k2_mini"}
+    # The capture is timed where it runs (eager, ours, capture on) and only there; QK-Clip only under MuonClip.
+    assert k2["ours+muonclip"]["breakdown_ms"]["max_logit_capture"] > 0
+    assert k2["ours+muonclip"]["breakdown_ms"]["clip"] > 0
+    assert k2["ours+muon-nocapture"]["breakdown_ms"]["max_logit_capture"] is None
+    assert k2["ours+muonclip+compile"]["breakdown_ms"]["max_logit_capture"] is None
+    assert k2["ours+adamw"]["breakdown_ms"]["clip"] == 0
+    # Same weights and batch: transformers' model (loaded from our export) starts at our loss, and
+    # the variants that differ only in optimizer share the first step's loss up to dtype rounding.
+    assert k2["hf+adamw"]["loss"] == pytest.approx(k2["ours+adamw"]["loss"], rel=1e-4)
+    assert k2["hf+adamw/bf16"]["param_dtype"] == "bf16" and k2["ours+adamw/bf16"]["param_dtype"] == "bf16"
+    assert results["small_batch"]["tokens_per_step"] < results["k2_mini"]["tokens_per_step"]
+    assert results["dense"]["flops_per_token"] < results["k2_mini"]["flops_per_token"] * 10
+    assert "k2_mini: muonclip step / adamw step" in results["ratios"]
+    assert "## k2_mini" in proc.stdout
