@@ -33,7 +33,11 @@ def test_cpu_smoke_run(tmp_path):
     assert [v for s, v in rows if s == "compile"] == ["ours+muonclip+compile"]
     for (section, variant), row in rows.items():
         assert set(row["breakdown_ms"]) == BREAKDOWN, (variant, row["breakdown_ms"])
-        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] and row["mfu_vs_measured_matmul"] > 0
+        tokens = results[section]["tokens_per_step"]
+        assert tokens == results[section]["micro_batch"] * results[section]["accumulation"] * results[section]["seq"]
+        assert row["tokens_per_s"] == pytest.approx(tokens / (row["step_ms"] / 1000))
+        assert row["mfu"] == pytest.approx(row["tokens_per_s"] * results[section]["flops_per_token"] / 989e12)
+        assert row["mfu_vs_measured_matmul"] > 0
         assert row["breakdown_ms"]["forward"] > 0 and row["breakdown_ms"]["backward"] > 0
     k2 = {v: r for (s, v), r in rows.items() if s in ("k2_mini", "compile")}
     # The capture is timed where it runs (eager, ours, capture on) and only there; QK-Clip only under MuonClip.
