@@ -56,3 +56,20 @@ def test_cpu_smoke_run(tmp_path):
                 "ours compiled (muonclip) / hf best tokens/s"):
         assert f"k2_mini: {key}" in results["ratios"], results["ratios"]
     assert "## k2_mini" in proc.stdout
+
+
+def test_a_section_runs_in_its_own_process_within_its_limit():
+    """On the GPU every section runs in a subprocess (the smoke above runs them in-process): the
+    arguments reach it, its JSON comes back, and a section past its deadline skips its variants
+    instead of starting them."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_train_bench
+
+    args = gpu_train_bench.parse_args(["--cpu-smoke"])
+    args.device, args.compile_backend = "cpu", "eager"
+    done = gpu_train_bench.run_isolated("small_batch", args, timeout_s=300)
+    assert [r["variant"] for r in done["variants"] if "step_ms" in r] == ["ours+muonclip"], done
+    # The deadline is the limit less 10 s, and the smoke starts no variant with < 10 s left: with an
+    # 18 s limit none starts, while the process has 18 s to start and report.
+    late = gpu_train_bench.run_isolated("small_batch", args, timeout_s=18)
+    assert [r["skipped"].startswith("section time limit") for r in late["variants"]] == [True], late
