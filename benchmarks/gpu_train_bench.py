@@ -542,14 +542,20 @@ def main(argv=None) -> None:
         else:
             results[name] = run_isolated(name, args, timeout_s)
         print(f"[{name}] {time.time() - t0:.1f}s", file=sys.stderr, flush=True)
+        save(results, args.out, start)
+    save(results, args.out, start)
+    print(report(results))
+    print(f"\nwrote {args.out}", file=sys.stderr)
+
+
+def save(results, out, start) -> None:
+    """The JSON so far, MFU and ratios included: written after every section, so a run stopped
+    from outside keeps the sections it finished."""
     results["elapsed_s"] = time.time() - start
     add_mfu(results)
     results["ratios"] = ratios(results)
-    print(report(results))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
-    print(f"\nwrote {args.out}", file=sys.stderr)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_json(out, results)
 
 
 if __name__ == "__main__":

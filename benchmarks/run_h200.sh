@@ -26,13 +26,13 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader ||
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
 echo "== benchmark"
-timeout 300 python3 benchmarks/gpu_train_bench.py --out "$OUT/train_bench_h200_$(date -u +%F).json" 2>&1 \
+timeout 320 python3 benchmarks/gpu_train_bench.py --out "$OUT/train_bench_h200_$(date -u +%F).json" 2>&1 \
   | tee "$OUT/train_bench.log"
 bench=${PIPESTATUS[0]}
 
 echo "== gpu tests"
 # (this order: tests/train/test_trainer.py imports its own conftest, after tests/kernels' one)
-timeout 240 python3 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_torchrun_one_rank.py \
+timeout 230 python3 -m pytest -q -p no:cacheprovider -m gpu tests/distributed/test_torchrun_one_rank.py \
   tests/kernels tests/model tests/optim tests/train/test_trainer.py 2>&1 | tee "$OUT/gpu_tests.log"
 tests=${PIPESTATUS[0]}
 
