@@ -30,7 +30,7 @@ import traceback
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="gpu_kernels.json", help="where to write the JSON results")
-    p.add_argument("--sections", default="ns,grouped_mlp,max_logits,fused_attention",
+    p.add_argument("--sections", default="ns,grouped_mlp,max_logits",
                    help="comma-separated subset to run")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=7)
@@ -49,7 +49,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from kimi_train.kernels.flash_attn_triton import flash_attention_with_max  # noqa: E402
 from kimi_train.kernels.grouped_gemm import grouped_gemm  # noqa: E402
 from kimi_train.kernels.grouped_gemm import resolve_backend as grouped_gemm_backend  # noqa: E402
 from kimi_train.kernels.max_logits_triton import max_logits_triton  # noqa: E402
@@ -63,7 +62,7 @@ GROUPED_MIN_VS_GROUPED_MM = 1.0  # ... and over torch grouped_mm
 MAX_LOGIT_MAX_FRACTION = 0.15  # max-logit kernel time / flash SDPA forward time at seq 4096
 
 # Wall-clock limit per section when isolated (seconds); the sum stays within 8 minutes.
-SECTION_TIMEOUT_S = {"ns": 180, "grouped_mlp": 120, "max_logits": 90, "fused_attention": 90}
+SECTION_TIMEOUT_S = {"ns": 180, "grouped_mlp": 120, "max_logits": 90}
 
 
 def timer(fn, warmup: int, reps: int, cuda: bool) -> float:
@@ -237,52 +236,6 @@ def bench_max_logits(cfg):
     return rows
 
 
-def bench_fused_attention(cfg):
-    """EXPERIMENTAL flash attention emitting the max logit vs SDPA (+ the separate max-logit kernel)."""
-    dev, dtype = cfg["device"], (torch.float32 if cfg["smoke"] else torch.bfloat16)
-    shapes = [(40, 2)] if cfg["smoke"] else [(T, 16) for T in (2048, 4096, 8192)]
-    rows = []
-    for T, H in shapes:
-        D, Dv = 192, 128
-        q, k = (torch.randn(1, H, T, D, device=dev, dtype=dtype, requires_grad=True) for _ in range(2))
-        v = torch.randn(1, H, T, Dv, device=dev, dtype=dtype, requires_grad=True)
-        do = torch.randn(1, H, T, Dv, device=dev, dtype=dtype)
-        scale = D**-0.5
-
-        def sdpa_fwd_bwd():
-            torch.autograd.backward(_sdpa_forward(q, k, v)[..., :Dv], do)
-
-        def fused_fwd_bwd():
-            torch.autograd.backward(flash_attention_with_max(q, k, v, scale)[0], do)
-
-        def sdpa_fwd_plus_max():
-            _sdpa_forward(q, k, v)
-            max_logits_triton(q, k, scale)
-
-        row = {"seq": T, "heads": H, "qk_dim": D, "v_dim": Dv}
-        variants = (
-            ("fused_fwd", lambda: flash_attention_with_max(q, k, v, scale), True),
-            ("sdpa_fwd", lambda: _sdpa_forward(q, k, v), True),
-            ("sdpa_fwd_plus_max_kernel", sdpa_fwd_plus_max, True),
-            ("fused_fwd_bwd", fused_fwd_bwd, False),
-            ("sdpa_fwd_bwd", sdpa_fwd_bwd, False),
-        )
-        for name, fn, no_grad in variants:
-            try:
-                with torch.set_grad_enabled(not no_grad):
-                    row[f"{name}_ms"] = timer(fn, **cfg["t"])
-            except Exception as e:
-                row[f"{name}_ms"] = None
-                row[f"{name}_error"] = repr(e)[:200]
-            q.grad = k.grad = v.grad = None
-        if row.get("fused_fwd_ms") and row.get("sdpa_fwd_ms"):
-            row["fused_fwd_vs_sdpa_fwd"] = row["fused_fwd_ms"] / row["sdpa_fwd_ms"]
-        if row.get("fused_fwd_bwd_ms") and row.get("sdpa_fwd_bwd_ms"):
-            row["fused_fwd_bwd_vs_sdpa"] = row["fused_fwd_bwd_ms"] / row["sdpa_fwd_bwd_ms"]
-        rows.append(row)
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------
 # Acceptance and reporting
 
@@ -339,8 +292,6 @@ def report(results) -> str:
                         "triton_vs_grouped_mm", "auto_picks"],
         "max_logits": ["seq", "heads", "qk_dim", "triton_ms", "chunked_torch_ms", "sdpa_fwd_ms",
                        "triton_fraction_of_sdpa", "triton_vs_chunked"],
-        "fused_attention": ["seq", "heads", "fused_fwd_ms", "sdpa_fwd_ms", "sdpa_fwd_plus_max_kernel_ms",
-                            "fused_fwd_bwd_ms", "sdpa_fwd_bwd_ms", "fused_fwd_vs_sdpa_fwd", "fused_fwd_bwd_vs_sdpa"],
     }
     for name, cols in tables.items():
         if name not in results:
@@ -358,8 +309,7 @@ def report(results) -> str:
     return "\n".join(out)
 
 
-SECTIONS = {"ns": bench_ns, "grouped_mlp": bench_grouped_mlp, "max_logits": bench_max_logits,
-            "fused_attention": bench_fused_attention}
+SECTIONS = {"ns": bench_ns, "grouped_mlp": bench_grouped_mlp, "max_logits": bench_max_logits}
 
 
 def run_section(name, cfg):

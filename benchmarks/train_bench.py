@@ -49,6 +49,15 @@ def model_config(args):
     ).validate()
 
 
+def hf_model_from_export(export_dir, dtype, **hf_kwargs):
+    """transformers' DeepseekV3ForCausalLM loaded from our export (kimi_train.tools.hf.export:
+    its config.json and weights), so both sides hold the same weights. hf_kwargs go to
+    from_pretrained (attn_implementation, experts_implementation, ...)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(export_dir), dtype=dtype, **hf_kwargs)
+
+
 def run_variant(args) -> dict:
     """Inside the subprocess: build one variant and time its training steps."""
     import torch
@@ -56,17 +65,14 @@ def run_variant(args) -> dict:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    from kimi_train.tools.hf import export
     from kimi_train.model import KimiForCausalLM
+    from kimi_train.tools.hf import export
 
     torch.manual_seed(0)
     ours = KimiForCausalLM(model_config(args))
     if args.variant.startswith("hf"):
-        from transformers import AutoModelForCausalLM
-
         with tempfile.TemporaryDirectory() as d:
-            export(ours, d)
-            model = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+            model = hf_model_from_export(export(ours, d), dtype=torch.float32)
         del ours
         forward = lambda x: model(input_ids=x).logits  # noqa: E731
     else:

@@ -151,7 +151,7 @@ def _hydra_main(cfg: DictConfig) -> None:
         Trainer(train_cfg, train_cfg.run_dir, resolved).fit()
     except (UserError, TrainingError, Interrupted) as e:
         raise _JobError(e) from e  # past Hydra, which would print a line of its own for an Exception
-    if owns_group and world_size > 1:  # success: every rank tears down what the run set up, before exit
+    if owns_group and dist.is_initialized():  # success: every rank tears down what the run set up, before exit
         destroy_distributed()
 
 

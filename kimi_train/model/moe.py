@@ -181,14 +181,17 @@ class MoE(_Fp32Buffers):
             token_S = order_S // K
 
         y_sorted_SD = self.experts(x_TD[token_S], num_tokens_per_expert_E)
+        # The shared experts before the routed output is read: under expert parallelism that
+        # output may still be on the wire (parallel.expert_parallel returns its combine in flight).
+        shared_TD = self.shared_experts(x_TD) if self.shared_experts is not None else None
         # Un-sort into slot order and take the weighted sum over each token's K slots
         # (deterministic, no atomics).
         y_SD = torch.empty_like(y_sorted_SD)
         y_SD[order_S] = y_sorted_SD
         y_TKD = rearrange(y_SD, "(t k) d -> t k d", k=K)
         y_TD = (y_TKD * weights_TK.unsqueeze(-1).to(y_TKD.dtype)).sum(dim=1)
-        if self.shared_experts is not None:
-            y_TD = y_TD + self.shared_experts(x_TD)
+        if shared_TD is not None:
+            y_TD = y_TD + shared_TD
         return y_TD.view(shape)
 
 

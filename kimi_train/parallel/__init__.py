@@ -1,7 +1,9 @@
 """Parallelism applied to the model from outside: process group, device mesh, FSDP2, EP.
 
 The trainer uses exactly this API; a single process (no torchrun) is world size 1,
-where every function here is a no-op.
+where every function here is a no-op. Under torchrun even one rank initialises the process
+group (NCCL on CUDA) and gets FSDP2, so `torchrun --nproc_per_node 1` on one GPU runs the
+multi-GPU code path (tests/distributed/test_torchrun_one_rank.py).
 
     rank, world_size, local_rank, device = init_distributed()
     dims = ParallelDims.from_config(cfg.parallel, world_size, model_cfg)   # validates
@@ -35,8 +37,13 @@ __all__ = ["init_distributed", "destroy_distributed", "ParallelDims", "paralleli
            "clip_grad_norm_"]
 
 
+def launched_by_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ  # torchrun (torch.distributed.run) sets it for every rank
+
+
 def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torch.device]:
-    """Initialise torch.distributed when launched by torchrun; return (rank, world, local_rank, device)."""
+    """Initialise torch.distributed when launched by torchrun (also with one rank) or with
+    WORLD_SIZE > 1; return (rank, world, local_rank, device)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -44,7 +51,7 @@ def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torc
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or launched_by_torchrun()) and not dist.is_initialized():
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world_size, local_rank, device

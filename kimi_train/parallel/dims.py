@@ -86,7 +86,7 @@ class ParallelDims:
                 raise LayoutError(f"parallel.ep={ep} but the model has no routed experts; use ep=1")
             if experts % ep:
                 raise LayoutError(f"parallel.ep={ep} must divide model.n_routed_experts={experts}")
-        distributed = world_size > 1 and dist.is_available() and dist.is_initialized()
+        distributed = dist.is_available() and dist.is_initialized()  # torchrun: also with one rank
         rank = dist.get_rank() if distributed else 0
         return cls(
             world_size=world_size,
@@ -99,8 +99,9 @@ class ParallelDims:
         )
 
     def build_mesh(self, device_type: str):
-        """The ("dp_replicate", "efsdp", "ep") mesh with "dp_shard" flattened; None for one process."""
-        if self.world_size == 1:
+        """The ("dp_replicate", "efsdp", "ep") mesh with "dp_shard" flattened; None for one process
+        without a process group (a 1-rank torchrun has one: FSDP2 over a 1-rank mesh)."""
+        if self.world_size == 1 and not (dist.is_available() and dist.is_initialized()):
             return None
         from torch.distributed.device_mesh import init_device_mesh
 

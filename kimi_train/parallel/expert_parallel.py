@@ -14,6 +14,19 @@ The model's MoE sorts its slots by expert and calls ``experts(x_SD, num_tokens_p
    and run the model's own grouped GEMM on the L local experts (local shards of the weights);
 4. un-permute and combine: the reverse all_to_all returns every slot's output to its token.
 
+Host syncs: one per MoE layer, the copy of the 2R split sizes (what I send to / receive from
+each rank), because NCCL's all_to_all takes its splits as host integers and the counts are
+only known after routing on the device. Everything else (the regrouping permutation, the
+local counts) is computed on the device from the device counts, with the one size it needs
+(Q, the received slots) taken from the synced splits. Removing this last sync needs fixed-size
+buffers (capacity-padded dispatch: up to R times the traffic, or token dropping, which changes
+the maths), so it stays.
+
+Overlap: the combine all_to_all is returned un-waited (funcol's AsyncCollectiveTensor waits at
+the first use of the result); the MoE computes its shared experts before it reads the routed
+output, so on a GPU the shared expert's GEMMs run while the combine is on the wire (on CPU
+gloo's worker thread sends while the main thread computes).
+
 The weights are DTensors [E, out, in] with Shard(0) on "ep": each rank holds whole experts, so
 Muon orthogonalises them locally (optim.distributed) with no communication. Gradients of a
 local expert sum over the slots of every EP rank: FSDP must divide by the full data-parallel
@@ -36,10 +49,30 @@ from kimi_train.model.moe import GroupedExperts
 EXPERT_PARAMS = ("gate_proj", "up_proj", "down_proj")
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
-    """Differentiable all_to_all_single with variable splits along dim 0."""
+def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, wait: bool = True) -> torch.Tensor:
+    """Differentiable all_to_all_single with variable splits along dim 0. wait=False returns the
+    collective in flight (an AsyncCollectiveTensor, waited at its first use) where funcol gives one."""
     y = funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, group)
-    return funcol.wait_tensor(y) if isinstance(y, funcol.AsyncCollectiveTensor) else y
+    if wait and isinstance(y, funcol.AsyncCollectiveTensor):
+        return funcol.wait_tensor(y)
+    return y
+
+
+def regroup_permutation(counts_recv_RL: torch.Tensor, num_received: int) -> torch.Tensor:
+    """perm_Q: slot q of the (expert l, source r) order is received slot perm_Q[q].
+
+    The received blocks arrive in (source r, expert l) order. Block (l, r) starts at src_start
+    in the received order and at dst_start in the GEMM order, so perm_Q[q] = q + src_start -
+    dst_start over the block's slots. Device ops only; num_received (= counts.sum(), known on
+    the host from the split sizes) sizes the output without a sync.
+    """
+    R = counts_recv_RL.shape[0]
+    n_RL = rearrange(counts_recv_RL, "r l -> (r l)")
+    src_start_LR = rearrange(n_RL.cumsum(0) - n_RL, "(r l) -> (l r)", r=R)
+    n_LR = rearrange(counts_recv_RL, "r l -> (l r)")
+    dst_start_LR = n_LR.cumsum(0) - n_LR
+    shift_Q = torch.repeat_interleave(src_start_LR - dst_start_LR, n_LR, output_size=num_received)
+    return torch.arange(num_received, device=counts_recv_RL.device) + shift_Q
 
 
 class ExpertParallelGroupedExperts(GroupedExperts):
@@ -56,19 +89,12 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             counts_send_RL = rearrange(num_tokens_per_expert_E.to(torch.int64), "(r l) -> r l", r=R)
             counts_recv_RL = torch.empty_like(counts_send_RL)
             dist.all_to_all_single(counts_recv_RL, counts_send_RL, group=self.ep_group)
-            # Index maths on the host (one sync: the splits are needed there anyway).
-            send_RL, recv_RL = counts_send_RL.cpu(), counts_recv_RL.cpu()
-            in_splits = reduce(send_RL, "r l -> r", "sum").tolist()  # slots I send to rank r
-            out_splits = reduce(recv_RL, "r l -> r", "sum").tolist()  # slots rank r sends me
-            # The received blocks come in (source r, expert l) order; the GEMM wants (expert l, source r).
-            n_RL = rearrange(recv_RL, "r l -> (r l)")
-            src_start_LR = rearrange(n_RL.cumsum(0) - n_RL, "(r l) -> (l r)", r=R)  # where each block arrived
-            n_LR = rearrange(recv_RL, "r l -> (l r)")
-            dst_start_LR = n_LR.cumsum(0) - n_LR  # where the GEMM order puts it
-            # Slot q of the GEMM order is received slot perm_Q[q].
-            perm_Q = torch.arange(int(n_LR.sum())) + torch.repeat_interleave(src_start_LR - dst_start_LR, n_LR)
-            perm_Q = perm_Q.to(x_SD.device)
-            local_counts_L = reduce(recv_RL, "r l -> l", "sum").to(num_tokens_per_expert_E.device)
+            # The one host sync (see the module doc): slots I send to / receive from each rank.
+            splits_2R = torch.stack([reduce(counts_send_RL, "r l -> r", "sum"),
+                                     reduce(counts_recv_RL, "r l -> r", "sum")]).cpu()
+            in_splits, out_splits = splits_2R.tolist()
+            perm_Q = regroup_permutation(counts_recv_RL, sum(out_splits))
+            local_counts_L = reduce(counts_recv_RL, "r l -> l", "sum").to(num_tokens_per_expert_E.dtype)
 
         x_QD = _all_to_all(x_SD, out_splits, in_splits, self.ep_group)[perm_Q]
         # The model's own expert maths, on the local shards (E/R whole experts) of the weights.
@@ -80,7 +106,8 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         y_QD = GroupedExperts.forward(local, x_QD, local_counts_L, backend)
         y_back_QD = torch.empty_like(y_QD)
         y_back_QD = y_back_QD.index_copy(0, perm_Q, y_QD)  # differentiable un-permute
-        return _all_to_all(y_back_QD, in_splits, out_splits, self.ep_group)
+        # In flight on return (module doc): the MoE computes its shared experts before reading it.
+        return _all_to_all(y_back_QD, in_splits, out_splits, self.ep_group, wait=False)
 
 
 def apply_ep(model: nn.Module, ep_mesh) -> nn.Module:

@@ -15,7 +15,6 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kimi_train.kernels import flash_attn_triton as fa
 from kimi_train.kernels import grouped_gemm_triton as gg
 from kimi_train.kernels import max_logits_triton as ml
 from optim import triton_ns as ns
@@ -60,25 +59,18 @@ def cases():
     yield "fp32 ns aX + BX", ns._axpby_mm_kernel, dict(c.kwargs, **ieee), c
     c = gg._ROWS_CONFIGS_FP32[0]
     yield "fp32 grouped rows", gg._grouped_rows_kernel, dict(c.kwargs, NUM_PROGRAMS=264, **ieee), c
-    dims = dict(BLOCK_D1=128, BLOCK_D2=64, BLOCK_DV=128, **tf32)  # MLA: q.k over 192, v 128
-    fwd = dict(BLOCK_M=128, BLOCK_N=64, **dims)
-    yield "flash attention forward", fa._fwd_kernel, fwd, triton.Config({}, num_warps=8, num_stages=2)
-    bwd = dict(BLOCK_M=32, BLOCK_N=32, **dims)
-    for kernel in (fa._bwd_dkdv_kernel, fa._bwd_dq_kernel):
-        yield f"flash attention {kernel.__name__}", kernel, bwd, triton.Config({}, num_warps=4, num_stages=2)
 
 
 def main():
     warnings.filterwarnings("ignore")
     bf = "*bf16"
-    # "K" is a pointer in the attention kernels but an int (features) in the grouped GEMM.
     ptrs = {n: bf for n in ("Y", "Z", "Out", "Bm", "X", "W", "DY", "DW", "Q", "Kk", "V", "O", "DO")}
     ptrs.update({n: "*i32" for n in ("Ends", "Starts")})
     ptrs.update({n: "*fp32" for n in ("Partial", "LSE", "Delta", "DK", "DV", "DQ")})
     failures = 0
     for name, fn, constexprs, config in cases():
         try:
-            kernel_ptrs = dict(ptrs, K=bf) if fn.__name__.startswith(("_fwd", "_bwd")) else ptrs
+            kernel_ptrs = ptrs
             if name.startswith("fp32"):
                 kernel_ptrs = {k: ("*fp32" if v == bf else v) for k, v in kernel_ptrs.items()}
             compile_sm90(fn, kernel_ptrs, constexprs, config.num_warps, config.num_stages)

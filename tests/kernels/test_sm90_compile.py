@@ -18,4 +18,4 @@ def test_kernels_compile_for_sm90():
     proc = subprocess.run([sys.executable, str(HERE / "_sm90_compile.py")], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("ok ") == 11, proc.stdout
+    assert proc.stdout.count("ok ") == 8, proc.stdout

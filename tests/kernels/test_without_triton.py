@@ -11,11 +11,9 @@ import sys
 sys.modules["triton"] = None  # `import triton` now raises ImportError, as on a machine without it
 import torch
 import optim.triton_ns, kimi_train.kernels.max_logits_triton, kimi_train.kernels.grouped_gemm_triton
-import kimi_train.kernels.flash_attn_triton
 for mod, name in (("optim.triton_ns", "ns_iterate_triton"),
                   ("kimi_train.kernels.max_logits_triton", "max_logits_triton"),
-                  ("kimi_train.kernels.grouped_gemm_triton", "grouped_gemm_triton"),
-                  ("kimi_train.kernels.flash_attn_triton", "flash_attention_with_max")):
+                  ("kimi_train.kernels.grouped_gemm_triton", "grouped_gemm_triton")):
     module = sys.modules[mod]
     assert module.TRITON_AVAILABLE is False and not hasattr(module, name), mod
 from optim.newton_schulz import newton_schulz

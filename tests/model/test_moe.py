@@ -142,3 +142,22 @@ def test_update_expert_bias_all_reduces_counts(tmp_path):
     # Global counts [6, 6, 2, 2], mean 4 -> sign [-1, -1, 1, 1] on both ranks.
     for rank in range(2):
         torch.testing.assert_close(torch.load(tmp_path / f"bias{rank}.pt"), torch.tensor([-1.0, -1, 1, 1]))
+
+
+def test_shared_experts_run_while_the_routed_output_is_in_flight():
+    """Expert parallelism returns the routed output with its combine all_to_all in flight (an
+    AsyncCollectiveTensor, waited at first use): the MoE must compute its shared experts before
+    it reads that output, or there is nothing to overlap the combine with. Same result."""
+    from torch.distributed._functional_collectives import AsyncCollectiveTensor
+
+    torch.manual_seed(0)
+    moe = MoE(_cfg(n_shared_experts=1))
+    moe.init_weights(0.5, 0.5)
+    x = torch.randn(2, 5, 32)
+    want = moe(x)
+    routed, seen = [], []
+    forward = moe.experts.forward
+    moe.experts.forward = lambda *a, **k: routed.append(AsyncCollectiveTensor(forward(*a, **k))) or routed[-1]
+    moe.shared_experts.register_forward_pre_hook(lambda *_: seen.append(routed[-1].completed if routed else None))
+    torch.testing.assert_close(moe(x), want)
+    assert seen == [False] and routed[-1].completed  # shared experts ran before the first wait

@@ -327,11 +327,34 @@ def test_multirun_names_jobs_by_the_sweeps_a_config_declares(tmp_path, small_ove
 def test_compiled_model_trains_like_eager(tmp_path):
     """train.compile=true: the same losses as eager (fp32, CPU) over a few steps. Regression: the
     MoE's grouped GEMM used to hand fp32 to torch's grouped_mm, which compile rejects (bf16 only)."""
-    losses = {}
+    from torch._dynamo.utils import counters
+
+    losses, graphs = {}, {}
     for compiled in (False, True):
+        counters.clear()
         trainer = Trainer(small_cfg(steps=3, compile=compiled), tmp_path / str(compiled))
         losses[compiled] = [trainer.train_step()["loss"] for _ in range(3)]
+        graphs[compiled] = counters["stats"]["unique_graphs"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert graphs == {False: 0, True: graphs[True]} and graphs[True] > 0  # the compiled run really is
+
+
+@pytest.mark.gpu
+def test_compiled_model_trains_like_eager_on_cuda_with_bf16(tmp_path):
+    """train.compile=true on CUDA under bf16 autocast, where the compiled forward meets the Triton
+    max-logit kernel and grouped_mm: the same losses and max logits as eager, to bf16 rounding."""
+    from torch._dynamo.utils import counters
+
+    records = {}
+    for compiled in (False, True):
+        counters.clear()
+        trainer = Trainer(small_cfg(steps=3, compile=compiled, dtype="bf16"), tmp_path / str(compiled))
+        assert trainer.device.type == "cuda"
+        records[compiled] = [trainer.train_step() for _ in range(3)]
+        assert (counters["stats"]["unique_graphs"] > 0) == compiled
+    for eager, comp in zip(records[False], records[True]):
+        assert comp["loss"] == pytest.approx(eager["loss"], rel=2e-2)
+        assert comp["max_logit"] == pytest.approx(eager["max_logit"], rel=5e-2)
 
 
 def test_metrics_logger_flattens_every_per_layer_list_for_wandb(tmp_path):
