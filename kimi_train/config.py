@@ -26,6 +26,8 @@ from optim.muon import ADJUST_LR, NS_DTYPE_NAMES
 from optim.newton_schulz import NS_BACKENDS, NS_METHODS
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
+ENGINES = ("fsdp2", "deepspeed")
+ZERO_STAGES = (1, 2, 3)
 TRAIN_DTYPES = ("auto", "fp32", "bf16")
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("offline", "online", "disabled")
@@ -85,10 +87,22 @@ class DataConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    """parallel.engine=deepspeed only (docs/distributed.md)."""
+
+    offload_optimizer: bool = False  # ZeRO-Offload: fp32 master partitions and optimizer state on the CPU
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduce bucket
+    allgather_bucket_size: int = 500_000_000  # elements per all-gather bucket (stage 3: prefetch bucket)
+
+
+@dataclass
 class ParallelConfig:
+    engine: str = "fsdp2"  # fsdp2 | deepspeed
+    zero_stage: int = 3  # engine=deepspeed: ZeRO stage 1 | 2 | 3 (FSDP2 shards like stage 3)
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: every rank not used by dp_replicate
     ep: int = 1
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 @dataclass
@@ -252,4 +266,28 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(p.dp_replicate >= 1, "parallel.dp_replicate", p.dp_replicate, "must be >= 1")
     _check(p.dp_shard >= 1 or p.dp_shard == -1, "parallel.dp_shard", p.dp_shard, "must be >= 1 or -1 (all ranks)")
     _check(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    _one_of("parallel.engine", p.engine, ENGINES)
+    _check(p.zero_stage in ZERO_STAGES, "parallel.zero_stage", p.zero_stage, "must be 1, 2 or 3")
+    if p.engine == "deepspeed":
+        _validate_deepspeed(cfg)
     return cfg
+
+
+def _validate_deepspeed(cfg: TrainConfig) -> None:
+    """What parallel.engine=deepspeed can honour (kimi_train/parallel/deepspeed_engine.py)."""
+    import importlib.util
+
+    p = cfg.parallel
+    _check(p.ep == 1, "parallel.ep", p.ep, "must be 1 with parallel.engine=deepspeed (expert parallelism "
+           "runs on parallel.engine=fsdp2)")
+    _check(p.dp_replicate == 1, "parallel.dp_replicate", p.dp_replicate,
+           "must be 1 with parallel.engine=deepspeed (ZeRO shards over every rank)")
+    _check(not cfg.train.compile, "train.compile", cfg.train.compile,
+           "is not supported with parallel.engine=deepspeed; use parallel.engine=fsdp2 to compile")
+    _check(p.deepspeed.reduce_bucket_size >= 1, "parallel.deepspeed.reduce_bucket_size",
+           p.deepspeed.reduce_bucket_size, "must be >= 1 (elements)")
+    _check(p.deepspeed.allgather_bucket_size >= 1, "parallel.deepspeed.allgather_bucket_size",
+           p.deepspeed.allgather_bucket_size, "must be >= 1 (elements)")
+    _check(importlib.util.find_spec("deepspeed") is not None, "parallel.engine", p.engine,
+           "needs the deepspeed package, which is not installed: pip install 'kimi-train[deepspeed]' "
+           "(or use parallel.engine=fsdp2)")

@@ -398,7 +398,7 @@ def save_checkpoint(
     error = _attempt(_fresh_dir, tmp)[1] if _rank() == 0 else None
     _fail([_from_rank0(error)], run_dir, step, tmp)
 
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    state = _training_state(model, optimizer)
     writer = FileSystemWriter(tmp)
     writer.fs = _HookedFileSystem()
     try:
@@ -437,14 +437,43 @@ def _dcp_load(state: dict, path: Path) -> None:
         dcp.load(state, checkpoint_id=str(path))
 
 
+def _engine(optimizer: Any) -> str:
+    """The engine whose checkpoint layout ``optimizer`` uses: "deepspeed" for kimi_train's DeepSpeed
+    optimizer (its own DCP state: kimi_train/parallel/deepspeed_checkpoint.py), else "fsdp2"."""
+    return "deepspeed" if hasattr(optimizer, "checkpoint_state") else "fsdp2"
+
+
+def _saved_engine(path: Path) -> str:
+    try:
+        return json.loads((path / TRAINER_STATE).read_text()).get("engine", "fsdp2")
+    except (OSError, ValueError):
+        return "fsdp2"
+
+
+def _training_state(model: torch.nn.Module, optimizer: Any) -> dict[str, Any]:
+    if _engine(optimizer) == "deepspeed":
+        return optimizer.checkpoint_state()
+    return {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+
+
 def _load_training_state(path: Path, model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
-    state: dict[str, Any] = {"model": get_model_state_dict(model)}
-    if optimizer is not None:
-        state["optim"] = get_optimizer_state_dict(model, optimizer)
-    _dcp_load(state, path)
-    set_model_state_dict(model, state["model"])
-    if optimizer is not None:
-        set_optimizer_state_dict(model, optimizer, state["optim"])
+    saved, engine = _saved_engine(path), _engine(optimizer)
+    if optimizer is not None and saved != engine:
+        raise CheckpointError(f"checkpoint {path} was written by parallel.engine={saved}; this run uses "
+                              f"parallel.engine={engine}, whose checkpoints are laid out differently: resume with "
+                              f"parallel.engine={saved}, or export the weights (kimi-train-export) and start a new run")
+    if engine == "deepspeed":
+        state = _training_state(model, optimizer)
+        _dcp_load(state, path)
+        optimizer.load_checkpoint_state(state)
+    else:
+        state = {"model": get_model_state_dict(model)}
+        if optimizer is not None:
+            state["optim"] = get_optimizer_state_dict(model, optimizer)
+        _dcp_load(state, path)
+        set_model_state_dict(model, state["model"])
+        if optimizer is not None:
+            set_optimizer_state_dict(model, optimizer, state["optim"])
     rng_file = path / f"rng_rank{_rank()}.json"
     if rng_file.is_file():
         set_rng_state(json.loads(rng_file.read_text()))
@@ -452,6 +481,16 @@ def _load_training_state(path: Path, model: torch.nn.Module, optimizer: Optional
 
 
 def _load_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """The weights of any engine's checkpoint into a plain (unsharded) model."""
+    if _saved_engine(path) == "deepspeed":  # every parameter flattened to 1-D (deepspeed_checkpoint.py)
+        weights = {name: torch.empty(p.numel(), dtype=torch.float32) for name, p in model.named_parameters()}
+        state = {"model": {**dict(model.named_buffers()), **weights}}
+        state["model"] = {k: v for k, v in state["model"].items() if k in model.state_dict()}
+        _dcp_load(state, path)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(weights[name].view(p.shape))
+        return model
     state = {"model": get_model_state_dict(model)}
     _dcp_load(state, path)
     set_model_state_dict(model, state["model"])

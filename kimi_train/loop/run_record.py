@@ -68,7 +68,13 @@ SCHEDULE_KEYS = ("train.steps", "schedule.")
 _SHOWN = 6  # changed keys named in one error line
 
 
+# ... except the engine: FSDP2 and DeepSpeed checkpoints are laid out differently (checkpoint.py).
+UNSAFE_KEYS = ("parallel.engine",)
+
+
 def is_safe(key: str) -> bool:
+    if key in UNSAFE_KEYS:
+        return False
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in SAFE_KEYS)
 
 

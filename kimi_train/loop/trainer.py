@@ -39,6 +39,7 @@ from kimi_train.config import TrainConfig, grad_accum_steps
 from kimi_train.errors import TrainingError, UserError
 from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
 from kimi_train.data.tokenizer import TOKENIZER_DIR, save_pretrained
+from kimi_train.loop.debug import debug_dump_grads
 from kimi_train.loop.interrupt import StopOnSignal, debug_signal_at
 from kimi_train.loop import run_record
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
@@ -144,11 +145,23 @@ class Trainer:
             model = KimiForCausalLM(cfg.model)
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = flops_per_token(model, cfg.model, t.seq_len)
-        self.model = parallelize_model(model, self.dims, mesh, mixed_precision=use_bf16)
-        if t.compile:
-            self.model.compile()  # in place: parameter names (and checkpoints) stay the same
-        # train_step skips a step whose loss or global grad norm is not finite before optimizer.step()
-        self.optimizer = build_optimizer(cfg, self.model, self.dims.dp_group, check_finite=False)
+        self.deepspeed = cfg.parallel.engine == "deepspeed"
+        gemm_shapes: Any = model  # the expert GEMMs to tune: read before ZeRO-3 empties the weights
+        if self.deepspeed:  # the engine wraps the model and partitions our optimizer's state
+            from kimi_train.kernels.grouped_gemm import _expert_shapes
+            from kimi_train.parallel.deepspeed_engine import apply_deepspeed
+
+            gemm_shapes = _expert_shapes(model)
+            self.model, self.optimizer = apply_deepspeed(model, cfg, self.dims.dp_size, self.accum, self.device)
+        else:
+            self.model = parallelize_model(model, self.dims, mesh, mixed_precision=use_bf16)
+            gemm_shapes = self.model
+            if t.compile:
+                self.model.compile()  # in place: parameter names (and checkpoints) stay the same
+            # train_step skips a step whose loss or global grad norm is not finite before optimizer.step()
+            self.optimizer = build_optimizer(cfg, self.model, self.dims.dp_group, check_finite=False)
+        # The model's own methods (attention_layers, moe_layers, ...); the DeepSpeed engine has a moe_layers of its own
+        self.module = self.model.module if self.deepspeed else self.model
         self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
         s = cfg.schedule
         self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
@@ -164,7 +177,7 @@ class Trainer:
         from kimi_train.kernels.grouped_gemm import tune_grouped_gemm
 
         most_rows = t.micro_batch_size * t.seq_len * cfg.model.num_experts_per_tok * self.dims.ep
-        tune_grouped_gemm(self.model, most_rows, self.device, torch.bfloat16 if use_bf16 else torch.float32,
+        tune_grouped_gemm(gemm_shapes, most_rows, self.device, torch.bfloat16 if use_bf16 else torch.float32,
                           path=self.run_dir / GROUPED_GEMM_CHOICES)
         self.metrics = MetricsLogger(self.run_dir, self.is_main, self.step, cfg.logging.wandb,
                                      cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
@@ -228,21 +241,30 @@ class Trainer:
         self.model.train()
         micro_batches = self.train_loader.next_batch()
         loss = self._forward_backward(micro_batches)
-        max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-        loss_f, grad_norm_f = float(loss), float(self._clip_grad_norm(max_norm))
-        record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
-        if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
-            self._skip_step(f"non-finite loss={loss_f} / grad_norm={grad_norm_f}")
-            return {**record, "skipped": True}
-        try:
-            self.optimizer.step()  # MuonClip: checks the max logits before it changes anything
-        except NonFiniteMaxLogit as e:  # every rank sees it (the MAX reduce keeps it as +inf)
-            self._skip_step(f"non-finite max logit ({e})")
-            return {**record, "skipped": True}
+        debug_dump_grads(self)
+        if self.deepspeed:  # the norm, its clipping and the drop of a non-finite one happen in DeepSpeed's step
+            loss_f = float(loss)
+            outcome = self.optimizer.step(drop=None if math.isfinite(loss_f) else f"non-finite loss={loss_f}")
+            record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": outcome.grad_norm}
+            if outcome.skipped:
+                self._skip_step(outcome.skipped)
+                return {**record, "skipped": True}
+        else:
+            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
+            loss_f, grad_norm_f = float(loss), float(self._clip_grad_norm(max_norm))
+            record = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
+            if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
+                self._skip_step(f"non-finite loss={loss_f} / grad_norm={grad_norm_f}")
+                return {**record, "skipped": True}
+            try:
+                self.optimizer.step()  # MuonClip: checks the max logits before it changes anything
+            except NonFiniteMaxLogit as e:  # every rank sees it (the MAX reduce keeps it as +inf)
+                self._skip_step(f"non-finite max logit ({e})")
+                return {**record, "skipped": True}
         self.optimizer.zero_grad(set_to_none=True)
         clip = getattr(self.optimizer, "last_stats", None)
         if clip is None:
-            clip = read_max_logits(self.model.attention_layers(), self.dims.dp_group)
+            clip = read_max_logits(self.module.attention_layers(), self.dims.dp_group)
         record.update(max_logit=clip["max_logit"], max_logit_per_layer=clip["max_logit_per_layer"],
                       clipped_heads=clip["clipped_heads"], clipped_heads_per_layer=clip["clipped_heads_per_layer"])
         if self.cfg.logging.post_step_max_logit and self._is_logged(self.step + 1):  # before the bias update
@@ -251,7 +273,7 @@ class Trainer:
                           max_logit_post_step_per_layer=post["max_logit_per_layer"])
         from kimi_train.model import update_expert_bias
 
-        balance = update_expert_bias(self.model.moe_layers(), rate=self.cfg.train.expert_bias_rate,
+        balance = update_expert_bias(self.module.moe_layers(), rate=self.cfg.train.expert_bias_rate,
                                      group=self.dims.dp_group)
         record.update(expert_load_imbalance=balance["max_imbalance"] if balance["imbalance_per_layer"] else None,
                       expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None)
@@ -265,7 +287,12 @@ class Trainer:
             if sync is not None:
                 sync(i == len(micro_batches) - 1)
             loss = self._loss(mb)
-            (loss / self.accum).backward()
+            if self.deepspeed:  # DeepSpeed divides by its gradient_accumulation_steps (= self.accum) itself
+                self.model.backward(loss)
+                if i < len(micro_batches) - 1:
+                    self.model.step()  # off the accumulation boundary: DeepSpeed only counts the micro-batch
+            else:
+                (loss / self.accum).backward()
             loss_sum += loss.detach()
         return self._mean_over_dp(loss_sum / self.accum)
 
@@ -280,8 +307,8 @@ class Trainer:
         """
         for mb in micro_batches:
             with self.autocast():
-                self.model.measure_max_logits(mb[:, :-1].to(self.device, non_blocking=True))
-        return read_max_logits(self.model.attention_layers(), self.dims.dp_group)
+                self.module.measure_max_logits(mb[:, :-1].to(self.device, non_blocking=True))
+        return read_max_logits(self.module.attention_layers(), self.dims.dp_group)
 
     def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global gradient norm before clipping to max_norm (works across the EP and dense meshes)."""
@@ -293,9 +320,9 @@ class Trainer:
         """Drop this step's gradients and records. reason: what was not finite. fit() logs every
         skipped step and, after train.max_skipped_steps of them, saves and stops."""
         self.optimizer.zero_grad(set_to_none=True)
-        for layer in self.model.attention_layers():
+        for layer in self.module.attention_layers():
             layer.reset_max_logits()
-        for moe in self.model.moe_layers():
+        for moe in self.module.moe_layers():
             moe.tokens_per_expert.zero_()
         self.skipped_steps += 1
         self._skip_reason = reason
@@ -318,7 +345,8 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def _trainer_state(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
-                "data": self.train_loader.state_dict(), "schedule": dataclasses.asdict(self.schedule)}
+                "data": self.train_loader.state_dict(), "schedule": dataclasses.asdict(self.schedule),
+                "engine": self.cfg.parallel.engine}
 
     def save(self) -> None:
         if not ckpt.all_finite(self.model, self.optimizer):
