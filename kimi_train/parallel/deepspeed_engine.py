@@ -99,6 +99,11 @@ def apply_deepspeed(model: nn.Module, cfg: Any, dp_size: int, accum: int, device
     from deepspeed.utils import logger as ds_logger
 
     ds_logger.setLevel(logging.WARNING)
+    if not dist.is_initialized():  # one process (no torchrun): DeepSpeed still wants a process group
+        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):
+            os.environ.setdefault(key, value)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
     client = build_client_optimizer(cfg, model)
     config = deepspeed_config(cfg, dp_size, accum)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config, dist_init_required=False)
