@@ -1,0 +1,257 @@
+"""FSDP2 vs DeepSpeed ZeRO-1/2/3 on the same model and optimizer, 2 ranks (gloo on CPU, NCCL on GPUs).
+
+    python benchmarks/engine_bench.py                              # model=tiny, all variants
+    python benchmarks/engine_bench.py --model small --steps 10 --out engine_bench.json
+
+Variants, each in a fresh set of processes, the same model, global batch and MuonClip settings:
+
+    fsdp2           kimi-train's default engine: FSDP2 + optim.MuonClip (owner-computes NS)
+    zero1/2/3       parallel.engine=deepspeed: ZeRO stage S + optim.flat.PartitionedMuonClip
+    ds-muon-zero1/2/3  peer: DeepSpeed's own Muon ("optimizer": {"type": "Muon"}; no QK-Clip,
+                    Keller's lr scale, its default gradient_clipping 1.0 on the orthogonalised
+                    update; ZeRO-3 needs "reduce_scatter": false), timed, not checked for maths
+
+Per variant, max over ranks: median step time (forward + backward + optimizer step) after warm-up,
+peak resident memory growth of a rank since before the model was built (RSS: on CPU everything
+a rank holds; on CUDA also max_memory_allocated), and the bytes one rank receives per step in
+collectives, counted by wrapping torch.distributed (ring-equivalent: all-gather and reduce-scatter
+(N-1)/N of the full tensor, all-reduce twice that, all-to-all (N-1)/N of the input, broadcast the
+tensor). Prints a markdown table; --out writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+VARIANTS = ["fsdp2", "zero1", "zero2", "zero3", "ds-muon-zero1", "ds-muon-zero2", "ds-muon-zero3"]
+
+# ---------------------------------------------------------------------------- byte counting
+_received = [0]
+
+
+def _count_collectives() -> None:
+    """Wrap torch.distributed's collectives (before DeepSpeed caches them) to count received bytes."""
+
+    def nbytes(t) -> int:
+        return t.numel() * t.element_size()
+
+    def world(kwargs) -> int:
+        return dist.get_world_size(kwargs.get("group"))
+
+    rules = {
+        "all_reduce": lambda a, k: 2 * nbytes(a[0] if a else k["tensor"]) * (world(k) - 1) // world(k),
+        "all_gather_into_tensor": lambda a, k: nbytes(a[0] if a else k["output_tensor"]) * (world(k) - 1) // world(k),
+        "_all_gather_base": lambda a, k: nbytes(a[0] if a else k["output_tensor"]) * (world(k) - 1) // world(k),
+        "all_gather": lambda a, k: sum(map(nbytes, a[0] if a else k["tensor_list"])) * (world(k) - 1) // world(k),
+        "all_gather_single": lambda a, k: nbytes(a[0] if a else k["output_tensor"]) * (world(k) - 1) // world(k),
+        "reduce_scatter_single": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
+        "reduce_scatter_tensor": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
+        "_reduce_scatter_base": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
+        "all_to_all_single": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
+        "broadcast": lambda a, k: nbytes(a[0] if a else k["tensor"]),
+    }
+    for name, rule in rules.items():
+        original = getattr(dist, name, None)
+        if original is None:  # not in this torch
+            continue
+
+        def wrapped(*args, __original=original, __rule=rule, **kwargs):
+            try:
+                _received[0] += __rule(args, kwargs)
+            except Exception:  # an unusual call form: count nothing rather than fail the run
+                pass
+            return __original(*args, **kwargs)
+
+        setattr(dist, name, wrapped)
+
+
+# ---------------------------------------------------------------------------- one variant on one rank
+def _config(model: str, variant: str, micro_batch: int, seq_len: int):
+    from hydra import compose, initialize_config_dir
+
+    from kimi_train.config import TrainConfig, register_configs
+    from omegaconf import OmegaConf
+
+    register_configs()
+    overrides = [f"model={model}", f"train.micro_batch_size={micro_batch}", f"train.seq_len={seq_len}",
+                 "optim.ns_dtype=fp32", "optim.qk_clip.tau=100"]
+    if variant.startswith(("zero", "ds-muon")):
+        overrides += ["parallel.engine=deepspeed", f"parallel.zero_stage={variant[-1]}"]
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
+        cfg = OmegaConf.to_object(compose("config", overrides=overrides))
+    assert isinstance(cfg, TrainConfig)
+    return cfg
+
+
+def _build(cfg, variant: str, device: torch.device):
+    """(forward_backward(batch) -> loss, step()) for the variant."""
+    from kimi_train.loop.trainer import build_optimizer
+    from kimi_train.model import KimiForCausalLM
+    from kimi_train.parallel import ParallelDims, parallelize_model
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = KimiForCausalLM(cfg.model)
+    dims = ParallelDims.from_config(cfg.parallel, dist.get_world_size(), cfg.model)
+
+    def loss_of(net, batch):
+        logits = net(batch[:, :-1])
+        return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    if variant == "fsdp2":
+        net = parallelize_model(model, dims, dims.build_mesh(device.type))
+        opt = build_optimizer(cfg, net, dims.dp_group, check_finite=False)
+
+        def fwd_bwd(batch):
+            loss = loss_of(net, batch)
+            loss.backward()
+            return loss
+
+        def step():
+            from kimi_train.parallel import clip_grad_norm_
+
+            clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        return fwd_bwd, step
+    if variant.startswith("zero"):
+        from kimi_train.parallel.deepspeed_engine import apply_deepspeed
+
+        engine, opt = apply_deepspeed(model, cfg, dims.dp_size, 1, device)
+        return (lambda batch: (lambda loss: (engine.backward(loss), loss)[1])(loss_of(engine, batch))), opt.step
+    import deepspeed  # DeepSpeed's own Muon
+    from kimi_train.parallel.deepspeed_engine import deepspeed_config
+
+    config = deepspeed_config(cfg, dims.dp_size, 1)
+    config.pop("gradient_clipping")  # DeepSpeed's default (1.0), as its users get it
+    config["optimizer"] = {"type": "Muon", "params": {"lr": cfg.optim.lr, "momentum": cfg.optim.momentum,
+                                                      "weight_decay": cfg.optim.weight_decay}}
+    if cfg.parallel.zero_stage == 3:
+        config["zero_optimization"]["reduce_scatter"] = False  # what its ZeRO-3 Muon requires
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config,
+                                           dist_init_required=False)
+    return (lambda batch: (lambda loss: (engine.backward(loss), loss)[1])(loss_of(engine, batch))), engine.step
+
+
+def _worker(rank: int, world: int, port: int, args, variant: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+    torch.set_num_threads(args.threads)
+    _count_collectives()
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
+    result: dict = {"variant": variant}
+    try:
+        cfg = _config(args.model, variant, args.micro_batch, args.seq_len)
+        rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fwd_bwd, step = _build(cfg, variant, device)
+        g = torch.Generator().manual_seed(rank)
+        times, received = [], []
+        for i in range(args.warmup + args.steps):
+            batch = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=g).to(device)
+            dist.barrier()
+            _received[0] = 0
+            t0 = time.perf_counter()
+            fwd_bwd(batch)
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= args.warmup:
+                times.append(time.perf_counter() - t0)
+                received.append(_received[0])
+        rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024  # ru_maxrss: KiB on Linux
+        result.update(step_s=statistics.median(times), peak_rss_growth_bytes=rss, recv_bytes_per_step=max(received))
+        if device.type == "cuda":
+            result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    except Exception as e:  # a peer that does not run here is a result too
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        traceback.print_exc()
+    gathered = [None] * world
+    dist.all_gather_object(gathered, result)
+    if rank == 0:
+        Path(out).write_text(json.dumps(gathered))
+    dist.destroy_process_group()
+
+
+def _run_variant(args, variant: str) -> dict:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from _ports import free_port
+
+    out = Path(args.tmp) / f"{variant}.json"
+    mp.spawn(_worker, args=(args.ranks, free_port(), args, variant, str(out)), nprocs=args.ranks, join=True)
+    per_rank = json.loads(out.read_text())
+    errors = [r["error"] for r in per_rank if "error" in r]
+    if errors:
+        return {"variant": variant, "error": errors[0]}
+    merged = {"variant": variant}
+    for key in per_rank[0]:
+        if key != "variant":
+            merged[key] = max(r[key] for r in per_rank)  # the slowest / largest rank
+    return merged
+
+
+def table(results: list[dict], model: str, num_params: int) -> str:
+    lines = ["| engine | step (ms) | peak RSS growth / rank (MiB) | received / rank / step (MiB) | received / (P fp32) |",
+             "|---|---|---|---|---|"]
+    P = 4 * num_params
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | did not run: {r['error']} | | | |")
+            continue
+        lines.append(f"| {r['variant']} | {1e3 * r['step_s']:.0f} | {r['peak_rss_growth_bytes'] / 2**20:.0f} | "
+                     f"{r['recv_bytes_per_step'] / 2**20:.2f} | {r['recv_bytes_per_step'] / P:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    import tempfile
+
+    from kimi_train.model import KimiForCausalLM, load_model_config
+
+    num_params = sum(p.numel() for p in KimiForCausalLM(load_model_config(args.model)).parameters())
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        args.tmp = tmp
+        for variant in args.variants.split(","):
+            results.append(_run_variant(args, variant))
+            print(json.dumps(results[-1]), flush=True)
+    report = {"model": args.model, "num_params": num_params, "ranks": args.ranks, "micro_batch": args.micro_batch,
+              "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
+              "device": "cuda" if torch.cuda.is_available() else "cpu", "results": results}
+    print(table(results, args.model, num_params))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
