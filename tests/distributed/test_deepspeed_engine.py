@@ -102,16 +102,23 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(runs, tmp_path):
 
 
 @needs_deepspeed
-def test_stage_1_resumes_exactly_from_its_checkpoint(runs, tmp_path):
-    """Stages 1/2 load through the master partitions and DeepSpeed's all-gather into the working weights."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(runs["zero1"][0], run_dir)
+def test_stage_1_resumes_exactly_under_the_deepspeed_launcher(runs, tmp_path):
+    """Stages 1/2 load through the master partitions and DeepSpeed's all-gather into the working
+    weights; the resume runs under launch/deepspeed.sh (DeepSpeed's launcher) instead of torchrun."""
+    from _ports import free_port
+
     from kimi_train.loop import checkpoint as ckpt
 
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["zero1"][0], run_dir)
     for step in (8, 10):
         shutil.rmtree(ckpt.checkpoint_path(run_dir, step))
-    resumed = _train(run_dir, "zero1")
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    launcher = Path(__file__).resolve().parents[2] / "launch" / "deepspeed.sh"
+    env = _torchrun.env({"NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"})
+    resumed = subprocess.run(["bash", str(launcher), f"run_dir={run_dir}", *COMMON, *ENGINES["zero1"]],
+                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    assert "resumed from step_00000004" in resumed.stdout + resumed.stderr
     assert _torchrun.per_step(run_dir) == _torchrun.per_step(runs["zero1"][0])
 
 
