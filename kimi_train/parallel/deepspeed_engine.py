@@ -209,8 +209,11 @@ class DeepSpeedOptimizer:
         return self.client.param_groups
 
     @property
-    def state(self):
-        return self.client.state
+    def state(self) -> dict[int, dict[str, torch.Tensor]]:
+        """Per partition: its optimizer state and its fp32 master weights ("master"), what a
+        checkpoint holds (stage 3's working weights are partitions too: the model shows none)."""
+        return {id(part.tensor): {**self.client.state[part.tensor], "master": part.tensor}
+                for part in self.client.partitions.values()}
 
     @property
     def last_stats(self) -> Optional[dict[str, Any]]:

@@ -10,12 +10,15 @@ step 3 with a TrainingError and a loadable checkpoint holding the weights of ste
 train.log_every=10, steps 2 and 3 are in metrics.jsonl only because skipped steps are always logged.
 
 The ranks replicate the model (parallel.dp_replicate=2), so each holds its own full copy and a
-rank that updated while the other skipped would show as two different models.
+rank that updated while the other skipped would show as two different models. On DeepSpeed
+(ZeRO-2: each rank also holds the whole working weights) the gradient norm is DeepSpeed's, which
+drops a step whose norm is not finite itself and reports it as inf.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import importlib.util
 import json
 import math
 
@@ -28,7 +31,7 @@ from _spawn import spawn
 POISONED = {2, 3}
 
 
-def _cfg():
+def _cfg(engine: str = "fsdp2"):
     from kimi_train.config import (CheckpointConfig, DataConfig, LoggingConfig, ParallelConfig, ScheduleConfig,
                                    TrainConfig, TrainLoopConfig, validate)
     from kimi_train.model.config import ModelConfig
@@ -36,7 +39,9 @@ def _cfg():
     model = ModelConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
                         num_attention_heads=2, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
                         v_head_dim=16, n_routed_experts=4, num_experts_per_tok=2)
-    cfg = TrainConfig(model=model, parallel=ParallelConfig(dp_replicate=2, dp_shard=1),
+    parallel = ParallelConfig(dp_replicate=2, dp_shard=1) if engine == "fsdp2" else \
+        ParallelConfig(engine="deepspeed", zero_stage=2)
+    cfg = TrainConfig(model=model, parallel=parallel,
                       train=TrainLoopConfig(steps=4, seq_len=32, micro_batch_size=2, log_every=10, val_every=0,
                                             val_batches=1, max_skipped_steps=1, dtype="fp32"),
                       schedule=ScheduleConfig(warmup_steps=0), data=DataConfig(max_bytes=60_000),
@@ -60,7 +65,7 @@ class _NaNGrad(torch.autograd.Function):
 def _poison(trainer, where: str) -> None:
     """Make ``where`` (loss, grad, max_logit) non-finite on this rank at the POISONED steps."""
     if where == "max_logit":
-        layer = trainer.model.attention_layers()[1]
+        layer = trainer.module.attention_layers()[1]
         forward = layer.forward
 
         def poisoned_forward(*args, **kwargs):
@@ -87,16 +92,17 @@ def _weights(trainer) -> dict[str, torch.Tensor]:
     def local(t):
         return (t.to_local() if hasattr(t, "to_local") else t).detach().clone()
 
-    return {k: local(v) for k, v in trainer.model.state_dict().items()}
+    return {k: local(v) for k, v in trainer.module.state_dict().items()}
 
 
-def _worker(rank: int, world_size: int, run_dir: str, where: str, poisoned_rank: int, out: str) -> None:
+def _worker(rank: int, world_size: int, run_dir: str, where: str, poisoned_rank: int, out: str,
+            engine: str = "fsdp2") -> None:
     import warnings
 
     from kimi_train.errors import TrainingError
     from kimi_train.loop.trainer import Trainer
 
-    cfg = _cfg()
+    cfg = _cfg(engine)
     trainer = Trainer(cfg, run_dir, OmegaConf.to_container(OmegaConf.structured(cfg)))
     if rank == poisoned_rank:
         _poison(trainer, where)
@@ -122,12 +128,18 @@ def _worker(rank: int, world_size: int, run_dir: str, where: str, poisoned_rank:
     torch.save({"steps": steps, "error": error}, f"{out}/rank{rank}.pt")
 
 
-@pytest.mark.parametrize("where, poisoned_rank", [("loss", 1), ("grad", 1), ("max_logit", 0), ("max_logit", 1)])
-def test_a_non_finite_value_on_one_rank_is_skipped_by_every_rank(tmp_path, where, poisoned_rank):
+_DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
+
+
+@pytest.mark.parametrize("where, poisoned_rank, engine", [
+    ("loss", 1, "fsdp2"), ("grad", 1, "fsdp2"), ("max_logit", 0, "fsdp2"), ("max_logit", 1, "fsdp2"),
+    pytest.param("grad", 1, "deepspeed", marks=_DEEPSPEED), pytest.param("max_logit", 1, "deepspeed", marks=_DEEPSPEED),
+])
+def test_a_non_finite_value_on_one_rank_is_skipped_by_every_rank(tmp_path, where, poisoned_rank, engine):
     from kimi_train.loop import checkpoint as ckpt
 
     run_dir = tmp_path / "run"
-    spawn(_worker, 2, str(run_dir), where, poisoned_rank, str(tmp_path))
+    spawn(_worker, 2, str(run_dir), where, poisoned_rank, str(tmp_path), engine)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
     for r in ranks:
         assert r["error"] is not None and "2 skipped steps > train.max_skipped_steps=1" in r["error"], r["error"]
@@ -145,7 +157,7 @@ def test_a_non_finite_value_on_one_rank_is_skipped_by_every_rank(tmp_path, where
     if where == "loss":
         assert poisoned["loss"] == "nan"
     elif where == "grad":  # a finite mean loss; the NaN reaches rank 0 through the gradient reduction
-        assert math.isfinite(poisoned["loss"]) and poisoned["grad_norm"] == "nan"
+        assert math.isfinite(poisoned["loss"]) and poisoned["grad_norm"] == ("nan" if engine == "fsdp2" else "inf")
     else:  # loss and gradients finite: only MuonClip's max-logit check refuses the step
         assert math.isfinite(poisoned["loss"]) and math.isfinite(poisoned["grad_norm"])
 
