@@ -10,7 +10,7 @@ division by its accumulation steps is in play, and a checkpoint every 4 steps. C
 same command on FSDP2: every step's loss (1e-4 relative; measured: equal to the last digit), grad
 norm, clipped-head counts per layer (QK-Clip fires: tiny starts near 0.17 > tau), and every
 parameter's whole step-1 gradient (1e-5; Muon and AdamW are scale-invariant, so losses alone
-would not see a gradient divided twice). Then: SIGKILL and resume reproduce the uninterrupted run
+would not see a gradient divided twice); also with ZeRO-Offload (stage 2, optimizer on the CPU). Then: SIGKILL and resume reproduce the uninterrupted run
 exactly; a resume on the other ZeRO path (stages 1/2 copy the masters into all-gathered working
 weights, stage 3 into its partitions) does too; DeepSpeed checkpoints carry the same manifest and
 verification as FSDP2's; a change of engine on resume is one line, exit 2; kimi-train-export
@@ -43,6 +43,7 @@ COMMON = [
 ]  # fmt: skip
 ENGINES = {"fsdp2": ["parallel.engine=fsdp2"], **{f"zero{s}": ["parallel.engine=deepspeed", f"parallel.zero_stage={s}"]
                                                     for s in (1, 2, 3)}}
+ENGINES["zero2-offload"] = [*ENGINES["zero2"], "parallel.deepspeed.offload_optimizer=true"]  # ZeRO-Offload
 
 
 def _command(run_dir: Path, engine: str) -> list[str]:
@@ -71,9 +72,9 @@ def runs(tmp_path_factory):
 
 
 @needs_deepspeed
-@pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_matches_fsdp2_step_by_step(runs, stage):
-    (ref_dir, ref_grads), (ds_dir, ds_grads) = runs["fsdp2"], runs[f"zero{stage}"]
+@pytest.mark.parametrize("engine", ["zero1", "zero2", "zero3", "zero2-offload"])
+def test_zero_stage_matches_fsdp2_step_by_step(runs, engine):
+    (ref_dir, ref_grads), (ds_dir, ds_grads) = runs["fsdp2"], runs[engine]
     want, got = _torchrun.per_step(ref_dir), _torchrun.per_step(ds_dir)
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
     assert sum(r["clipped_heads"] for r in want) > 0  # QK-Clip is exercised
@@ -174,6 +175,29 @@ def test_export_reads_a_deepspeed_run(runs, tmp_path):
             torch.testing.assert_close(p, fsdp[name], rtol=0, atol=5e-5, msg=lambda m: f"zero{stage} {name}: {m}")
     export_main([str(runs["zero3"][0]), str(tmp_path / "hf")])
     assert (tmp_path / "hf" / "model.safetensors").is_file()
+
+
+# ---------------------------------------------------------------------------- config (no DeepSpeed needed)
+def test_the_deepspeed_config_is_made_from_the_kimi_train_keys():
+    from kimi_train.config import TrainConfig, validate
+    from kimi_train.parallel.deepspeed_engine import deepspeed_config
+
+    cfg = TrainConfig()
+    cfg.parallel.engine, cfg.parallel.zero_stage, cfg.optim.grad_clip = "deepspeed", 2, 0.5
+    cfg.parallel.deepspeed.offload_optimizer = True
+    cfg.parallel.deepspeed.reduce_bucket_size, cfg.parallel.deepspeed.allgather_bucket_size = 1234, 5678
+    cfg.train.micro_batch_size = 4
+    if HAS_DEEPSPEED:
+        validate(cfg, dp_size=2)
+    ds = deepspeed_config(cfg, dp_size=2, accum=3)
+    assert ds["gradient_clipping"] == 0.5 and "optimizer" not in ds and "scheduler" not in ds
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (4, 3, 24)
+    zero = ds["zero_optimization"]
+    assert (zero["stage"], zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (2, 1234, 5678)
+    assert zero["offload_optimizer"]["device"] == "cpu" and not ds["bf16"]["enabled"] and not ds["fp16"]["enabled"]
+    cfg.parallel.zero_stage, cfg.parallel.deepspeed.offload_optimizer = 3, False
+    zero = deepspeed_config(cfg, dp_size=2, accum=1)["zero_optimization"]
+    assert zero["stage"] == 3 and zero["stage3_prefetch_bucket_size"] == 5678 and "offload_optimizer" not in zero
 
 
 # ---------------------------------------------------------------------------- config errors (no DeepSpeed needed)
