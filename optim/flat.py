@@ -11,9 +11,10 @@ one contiguous range of its flattened elements, starting and ending anywhere in 
 `PartitionedMuonClip` is optim.Muon / optim.MuonClip's step on partitions, with the same maths:
 
     Muon groups   M <- mu M + G;  U = G + mu M (nesterov) or M      elementwise, on the partition
-                  every matrix with a fragment here is made whole from the ranks' U (one
-                  all-gather of the group's partitions: (N - 1) L fp32 values received per rank),
-                  orthogonalised (optim.newton_schulz, batched by shape), and on this rank's
+                  every matrix has ONE owner rank (NS cost balanced, longest first); the ranks
+                  send their fragments of U to the owners (one all-to-all), owners orthogonalise
+                  their matrices whole (optim.newton_schulz, batched by shape), and send every
+                  rank its fragments of the result (a second all-to-all); then on this rank's
                   fragments:  W <- W (1 - lr wd) - lr scale(n, m) O     (optim.muon_scale)
     AdamW groups  optim.Muon's AdamW, elementwise (bias correction, decoupled weight decay)
     QK-Clip       after the update, the q/k rows of the heads over tau are rescaled. The factor of
@@ -22,9 +23,11 @@ one contiguous range of its flattened elements, starting and ending anywhere in 
 
 Legend: L elements in one rank's partition (the same on every rank), N ranks.
 
-A matrix that crosses a partition boundary is orthogonalised on every rank holding a part of it
-(as in DeepSpeed's own ZeRO Muon): redundant NS, no second exchange. State: optim.Muon's keys
-(momentum_buffer; step, exp_avg, exp_avg_sq), each shaped like the partition, created with it.
+Traffic per rank and step: what it sends its owners plus what they send back, each about
+L (N - 1) / N elements in the NS dtype (~2 P_muon / N in all; an all-gather would receive
+(N - 1) L and hold every matrix on every rank). Each NS runs once, on one rank, and no rank holds
+more than its own matrices whole. State: optim.Muon's keys (momentum_buffer; step, exp_avg,
+exp_avg_sq), each shaped like the partition, created with it.
 """
 
 from __future__ import annotations
@@ -139,7 +142,8 @@ class PartitionedMuonClip(torch.optim.Optimizer):
         self.process_group = process_group
         self.partitions: dict[int, Partition] = {}  # id(partition tensor) -> Partition
         self.skip_next_step = False  # set by a caller that decided to drop this step after backward
-        self.bytes_gathered = 0  # received by this rank in the Muon all-gathers, since the last reset
+        self.bytes_received = 0  # by this rank in the Muon all-to-alls (self-copies excluded), ever
+        self._plans: dict[int, _Plan] = {}
         self.last_stats: dict[str, Any] = _stats([], [])
         self._row_scales: dict[str, Tensor] = {}
         self._pending_stats: Optional[dict[str, Any]] = None
@@ -197,33 +201,76 @@ class PartitionedMuonClip(torch.optim.Optimizer):
         M_L = self.state[p]["momentum_buffer"]
         M_L.mul_(mu).add_(g_L)  # M <- mu M + G
         U_L = g_L.add(M_L, alpha=mu) if group["nesterov"] else M_L
-        whole = self._whole_matrices(U_L, part)
-        ortho = self._orthogonalize(whole, group)
+        O_L = self._orthogonalize(U_L, part, group)
         if wd != 0:
             p.mul_(1.0 - lr * wd)
         for f in part.local:
-            O = ortho[f.name].reshape(-1)[f.param_start:f.param_start + f.numel]
-            p[f.flat_start:f.flat_start + f.numel].add_(O, alpha=-lr * muon_scale(self.shapes[f.name], group["adjust_lr"]))
+            p[f.flat_start:f.flat_start + f.numel].add_(O_L[f.flat_start:f.flat_start + f.numel],
+                                                        alpha=-lr * muon_scale(self.shapes[f.name], group["adjust_lr"]))
 
-    def _whole_matrices(self, U_L: Tensor, part: Partition) -> dict[str, Tensor]:
-        """Every matrix with a fragment on this rank, whole, from all ranks' partitions of U."""
-        world = len(part.fragments)
-        if world > 1:
-            gathered = [torch.empty_like(U_L) for _ in range(world)]
-            dist.all_gather(gathered, U_L.contiguous(), group=self.process_group)
-            self.bytes_gathered += (world - 1) * U_L.numel() * U_L.element_size()
-        else:
-            gathered = [U_L]
-        wanted = dict.fromkeys(f.name for f in part.local)
-        whole = {name: U_L.new_empty(math.prod(self.shapes[name])) for name in wanted}
-        for r, frags in enumerate(part.fragments):
-            for f in frags:
-                if f.name in whole:
-                    whole[f.name][f.param_start:f.param_start + f.numel] = gathered[r][f.flat_start:f.flat_start + f.numel]
-        return {name: U.view(self.shapes[name]) for name, U in whole.items()}
+    def _orthogonalize(self, U_L: Tensor, part: Partition, group: dict[str, Any]) -> Tensor:
+        """NS(U) of every matrix, on this rank's fragments (fp32, laid out like the partition).
 
-    def _orthogonalize(self, whole: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
-        """NS of every matrix, one batched call per shape (3-D experts are batches); fp32."""
+        Owner computes: each matrix has one owner (``_plan``); every rank sends its fragments of
+        U to their owners in ONE all-to-all, owners run NS batched by shape, and send each rank
+        its fragments of the result in a second. Both ways in the NS dtype, which NS casts to
+        first and returns: the maths is optim.Muon's to the bit."""
+        plan = self._plan(part)
+        me, dtype = part.rank, group["ns_dtype"]
+        send = torch.cat([U_L[f.flat_start:f.flat_start + f.numel] for q in plan.ranks for f in plan.sent[me][q]]
+                         + [U_L.new_empty(0)]).to(dtype)
+        recv = self._all_to_all(send, plan.recv_splits[me], plan.send_splits[me], part)
+        whole, offset = {}, 0  # this rank's matrices, whole
+        for r in plan.ranks:
+            for f in plan.sent[r][me]:
+                U = whole.setdefault(f.name, recv.new_empty(math.prod(self.shapes[f.name])))
+                U[f.param_start:f.param_start + f.numel] = recv[offset:offset + f.numel]
+                offset += f.numel
+        ortho = self._newton_schulz({name: U.view(self.shapes[name]) for name, U in whole.items()}, group)
+        back = torch.cat([ortho[f.name].reshape(-1)[f.param_start:f.param_start + f.numel]
+                          for r in plan.ranks for f in plan.sent[r][me]] + [recv.new_empty(0)])
+        mine = self._all_to_all(back, plan.send_splits[me], plan.recv_splits[me], part)
+        O_L, offset = torch.zeros_like(U_L), 0
+        for q in plan.ranks:
+            for f in plan.sent[me][q]:
+                O_L[f.flat_start:f.flat_start + f.numel] = mine[offset:offset + f.numel]
+                offset += f.numel
+        return O_L
+
+    def _all_to_all(self, send: Tensor, recv_splits: list[int], send_splits: list[int], part: Partition) -> Tensor:
+        if len(part.fragments) == 1:
+            return send
+        recv = send.new_empty(sum(recv_splits))
+        dist.all_to_all_single(recv, send, recv_splits, send_splits, group=self.process_group)
+        self.bytes_received += (sum(recv_splits) - recv_splits[part.rank]) * recv.element_size()
+        return recv
+
+    def _plan(self, part: Partition) -> "_Plan":
+        """Owners of the partition's matrices (longest NS first, each to the least-loaded rank) and
+        who sends which fragments to whom; the same on every rank, cached."""
+        plan = self._plans.get(id(part.tensor))
+        if plan is not None:
+            return plan
+        ranks = list(range(len(part.fragments)))
+        names = list(dict.fromkeys(f.name for frags in part.fragments for f in frags))
+
+        def cost(name: str) -> int:  # one NS iteration's FLOPs up to a constant: s^2 (2l + s) per matrix
+            *batch, n, m = self.shapes[name]
+            s_, l_ = min(n, m), max(n, m)
+            return math.prod(batch) * s_ * s_ * (2 * l_ + s_)
+
+        load, owner = [0] * len(ranks), {}
+        for name in sorted(names, key=lambda n: -cost(n)):  # stable: ties keep the layout's order
+            q = min(ranks, key=lambda r: load[r])
+            owner[name], load[q] = q, load[q] + cost(name)
+        sent = [[[f for f in part.fragments[r] if owner[f.name] == q] for q in ranks] for r in ranks]
+        plan = _Plan(ranks, sent, [[sum(f.numel for f in sent[r][q]) for q in ranks] for r in ranks],
+                     [[sum(f.numel for f in sent[q][r]) for q in ranks] for r in ranks])
+        self._plans[id(part.tensor)] = plan
+        return plan
+
+    def _newton_schulz(self, whole: dict[str, Tensor], group: dict[str, Any]) -> dict[str, Tensor]:
+        """NS of every matrix, one batched call per shape (3-D experts are batches)."""
         by_shape: dict[tuple[int, ...], list[str]] = defaultdict(list)
         for name, U in whole.items():
             by_shape[tuple(U.shape[-2:])].append(name)
@@ -231,7 +278,7 @@ class PartitionedMuonClip(torch.optim.Optimizer):
         for (n, m), names in by_shape.items():
             X_Bnm = torch.cat([whole[name].reshape(-1, n, m) for name in names])
             O_Bnm = newton_schulz(X_Bnm, steps=group["ns_steps"], method=group["ns_method"], dtype=group["ns_dtype"],
-                                  backend=group["ns_backend"]).float()
+                                  backend=group["ns_backend"])
             start = 0
             for name in names:
                 count = whole[name].numel() // (n * m)
@@ -304,6 +351,17 @@ class PartitionedMuonClip(torch.optim.Optimizer):
             stats = {**stats, "clipped_heads": 0, "clipped_heads_per_layer": [0] * len(stats["clipped_heads_per_layer"])}
         self.last_stats = stats if stats is not None else _stats([], [])
         return self.last_stats
+
+
+@dataclass
+class _Plan:
+    """``sent[r][q]``: rank r's fragments of the matrices rank q owns, in the order they travel;
+    ``send_splits[r][q]`` / ``recv_splits[r][q]``: elements rank r sends to / receives from q."""
+
+    ranks: list[int]
+    sent: list[list[list[Fragment]]]
+    send_splits: list[list[int]]
+    recv_splits: list[list[int]]
 
 
 def _stats(max_per_layer: list[float], clipped_per_layer: list[int]) -> dict[str, Any]:
