@@ -10,6 +10,10 @@ One optimizer step (every rank), ``Trainer.train_step``:
                            # in this step's forward was over tau (K2's order; a non-finite one: skip)
     update_expert_bias()   # aux-loss-free MoE balancing from this step's routed-token counts
 
+On parallel.engine=deepspeed (kimi_train/parallel/deepspeed_engine.py) the same step runs through the
+DeepSpeed engine: engine.backward per micro-batch (DeepSpeed divides by A), then one DeepSpeed step
+that reduces, clips and measures the gradients and runs our MuonClip maths on its ZeRO partitions.
+
 The step index is the batch index: a skipped step still consumes its batch and its
 schedule slot, so a run always ends after train.steps batches.
 
@@ -146,12 +150,11 @@ class Trainer:
         self.num_params = sum(p.numel() for p in model.parameters())
         self.flops_per_token = flops_per_token(model, cfg.model, t.seq_len)
         self.deepspeed = cfg.parallel.engine == "deepspeed"
-        gemm_shapes: Any = model  # the expert GEMMs to tune: read before ZeRO-3 empties the weights
         if self.deepspeed:  # the engine wraps the model and partitions our optimizer's state
             from kimi_train.kernels.grouped_gemm import _expert_shapes
             from kimi_train.parallel.deepspeed_engine import apply_deepspeed
 
-            gemm_shapes = _expert_shapes(model)
+            gemm_shapes: Any = _expert_shapes(model)  # the GEMMs to tune, read before ZeRO-3 empties the weights
             self.model, self.optimizer = apply_deepspeed(model, cfg, self.dims.dp_size, self.accum, self.device)
         else:
             self.model = parallelize_model(model, self.dims, mesh, mixed_precision=use_bf16)
