@@ -439,7 +439,7 @@ class Trainer:
             f"run_dir: {self.run_dir}" + (f" (resumed from {Path(self.resumed_from).name})" if self.resumed_from else ""),
             f"model: {self.num_params / 1e6:.2f}M parameters, {self.cfg.model.num_hidden_layers} layers; "
             f"optimizer: {type(self.optimizer).__name__}; device: {self.device}; ranks: {self.world_size}"
-            + (f" ({dist.get_backend()}, FSDP2)" if dist.is_initialized() else ""),
+            + (f" ({dist.get_backend()}, {self._engine_name()})" if dist.is_initialized() else ""),
             f"data: {self.cfg.data.source}, {c.num_documents} documents, {len(c.train_tokens):,} train / "
             f"{len(c.val_tokens):,} val tokens, tokenizer {c.tokenizer.name} (vocab {c.tokenizer.vocab_size}), "
             f"unigram entropy {c.unigram_entropy:.3f} nats/token",
@@ -448,6 +448,9 @@ class Trainer:
             f"{self.cfg.train.steps} steps",
         ]
         print("\n".join(lines), flush=True)
+
+    def _engine_name(self) -> str:
+        return f"DeepSpeed ZeRO-{self.cfg.parallel.zero_stage}" if self.deepspeed else "FSDP2"
 
     def _finish(self, last: Optional[dict], elapsed: float) -> dict[str, Any]:
         """summary.json (run_record.summarize: this session appended to the run's), plots, one line.

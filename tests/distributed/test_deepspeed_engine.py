@@ -127,6 +127,7 @@ def test_stage_1_resumes_exactly_under_the_deepspeed_launcher(runs, tmp_path):
                              capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert resumed.returncode == 0, _errors(resumed)
     assert "resumed from step_00000004" in resumed.stdout + resumed.stderr
+    assert "ranks: 2 (gloo, DeepSpeed ZeRO-1)" in resumed.stdout + resumed.stderr
     assert _torchrun.per_step(run_dir) == _torchrun.per_step(runs["zero1"][0])
 
 
