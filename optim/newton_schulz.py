@@ -208,26 +208,30 @@ def _ns_iterate_torch(
 SYM_BLOCK_ROWS = 256  # row blocks of the symmetric products on a CPU (128 when the inner dim is >= 2048)
 
 
-def _sym_addmm_(out_nn: Tensor, X_nk: Tensor, C_nn: Optional[Tensor], beta: float, alpha: float) -> Tensor:
-    """out = beta C + alpha X X^T for a symmetric C (or none), computing only the blocks on
-    and above the diagonal and mirroring the rest: with 2 x 2 blocks 3/4 of the FLOPs, with
-    4 x 4 blocks 5/8. On a 1-thread CPU (bf16, AMX) 512 x 512 took 1.01 ms instead of 1.26
-    and 512 x 2048 3.5 instead of 4.8. The result is exactly symmetric."""
+def _sym_addmm_(
+    out_nn: Tensor, X_nk: Tensor, C_nn: Optional[Tensor], beta: float, alpha: float, Y_nk: Optional[Tensor] = None
+) -> Tensor:
+    """out = beta C + alpha X Y^T (Y defaults to X) for a result known to be symmetric (C
+    symmetric or none), computing only the blocks on and above the diagonal and mirroring the
+    rest: with 2 x 2 blocks 3/4 of the FLOPs, with 4 x 4 blocks 5/8. On a 1-thread CPU (bf16,
+    AMX) 512 x 512 took 1.01 ms instead of 1.26 and 512 x 2048 3.5 instead of 4.8. The
+    result is exactly symmetric."""
+    Y_nk = X_nk if Y_nk is None else Y_nk
     n, k = X_nk.shape
     rows = SYM_BLOCK_ROWS // 2 if k >= 2048 else SYM_BLOCK_ROWS
     parts = -(-n // rows)
     if parts < 2:
         if C_nn is None:
-            return torch.mm(X_nk, X_nk.mT, out=out_nn)
-        return torch.addmm(C_nn, X_nk, X_nk.mT, beta=beta, alpha=alpha, out=out_nn)
+            return torch.mm(X_nk, Y_nk.mT, out=out_nn)
+        return torch.addmm(C_nn, X_nk, Y_nk.mT, beta=beta, alpha=alpha, out=out_nn)
     bounds = [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
     for i, (r0, r1) in enumerate(bounds):
         for c0, c1 in bounds[i:]:
             blk = out_nn[r0:r1, c0:c1]
             if C_nn is None:
-                torch.mm(X_nk[r0:r1], X_nk[c0:c1].mT, out=blk)
+                torch.mm(X_nk[r0:r1], Y_nk[c0:c1].mT, out=blk)
             else:
-                torch.addmm(C_nn[r0:r1, c0:c1], X_nk[r0:r1], X_nk[c0:c1].mT, beta=beta, alpha=alpha, out=blk)
+                torch.addmm(C_nn[r0:r1, c0:c1], X_nk[r0:r1], Y_nk[c0:c1].mT, beta=beta, alpha=alpha, out=blk)
     for i, (r0, r1) in enumerate(bounds):
         for c0, c1 in bounds[:i]:
             out_nn[r0:r1, c0:c1] = out_nn[c0:c1, r0:r1].mT
@@ -237,10 +241,10 @@ def _sym_addmm_(out_nn: Tensor, X_nk: Tensor, C_nn: Optional[Tensor], beta: floa
 def _gram_iterate(X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -> Tensor:
     """Same result as _ns_iterate_torch, iterating on R = X X^T (n x n) instead of X.
     On a CPU matrix by matrix, for the reason given there."""
-    if X_Bnm.device.type == "cpu" and X_Bnm.shape[0] > 1:
+    if X_Bnm.device.type == "cpu":
         out = torch.empty_like(X_Bnm)
         for j in range(X_Bnm.shape[0]):
-            out[j : j + 1] = _gram_iterate(X_Bnm[j : j + 1], coeffs)
+            torch.mm(*_gram_factors_cpu(X_Bnm[j], coeffs), out=out[j])
         return out
     R_Bnn = X_Bnm @ X_Bnm.mT
     Q_Bnn: Optional[Tensor] = None  # None stands for the identity
@@ -255,6 +259,30 @@ def _gram_iterate(X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -
         if i + 1 < len(coeffs):  # the last R is never used
             R_Bnn = P_Bnn @ R_Bnn @ P_Bnn  # X <- P X  =>  X X^T <- P R P (P symmetric)
     return Q_Bnn @ X_Bnm  # type: ignore[operator]
+
+
+def _gram_factors_cpu(X_nm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -> tuple[Tensor, Tensor]:
+    """_gram_iterate for one matrix on a CPU, returning (Q, X) with the result Q X. Every n x n
+    product here is symmetric (R, P, R^2, P Q and P R P are all polynomials in the first R),
+    so each is computed by _sym_addmm_: block by block above the diagonal."""
+    n = X_nm.shape[0]
+
+    def sym(L: Tensor, Y: Optional[Tensor] = None, C: Optional[Tensor] = None, beta: float = 0.0, alpha: float = 1.0):
+        return _sym_addmm_(L.new_empty(n, n), L, C, beta, alpha, Y)  # beta C + alpha L Y^T
+
+    R_nn = sym(X_nm)
+    Q_nn: Optional[Tensor] = None  # None stands for the identity
+    for i, (a, b, c) in enumerate(coeffs):
+        if i == GRAM_RESTART_AFTER and Q_nn is not None:
+            X_nm = Q_nn @ X_nm
+            R_nn = sym(X_nm)
+            Q_nn = None
+        P_nn = sym(R_nn, C=R_nn, beta=b, alpha=c)
+        P_nn.diagonal().add_(a)  # P = a I + b R + c R^2
+        Q_nn = P_nn if Q_nn is None else sym(P_nn, Y=Q_nn)  # P Q = P Q^T: Q is symmetric
+        if i + 1 < len(coeffs):
+            R_nn = sym(P_nn @ R_nn, Y=P_nn)  # P R P = (P R) P^T
+    return Q_nn, X_nm  # type: ignore[return-value]
 
 
 def ns_flops(n: int, m: int, steps: int = 5) -> float:

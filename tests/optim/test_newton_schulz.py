@@ -86,8 +86,10 @@ def test_symmetric_products_compute_half_and_mirror(monkeypatch, shape):
     G = torch.randn(2, n, shape[1], dtype=torch.float64)
     monkeypatch.setattr(ns_mod, "SYM_BLOCK_ROWS", 4)
     blocked = newton_schulz(G, dtype=torch.float64)
+    blocked_gram = newton_schulz(G, method="gram", dtype=torch.float64)
     monkeypatch.setattr(ns_mod, "SYM_BLOCK_ROWS", 10**6)
     torch.testing.assert_close(blocked, newton_schulz(G, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(blocked_gram, blocked, rtol=0, atol=1e-12)  # gram == keller, blocks and all
 
 
 def _ns5_plain(x, coeffs):
