@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .muon import ADJUST_LR, NS_DTYPE_NAMES, muon_scale
-from .muon_clip import reduce_max_logits
+from .muon_clip import _stats, reduce_max_logits
 from .newton_schulz import NS_BACKENDS, NS_METHODS, newton_schulz
 from .protocol import QKClipAttention
 from .qk_clip import _checked_logits, _where, clip_target_
@@ -362,12 +362,3 @@ class _Plan:
     sent: list[list[list[Fragment]]]
     send_splits: list[list[int]]
     recv_splits: list[list[int]]
-
-
-def _stats(max_per_layer: list[float], clipped_per_layer: list[int]) -> dict[str, Any]:
-    return {
-        "max_logit": max(max_per_layer, default=-math.inf),
-        "max_logit_per_layer": max_per_layer,
-        "clipped_heads": sum(clipped_per_layer),
-        "clipped_heads_per_layer": clipped_per_layer,
-    }
