@@ -160,6 +160,7 @@ def _worker(rank: int, world: int, port: int, args, variant: str, out: str) -> N
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     result: dict = {"variant": variant}
+    fwd_bwd = step = None
     try:
         cfg = _config(args.model, variant, args.micro_batch, args.seq_len)
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -189,7 +190,10 @@ def _worker(rank: int, world: int, port: int, args, variant: str, out: str) -> N
     dist.all_gather_object(gathered, result)
     if rank == 0:
         Path(out).write_text(json.dumps(gathered))
-    dist.destroy_process_group()
+    fwd_bwd = step = None  # the engine and its groups go now, not during interpreter finalisation
+    from kimi_train.parallel import destroy_distributed
+
+    destroy_distributed()
 
 
 def _run_variant(args, variant: str) -> dict:

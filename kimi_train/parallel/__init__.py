@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from typing import Any, Optional
 
 import torch
@@ -76,10 +77,22 @@ def destroy_distributed() -> None:
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    _release_deepspeed_groups()
     for obj in gc.get_objects():
         if type(obj) is DeviceMesh:  # outside torch.compile, get_group() resolves groups by name
             getattr(obj, "_pg_registry", {}).clear()
     gc.collect()
+
+
+def _release_deepspeed_groups() -> None:
+    """DeepSpeed keeps the groups it creates in module globals (``deepspeed.utils.groups``), which
+    would also outlive the interpreter's last moments: let go of them the same way."""
+    groups = sys.modules.get("deepspeed.utils.groups")
+    if groups is None:
+        return
+    for name, value in list(vars(groups).items()):
+        if name.startswith("_") and name.endswith("_GROUP"):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def parallelize_model(model: torch.nn.Module, dims: ParallelDims, mesh: Any, mixed_precision: bool = False):
