@@ -461,7 +461,7 @@ def orthogonalize_dtensors(
     def apply(i, key, O):
         out[i][key].copy_(O)
 
-    orthogonalize_([u if isinstance(u, DTensor) else u for u in updates], ns_fn, dtype, fill, apply)
+    orthogonalize_(updates, ns_fn, dtype, fill, apply)
     for i, u in enumerate(updates):
         if isinstance(u, DTensor) and u.device_mesh.get_coordinate() is None:
             out[i].copy_(ups[i])  # a rank outside a parameter's mesh holds no shard

@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .muon import ADJUST_LR, NS_DTYPE_NAMES, muon_scale
+from .muon import _check_group, muon_scale
 from .muon_clip import _stats, reduce_max_logits
-from .newton_schulz import NS_BACKENDS, NS_METHODS, newton_schulz
+from .newton_schulz import newton_schulz
 from .protocol import QKClipAttention
 from .qk_clip import _checked_logits, _where, clip_target_
 
@@ -113,12 +113,10 @@ class PartitionedMuonClip(torch.optim.Optimizer):
         adamw_eps: float = 1e-8,
     ):
         groups = [dict(g) for g in params]
-        if isinstance(ns_dtype, str):
-            ns_dtype = NS_DTYPE_NAMES.get(ns_dtype, ns_dtype)  # type: ignore[arg-type]
-        for key, value, valid in (("ns_method", ns_method, NS_METHODS), ("ns_backend", ns_backend, NS_BACKENDS),
-                                  ("adjust_lr", adjust_lr, ADJUST_LR)):
-            if value not in valid:
-                raise ValueError(f"PartitionedMuonClip: {key}={value!r} is invalid; expected {' | '.join(valid)}")
+        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
+                        ns_method=ns_method, ns_dtype=ns_dtype, ns_backend=ns_backend, adjust_lr=adjust_lr,
+                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, use_muon=True)
+        _check_group(defaults, "PartitionedMuonClip defaults")  # optim.Muon's checks (and dtype names)
         if tau is not None and not (isinstance(tau, (int, float)) and 0 < tau < math.inf):
             raise ValueError(f"PartitionedMuonClip: tau={tau!r} must be a finite float > 0 (K2 uses 100)")
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -133,9 +131,6 @@ class PartitionedMuonClip(torch.optim.Optimizer):
                                      "Muon groups take 2-D or 3-D matrices")
                 self.shapes[name] = tuple(p.shape)
                 self._names[id(p)] = name
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, ns_steps=ns_steps,
-                        ns_method=ns_method, ns_dtype=ns_dtype, ns_backend=ns_backend, adjust_lr=adjust_lr,
-                        adamw_betas=tuple(adamw_betas), adamw_eps=adamw_eps, use_muon=True)
         super().__init__(groups, defaults)
         self.attention_layers = list(attention_layers or []) if tau is not None else []
         self.tau = None if tau is None else float(tau)
