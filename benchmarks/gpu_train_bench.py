@@ -278,7 +278,6 @@ def bench_training(name, args, deadline, progress=None):
     batches = [torch.randint(0, cfg.vocab_size, (micro, seq + 1), generator=g).to(device) for _ in range(accum)]
     export_dir = tempfile.TemporaryDirectory()
     exported = None
-    choices = Path(export_dir.name) / "grouped_gemm_choices.json"  # tuned by the first variant, reused
     for variant in SMOKE_VARIANTS.get(name, spec["variants"]) if args.cpu_smoke else spec["variants"]:
         left = deadline - time.time()
         if left < (10 if args.cpu_smoke else 25):
@@ -291,7 +290,7 @@ def bench_training(name, args, deadline, progress=None):
         t0 = time.time()
         try:
             steps = 1 if args.cpu_smoke else spec["steps"]
-            row = run_variant(variant, ours_cpu, exported, batches, steps, args, device, deadline, choices)
+            row = run_variant(variant, ours_cpu, exported, batches, steps, args, device, deadline)
         except Exception as e:  # one broken variant must not lose the others
             traceback.print_exc()
             row = {"variant": variant, "error": repr(e)[:500]}
@@ -309,7 +308,7 @@ def bench_training(name, args, deadline, progress=None):
     return result
 
 
-def run_variant(variant, ours_cpu, exported, batches, steps, args, device, deadline, choices) -> dict:
+def run_variant(variant, ours_cpu, exported, batches, steps, args, device, deadline) -> dict:
     import torch
 
     impl, optim_name, capture, compiled, pdtype = VARIANTS[variant]
@@ -345,11 +344,6 @@ def run_variant(variant, ours_cpu, exported, batches, steps, args, device, deadl
         model = copy.deepcopy(ours_cpu).to(device=device, dtype=dtype).train()
         model.set_record_max_logits(capture)
         forward = model
-        from kimi_train.kernels.grouped_gemm import tune_grouped_gemm
-
-        micro, seq = batches[0].shape[0], batches[0].shape[1] - 1
-        tune_grouped_gemm(model, micro * seq * model.config.num_experts_per_tok, device,
-                          torch.bfloat16 if device.type == "cuda" else dtype, path=choices)
         if compiled:
             model.compile(backend=args.compile_backend)
     opt = build_optimizer(optim_name, model)

@@ -51,9 +51,6 @@ from kimi_train.loop.schedule import LRSchedule
 from optim import NonFiniteMaxLogit, reduce_max_logits
 
 
-GROUPED_GEMM_CHOICES = "grouped_gemm_choices.json"  # in the run directory
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -151,14 +148,11 @@ class Trainer:
         self.flops_per_token = flops_per_token(model, cfg.model, t.seq_len)
         self.deepspeed = cfg.parallel.engine == "deepspeed"
         if self.deepspeed:  # the engine wraps the model and partitions our optimizer's state
-            from kimi_train.kernels.grouped_gemm import _expert_shapes
             from kimi_train.parallel.deepspeed_engine import apply_deepspeed
 
-            gemm_shapes: Any = _expert_shapes(model)  # the GEMMs to tune, read before ZeRO-3 empties the weights
             self.model, self.optimizer = apply_deepspeed(model, cfg, self.dims.dp_size, self.accum, self.device)
         else:
             self.model = parallelize_model(model, self.dims, mesh, mixed_precision=use_bf16)
-            gemm_shapes = self.model
             if t.compile:
                 self.model.compile()  # in place: parameter names (and checkpoints) stay the same
             # train_step skips a step whose loss or global grad norm is not finite before optimizer.step()
@@ -175,13 +169,6 @@ class Trainer:
         self._prepare_run_dir()
         if self.is_main:  # the run's tokenizer, loadable by transformers (kimi-train-export copies it)
             save_pretrained(self.corpus.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
-        # The grouped-GEMM kernel of every expert shape the run can hit, agreed by every rank and
-        # kept in the run directory, so a resumed run computes with the same kernels.
-        from kimi_train.kernels.grouped_gemm import tune_grouped_gemm
-
-        most_rows = t.micro_batch_size * t.seq_len * cfg.model.num_experts_per_tok * self.dims.ep
-        tune_grouped_gemm(gemm_shapes, most_rows, self.device, torch.bfloat16 if use_bf16 else torch.float32,
-                          path=self.run_dir / GROUPED_GEMM_CHOICES)
         self.metrics = MetricsLogger(self.run_dir, self.is_main, self.step, cfg.logging.wandb,
                                      cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
 
@@ -197,7 +184,7 @@ class Trainer:
                       file=sys.stderr)
             shutil.rmtree(ckpt.checkpoints_root(self.run_dir), ignore_errors=True)
             shutil.rmtree(self.run_dir / "plots", ignore_errors=True)
-            for name in ("metrics.jsonl", GROUPED_GEMM_CHOICES, run_record.SUMMARY_FILE):
+            for name in ("metrics.jsonl", run_record.SUMMARY_FILE):
                 (self.run_dir / name).unlink(missing_ok=True)
         if dist.is_initialized():
             dist.barrier()

@@ -269,8 +269,6 @@ def test_fit_writes_outputs_and_load_model_from_run_restores_weights(tmp_path):
     assert len(records[-1]["max_logit_per_layer"]) == 2 and "val_loss" in records[1] and "val_loss" not in records[0]
     for name in ("loss", "max_logit", "clipped_heads", "expert_load", "lr"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
-    choices = json.loads((tmp_path / "grouped_gemm_choices.json").read_text())["choices"]  # the kernels used
-    assert choices and set(choices.values()) <= {"torch", "loop"}  # CPU: no timing, no Triton
     model = ckpt.load_model_from_run(tmp_path)
     for (n, a), b in zip(model.state_dict().items(), trainer.model.state_dict().values()):
         assert torch.equal(a, b), n
