@@ -100,10 +100,9 @@ def _config(model: str, variant: str, micro_batch: int, seq_len: int):
 
 
 def _build(cfg, variant: str, device: torch.device):
-    """(forward_backward(batch) -> loss, step()) for the variant."""
-    from kimi_train.loop.trainer import build_optimizer
+    """(forward_backward(batch) -> loss, step()) for the variant: ours through the trainer's engines."""
     from kimi_train.model import KimiForCausalLM
-    from kimi_train.parallel import ParallelDims, parallelize_model
+    from kimi_train.parallel import ParallelDims, build_engine
 
     torch.manual_seed(0)
     with torch.device(device):
@@ -114,28 +113,11 @@ def _build(cfg, variant: str, device: torch.device):
         logits = net(batch[:, :-1])
         return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
 
-    if variant == "fsdp2":
-        net = parallelize_model(model, dims, dims.build_mesh(device.type))
-        opt = build_optimizer(cfg, net, dims.dp_group, check_finite=False)
-
-        def fwd_bwd(batch):
-            loss = loss_of(net, batch)
-            loss.backward()
-            return loss
-
-        def step():
-            from kimi_train.parallel import clip_grad_norm_
-
-            clip_grad_norm_(net.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return fwd_bwd, step
-    if variant.startswith("zero"):
-        from kimi_train.parallel.deepspeed_engine import apply_deepspeed
-
-        engine, opt = apply_deepspeed(model, cfg, dims.dp_size, 1, device)
-        return (lambda batch: (lambda loss: (engine.backward(loss), loss)[1])(loss_of(engine, batch))), opt.step
+    if variant == "fsdp2" or variant.startswith("zero"):
+        mesh = dims.build_mesh(device.type) if variant == "fsdp2" else None
+        engine = build_engine(cfg, model, dims, mesh, device, 1, mixed_precision=False)
+        return (lambda batch: engine.forward_backward([batch], lambda mb: loss_of(engine.model, mb))), \
+            (lambda: engine.step(cfg.optim.lr))
     import deepspeed  # DeepSpeed's own Muon
     from kimi_train.parallel.deepspeed_engine import deepspeed_config
 

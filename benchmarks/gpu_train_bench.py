@@ -126,9 +126,9 @@ def model_config(dense: bool, smoke: bool):
 
 
 def build_optimizer(name: str, model):
-    """The trainer's own optimizer construction (kimi_train.loop.trainer.build_optimizer), defaults."""
+    """The trainer's own optimizer construction (kimi_train.parallel.optimizer.build_optimizer), defaults."""
     from kimi_train.config import OptimConfig, TrainConfig
-    from kimi_train.loop.trainer import build_optimizer as trainer_build_optimizer
+    from kimi_train.parallel.optimizer import build_optimizer as trainer_build_optimizer
 
     return trainer_build_optimizer(TrainConfig(optim=OptimConfig(name=name)), model, check_finite=False)
 

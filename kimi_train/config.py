@@ -21,7 +21,6 @@ from kimi_train.data.sources import SOURCES
 from kimi_train.errors import UserError
 from kimi_train.data.tokenizer import TOKENIZER_KINDS
 from kimi_train.model.config import ModelConfig
-from kimi_train.loop.schedule import DECAY_SHAPES, SCHEDULE_TYPES
 from optim.muon import ADJUST_LR, NS_DTYPE_NAMES
 from optim.newton_schulz import NS_BACKENDS, NS_METHODS
 
@@ -31,6 +30,8 @@ ZERO_STAGES = (1, 2, 3)
 TRAIN_DTYPES = ("auto", "fp32", "bf16")
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("offline", "online", "disabled")
+SCHEDULE_TYPES = ("wsd", "cosine", "constant")  # kimi_train.loop.schedule implements them
+DECAY_SHAPES = ("cosine", "linear")
 
 
 class ConfigError(UserError, ValueError):

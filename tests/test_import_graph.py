@@ -124,6 +124,9 @@ def test_no_import_circle_in_kimi_train():
     assert not found, f"import circles: {found}"
 
 
+# The optim/ helper of issue 23 moves Muon's NS helpers to a leaf module, which removes
+# optim.muon <-> optim.distributed. Strict: once that is merged this XPASSes and fails; drop the mark.
+@pytest.mark.xfail(strict=True, reason="optim.muon <-> optim.distributed: removed on the optim branch (issue 23)")
 def test_no_import_circle_in_optim():
     found = [c for c in cycles(import_graph()) if _in("optim", c)]
     assert not found, f"import circles: {found}"

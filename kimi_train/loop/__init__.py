@@ -5,5 +5,5 @@
     checkpoint.py  atomic distributed checkpoints (DCP), resume, load_model_from_run
     metrics.py     metrics.jsonl, wandb, FLOPs per token and MFU
 
-Nothing is imported here: kimi_train.config imports the schedule's names, and the trainer imports the config.
+Nothing is imported here. The config imports nothing of the loop (the schedule reads its valid names from it).
 """

@@ -21,11 +21,6 @@ def debug_dump_grads(trainer: Any) -> None:
     step, path = spec.split(":", 1)
     if trainer.step + 1 != int(step):
         return
-    full_gradients = getattr(trainer.optimizer, "full_gradients", None)
-    if full_gradients is not None:  # DeepSpeed: from its partitions
-        grads = full_gradients()
-    else:  # FSDP2 (DTensor shards) or one process
-        grads = {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().float().clone()
-                 for name, p in trainer.model.named_parameters() if p.grad is not None}
+    grads = trainer.engine.full_gradients()  # FSDP2: from the DTensor shards; DeepSpeed: from its partitions
     if trainer.is_main:
         torch.save(grads, path)

@@ -20,8 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-SCHEDULE_TYPES = ("wsd", "cosine", "constant")
-DECAY_SHAPES = ("cosine", "linear")
+from kimi_train.config import DECAY_SHAPES, SCHEDULE_TYPES
 
 
 def _decay_shape(progress: float, shape: str) -> float:

@@ -1,18 +1,16 @@
-"""The training loop: data -> model -> loss -> MuonClip step -> expert-bias update -> metrics/checkpoints.
+"""The training loop: data -> model -> loss -> engine step -> expert-bias update -> metrics/checkpoints.
 
-One optimizer step (every rank), ``Trainer.train_step``:
+One optimizer step (every rank), ``Trainer.train_step``, through the engine the config names
+(``kimi_train.parallel.engine.TrainEngine``: FSDP2 with EP, or DeepSpeed ZeRO; the trainer never
+asks which):
 
-    lr = schedule(step), written into every param group      # the logged lr is read back from them
-    for each of A micro-batches:  loss = CE(model(x), y) / A;  loss.backward()
-    grad_norm = clip_grad_norm_(params, optim.grad_clip)       # global norm, logged even without clipping
-    if loss or grad_norm is not finite: skip the step (up to train.max_skipped_steps)
-    optimizer.step()       # Muon/AdamW update, then (MuonClip) QK-Clip of the heads whose max logit
-                           # in this step's forward was over tau (K2's order; a non-finite one: skip)
-    update_expert_bias()   # aux-loss-free MoE balancing from this step's routed-token counts
-
-On parallel.engine=deepspeed (kimi_train/parallel/deepspeed_engine.py) the same step runs through the
-DeepSpeed engine: engine.backward per micro-batch (DeepSpeed divides by A), then one DeepSpeed step
-that reduces, clips and measures the gradients and runs our MuonClip maths on its ZeRO partitions.
+    loss = engine.forward_backward(micro_batches, CE)      # mean over the A micro-batches; gradients accumulated
+    outcome = engine.step(lr = schedule(step) * optim.lr)  # clip to optim.grad_clip (the norm is logged either way),
+                                                           # update, then (MuonClip) QK-Clip of the heads whose max
+                                                           # logit in this step's forward was over tau (K2's order);
+                                                           # a non-finite loss, grad norm or max logit: nothing changes
+    if outcome.skipped: count it (after train.max_skipped_steps of them, save and stop)
+    engine.balance_experts()   # aux-loss-free MoE balancing from this step's routed-token counts
 
 The step index is the batch index: a skipped step still consumes its batch and its
 schedule slot, so a run always ends after train.steps batches.
@@ -31,7 +29,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -48,7 +46,9 @@ from kimi_train.loop.interrupt import StopOnSignal, debug_signal_at
 from kimi_train.loop import run_record
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.loop.schedule import LRSchedule
-from optim import NonFiniteMaxLogit, reduce_max_logits
+from kimi_train.model import KimiForCausalLM
+from kimi_train.parallel import ParallelDims, build_engine, init_distributed
+from kimi_train.parallel.engine import TrainEngine
 
 
 def seed_everything(seed: int) -> None:
@@ -57,74 +57,65 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, dp_group: Any = None,
-                    check_finite: bool = True) -> torch.optim.Optimizer:
-    """optim=muonclip -> optim.MuonClip; muon (or muonclip with qk_clip.enabled=false) -> optim.Muon;
-    adamw -> torch.optim.AdamW over every parameter (the usual baseline). check_finite=False drops
-    Muon's own non-finite-gradient check, for a caller that skips such steps before step()."""
-    o = cfg.optim
-    if o.name == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                 weight_decay=o.weight_decay)
-    from optim import Muon, MuonClip, muon_param_groups
-
-    kwargs = dict(lr=o.lr, momentum=o.momentum, nesterov=o.nesterov, weight_decay=o.weight_decay,
-                  ns_steps=o.ns_steps, ns_method=o.ns_method,
-                  ns_dtype=o.ns_dtype, ns_backend=o.ns_backend,
-                  adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps, check_finite=check_finite)
-    groups = muon_param_groups(model, lr=o.lr, weight_decay=o.weight_decay)
-    if o.name == "muonclip" and o.qk_clip.enabled:
-        return MuonClip(groups, attention_layers=model.attention_layers(), tau=o.qk_clip.tau,
-                        process_group=dp_group, **kwargs)
-    return Muon(groups, **kwargs)
-
-
-@torch.no_grad()
-def read_max_logits(attention_layers: list, group: Any = None) -> dict[str, Any]:
-    """Per-layer max logits without clipping, then reset: for optimizers without QK-Clip.
-
-    MuonClip's reduction (MAX over ``group``; a NaN on any rank reads as +inf on every rank)."""
-    S_L = reduce_max_logits(attention_layers, group)
-    for layer in attention_layers:
-        layer.reset_max_logits()
-    values = [-math.inf if S_H is None else float(S_H.max()) for S_H in S_L]
-    return {"max_logit": max(values) if values else None, "max_logit_per_layer": values,
-            "clipped_heads": 0, "clipped_heads_per_layer": [0] * len(values)}
-
-
 class Trainer:
-    """Builds everything from a validated TrainConfig and runs `fit()` (every rank)."""
+    """Builds everything from a validated TrainConfig and runs `fit()` (every rank).
 
-    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resolved_config: Optional[dict] = None):
-        from kimi_train.model import KimiForCausalLM
-        from kimi_train.parallel import ParallelDims, init_distributed, parallelize_model
+    ``engine_factory``: what wraps the model into the engine that trains it, called as
+    ``engine_factory(cfg, model, dims, mesh, device, accum, mixed_precision)`` (default:
+    ``kimi_train.parallel.build_engine``, which picks by parallel.engine)."""
 
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, resolved_config: Optional[dict] = None,
+                 engine_factory: Callable[..., TrainEngine] = build_engine):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        t = cfg.train
         self.rank, self.world_size, _, self.device = init_distributed()
         self.is_main = self.rank == 0
-        # Before anything is built or written: may this config run in run_dir, and how? Every rank
-        # reads the same files and decides alike; a refusal (UserError) or a finished run leaves
-        # every file as it was (Hydra's record of this command included).
+        self.rerun = self._check_rerun()
+        if self.rerun.action == "finished":
+            return  # fit() says so and writes nothing
+        torch.set_num_threads(cfg.train.cpu_threads)  # part of the config: the count changes CPU results
+        mesh = self._set_up_batch()
+        self._build_data()
+        self._build_engine(engine_factory, mesh)
+        s, t = cfg.schedule, cfg.train
+        self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
+        self.peak_flops = peak_flops(self.device, t.peak_flops)
+        self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
+        self.resumed_from: Optional[str] = None
+        self._prepare_run_dir()
+        if self.is_main:  # the run's tokenizer, loadable by transformers (kimi-train-export copies it)
+            save_pretrained(self.corpus.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
+        self.metrics = MetricsLogger(self.run_dir, self.is_main, self.step, cfg.logging.wandb,
+                                     cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
+
+    # ------------------------------------------------------------------ setup
+    def _check_rerun(self) -> run_record.Rerun:
+        """Before anything is built or written: may this config run in run_dir, and how? Every rank
+        reads the same files and decides alike; a refusal (UserError) or a finished run leaves
+        every file as it was (Hydra's record of this command included)."""
         try:
-            self.rerun = run_record.check_rerun(self.run_dir, cfg)
+            rerun = run_record.check_rerun(self.run_dir, self.cfg)
         except UserError:
             run_record.drop_hydra_record(self.run_dir, self.is_main)
             raise
-        if self.rerun.action == "finished":
+        if rerun.action == "finished":
             run_record.drop_hydra_record(self.run_dir, self.is_main)
-            return  # fit() says so and writes nothing
-        torch.set_num_threads(t.cpu_threads)  # part of the config: the count changes CPU results
+        return rerun
+
+    def _set_up_batch(self) -> Any:
+        """The data-parallel layout and the batch it implies; returns the device mesh (None: one process)."""
+        cfg, t = self.cfg, self.cfg.train
         self.dims = ParallelDims.from_config(cfg.parallel, self.world_size, cfg.model)
         mesh = self.dims.build_mesh(self.device.type)
         self.accum = grad_accum_steps(cfg, self.dims.dp_size)
         self.global_batch = t.micro_batch_size * self.accum * self.dims.dp_size
         self.tokens_per_step = self.global_batch * t.seq_len
-
         # bf16 autocast on GPU by default, fp32 on CPU; the master weights stay fp32.
-        use_bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else nullcontext
+        self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.bf16 else nullcontext
+        return mesh
 
+    def _build_data(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         # Data: rank 0 first, so a BPE tokenizer / token cache is built once.
         if not self.is_main and dist.is_initialized():
             dist.barrier()
@@ -141,38 +132,30 @@ class Trainer:
         self.val_set = val_batches(PackedWindows(self.corpus.val_tokens, t.seq_len), t.val_batches,
                                    t.micro_batch_size, self.dims.dp_rank, self.dims.dp_size)
 
-        seed_everything(t.seed)
+    def _build_engine(self, engine_factory: Callable[..., TrainEngine], mesh: Any) -> None:
+        """The model, from the seed, wrapped in its engine; ``model``/``optimizer``/``module`` are the engine's."""
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
         with torch.device(self.device):
             model = KimiForCausalLM(cfg.model)
         self.num_params = sum(p.numel() for p in model.parameters())
-        self.flops_per_token = flops_per_token(model, cfg.model, t.seq_len)
-        self.deepspeed = cfg.parallel.engine == "deepspeed"
-        if self.deepspeed:  # the engine wraps the model and partitions our optimizer's state
-            from kimi_train.parallel.deepspeed_engine import apply_deepspeed
+        self.flops_per_token = flops_per_token(model, cfg.model, cfg.train.seq_len)
+        self.engine = engine_factory(cfg, model, self.dims, mesh, self.device, self.accum, self.bf16)
 
-            self.model, self.optimizer = apply_deepspeed(model, cfg, self.dims.dp_size, self.accum, self.device)
-        else:
-            self.model = parallelize_model(model, self.dims, mesh, mixed_precision=use_bf16)
-            if t.compile:
-                self.model.compile()  # in place: parameter names (and checkpoints) stay the same
-            # train_step skips a step whose loss or global grad norm is not finite before optimizer.step()
-            self.optimizer = build_optimizer(cfg, self.model, self.dims.dp_group, check_finite=False)
-        # The model's own methods (attention_layers, moe_layers, ...); the DeepSpeed engine has a moe_layers of its own
-        self.module = self.model.module if self.deepspeed else self.model
-        self.base_lrs = [g["lr"] for g in self.optimizer.param_groups]
-        s = cfg.schedule
-        self.schedule = LRSchedule(t.steps, s.warmup_steps, s.type, s.decay_fraction, s.decay_shape, s.min_lr_ratio)
-        self.peak_flops = peak_flops(self.device, t.peak_flops)
+    @property
+    def model(self) -> torch.nn.Module:
+        """What runs the forward (the engine's wrapper of the model)."""
+        return self.engine.model
 
-        self.step, self.skipped_steps, self.tokens_seen = 0, 0, 0
-        self.resumed_from: Optional[str] = None
-        self._prepare_run_dir()
-        if self.is_main:  # the run's tokenizer, loadable by transformers (kimi-train-export copies it)
-            save_pretrained(self.corpus.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
-        self.metrics = MetricsLogger(self.run_dir, self.is_main, self.step, cfg.logging.wandb,
-                                     cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
+    @property
+    def module(self) -> torch.nn.Module:
+        """The model itself (its attention_layers(), moe_layers(), ...)."""
+        return self.engine.module
 
-    # ------------------------------------------------------------------ setup
+    @property
+    def optimizer(self) -> Any:
+        return self.engine.optimizer
+
     def _prepare_run_dir(self) -> None:
         """Start or resume as self.rerun (run_record.check_rerun) decided; rank 0 writes config.yaml:
         the whole config, so with accepted changes (safe keys, a longer schedule) it says what trains
@@ -190,7 +173,7 @@ class Trainer:
             dist.barrier()
         latest = self.rerun.checkpoint  # verified by run_record.check_rerun (a damaged newer one: warned, passed)
         if self.cfg.resume == "auto" and latest is not None:
-            state = ckpt.load_checkpoint(latest, self.model, self.optimizer, checksums=False)
+            state = ckpt.load_checkpoint(latest, self.engine, checksums=False)
             self.step, self.skipped_steps = state["step"], state["skipped_steps"]
             self.tokens_seen = state["tokens_seen"]
             self.train_loader.load_state_dict(state["data"])
@@ -204,13 +187,6 @@ class Trainer:
         self._session_start = (self.step, self.tokens_seen)
 
     # ------------------------------------------------------------------ one step
-    def _set_lr(self, step: int) -> float:
-        """Write the schedule's lr for ``step`` into every param group; returns it, read back."""
-        mult = self.schedule(step)
-        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base * mult
-        return self.optimizer.param_groups[0]["lr"]
-
     def _loss(self, batch_BT1: torch.Tensor) -> torch.Tensor:
         batch_BT1 = batch_BT1.to(self.device, non_blocking=True)
         x_BT, y_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
@@ -226,65 +202,28 @@ class Trainer:
         return value
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step on the next global batch (see the module docstring); its record."""
-        lr = self._set_lr(self.step)
+        """One optimizer step over the next global batch; the record to log (``skipped``: it changed nothing)."""
+        lr = self.cfg.optim.lr * self.schedule(self.step)
         self.model.train()
         micro_batches = self.train_loader.next_batch()
-        loss = self._forward_backward(micro_batches)
+        loss = float(self._mean_over_dp(self.engine.forward_backward(micro_batches, self._loss)))
         debug_dump_grads(self)
-        if self.deepspeed:  # the norm, its clipping and the drop of a non-finite one happen in DeepSpeed's step
-            loss_f = float(loss)
-            outcome = self.optimizer.step(drop=None if math.isfinite(loss_f) else f"non-finite loss={loss_f}")
-            record: dict[str, Any] = {"loss": loss_f, "lr": lr, "grad_norm": outcome.grad_norm}
-            if outcome.skipped:
-                self._skip_step(outcome.skipped)
-                return {**record, "skipped": True}
-        else:
-            max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else math.inf
-            loss_f, grad_norm_f = float(loss), float(self._clip_grad_norm(max_norm))
-            record = {"loss": loss_f, "lr": lr, "grad_norm": grad_norm_f}
-            if not (math.isfinite(loss_f) and math.isfinite(grad_norm_f)):
-                self._skip_step(f"non-finite loss={loss_f} / grad_norm={grad_norm_f}")
-                return {**record, "skipped": True}
-            try:
-                self.optimizer.step()  # MuonClip: checks the max logits before it changes anything
-            except NonFiniteMaxLogit as e:  # every rank sees it (the MAX reduce keeps it as +inf)
-                self._skip_step(f"non-finite max logit ({e})")
-                return {**record, "skipped": True}
-        self.optimizer.zero_grad(set_to_none=True)
-        clip = getattr(self.optimizer, "last_stats", None)
-        if clip is None:
-            clip = read_max_logits(self.module.attention_layers(), self.dims.dp_group)
+        outcome = self.engine.step(lr, drop=None if math.isfinite(loss) else f"non-finite loss={loss}")
+        record: dict[str, Any] = {"loss": loss, "lr": lr, "grad_norm": outcome.grad_norm}
+        if outcome.skipped:
+            self._skip_step(f"{outcome.skipped} (grad_norm={outcome.grad_norm})")
+            return {**record, "skipped": True}
+        clip = outcome.clip
         record.update(max_logit=clip["max_logit"], max_logit_per_layer=clip["max_logit_per_layer"],
                       clipped_heads=clip["clipped_heads"], clipped_heads_per_layer=clip["clipped_heads_per_layer"])
         if self.cfg.logging.post_step_max_logit and self._is_logged(self.step + 1):  # before the bias update
             post = self._post_step_max_logits(micro_batches)
             record.update(max_logit_post_step=post["max_logit"],
                           max_logit_post_step_per_layer=post["max_logit_per_layer"])
-        from kimi_train.model import update_expert_bias
-
-        balance = update_expert_bias(self.module.moe_layers(), rate=self.cfg.train.expert_bias_rate,
-                                     group=self.dims.dp_group)
+        balance = self.engine.balance_experts(self.cfg.train.expert_bias_rate)
         record.update(expert_load_imbalance=balance["max_imbalance"] if balance["imbalance_per_layer"] else None,
                       expert_load_imbalance_per_layer=balance["imbalance_per_layer"] or None)
         return record
-
-    def _forward_backward(self, micro_batches: list[torch.Tensor]) -> torch.Tensor:
-        """Accumulate the gradients of the global batch; its mean loss over every rank."""
-        loss_sum = torch.zeros((), device=self.device)
-        sync = getattr(self.model, "set_requires_gradient_sync", None)  # FSDP2: sync only on the last one
-        for i, mb in enumerate(micro_batches):
-            if sync is not None:
-                sync(i == len(micro_batches) - 1)
-            loss = self._loss(mb)
-            if self.deepspeed:  # DeepSpeed divides by its gradient_accumulation_steps (= self.accum) itself
-                self.model.backward(loss)
-                if i < len(micro_batches) - 1:
-                    self.model.step()  # off the accumulation boundary: DeepSpeed only counts the micro-batch
-            else:
-                (loss / self.accum).backward()
-            loss_sum += loss.detach()
-        return self._mean_over_dp(loss_sum / self.accum)
 
     @torch.no_grad()
     def _post_step_max_logits(self, micro_batches: list[torch.Tensor]) -> dict[str, Any]:
@@ -298,22 +237,11 @@ class Trainer:
         for mb in micro_batches:
             with self.autocast():
                 self.module.measure_max_logits(mb[:, :-1].to(self.device, non_blocking=True))
-        return read_max_logits(self.module.attention_layers(), self.dims.dp_group)
-
-    def _clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """Global gradient norm before clipping to max_norm (works across the EP and dense meshes)."""
-        from kimi_train.parallel import clip_grad_norm_
-
-        return clip_grad_norm_(self.model.parameters(), max_norm)
+        return self.engine.read_max_logits()
 
     def _skip_step(self, reason: str) -> None:
-        """Drop this step's gradients and records. reason: what was not finite. fit() logs every
-        skipped step and, after train.max_skipped_steps of them, saves and stops."""
-        self.optimizer.zero_grad(set_to_none=True)
-        for layer in self.module.attention_layers():
-            layer.reset_max_logits()
-        for moe in self.module.moe_layers():
-            moe.tokens_per_expert.zero_()
+        """Count a step the engine skipped (it changed nothing). reason: what was not finite. fit()
+        logs every skipped step and, after train.max_skipped_steps of them, saves and stops."""
         self.skipped_steps += 1
         self._skip_reason = reason
         if self.is_main:
@@ -336,14 +264,13 @@ class Trainer:
     def _trainer_state(self) -> dict[str, Any]:
         return {"skipped_steps": self.skipped_steps, "tokens_seen": self.tokens_seen,
                 "data": self.train_loader.state_dict(), "schedule": dataclasses.asdict(self.schedule),
-                "engine": self.cfg.parallel.engine}
+                "engine": self.engine.name}
 
     def save(self) -> None:
-        if not ckpt.all_finite(self.model, self.optimizer):
+        if not self.engine.state_is_finite():
             raise TrainingError(f"step {self.step}: the model or optimizer state has non-finite values; "
                                 "refusing to write a checkpoint (the previous one is kept)")
-        ckpt.save_checkpoint(self.run_dir, self.step, self.model, self.optimizer, self._trainer_state(),
-                             keep=self.cfg.checkpoint.keep)
+        ckpt.save_checkpoint(self.run_dir, self.step, self.engine, self._trainer_state(), keep=self.cfg.checkpoint.keep)
 
     def _is_logged(self, step: int) -> bool:
         """Whether fit() logs the record of (1-based) step ``step``."""
@@ -426,7 +353,7 @@ class Trainer:
             f"run_dir: {self.run_dir}" + (f" (resumed from {Path(self.resumed_from).name})" if self.resumed_from else ""),
             f"model: {self.num_params / 1e6:.2f}M parameters, {self.cfg.model.num_hidden_layers} layers; "
             f"optimizer: {type(self.optimizer).__name__}; device: {self.device}; ranks: {self.world_size}"
-            + (f" ({dist.get_backend()}, {self._engine_name()})" if dist.is_initialized() else ""),
+            + (f" ({dist.get_backend()}, {self.engine.description})" if dist.is_initialized() else ""),
             f"data: {self.cfg.data.source}, {c.num_documents} documents, {len(c.train_tokens):,} train / "
             f"{len(c.val_tokens):,} val tokens, tokenizer {c.tokenizer.name} (vocab {c.tokenizer.vocab_size}), "
             f"unigram entropy {c.unigram_entropy:.3f} nats/token",
@@ -435,9 +362,6 @@ class Trainer:
             f"{self.cfg.train.steps} steps",
         ]
         print("\n".join(lines), flush=True)
-
-    def _engine_name(self) -> str:
-        return f"DeepSpeed ZeRO-{self.cfg.parallel.zero_stage}" if self.deepspeed else "FSDP2"
 
     def _finish(self, last: Optional[dict], elapsed: float) -> dict[str, Any]:
         """summary.json (run_record.summarize: this session appended to the run's), plots, one line.

@@ -6,11 +6,12 @@
     logits_BTV = model(input_ids_BT)
     model.attention_layers()                        # -> optim.MuonClip(attention_layers=...)
     model.moe_layers()                              # -> update_expert_bias(...) after each step
+                                                    #    (counts summed over data-parallel ranks by the caller)
 """
 
 from .config import ModelConfig, load_model_config, model_config_from_dict
 from .max_logits import per_head_max_logits
-from .moe import MoE, GroupedExperts, Router, update_expert_bias
+from .moe import MoE, GroupedExperts, Router, expert_counts, update_expert_bias
 from .transformer import KimiForCausalLM
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "MoE",
     "GroupedExperts",
     "Router",
+    "expert_counts",
     "update_expert_bias",
     "per_head_max_logits",
 ]

@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
@@ -195,23 +194,27 @@ class MoE(_Fp32Buffers):
         return y_TD.view(shape)
 
 
+def expert_counts(moe_layers: Sequence[MoE]) -> torch.Tensor:
+    """counts_LE: every MoE layer's routed-token counts since the last bias update (this process's;
+    a data-parallel caller sums them over its ranks before ``update_expert_bias``)."""
+    return torch.stack([layer.tokens_per_expert for layer in moe_layers])
+
+
 @torch.no_grad()
-def update_expert_bias(
-    moe_layers: Sequence[MoE], rate: float = 1e-3, group: Optional["dist.ProcessGroup"] = None
-) -> dict:
+def update_expert_bias(moe_layers: Sequence[MoE], rate: float = 1e-3, counts_LE: Optional[torch.Tensor] = None) -> dict:
     """Aux-loss-free load balancing: bias_e += rate * sign(mean_load - load_e); keep mean(bias) = 0.
 
-    Counts are summed over `group` (None: the default group) when torch.distributed is
-    initialised, so every data-parallel replica applies the same update. Counts are reset.
+    counts_LE: the counts to balance, [num layers, E] (None: ``expert_counts(moe_layers)``, this
+    process's). Under data parallelism every replica must apply the same update: pass the counts
+    summed over the data-parallel ranks (the training engine does). Counts are reset.
     The sign rule ignores the count scale, so counting a recomputed forward twice (activation
     checkpointing) changes nothing. Returns {"imbalance_per_layer": [max/mean load],
     "max_imbalance", "mean_imbalance"} (1.0 = perfectly balanced; 0.0 for a layer with no tokens).
     """
     if not moe_layers:
         return {"imbalance_per_layer": [], "max_imbalance": 0.0, "mean_imbalance": 0.0}
-    counts_LE = torch.stack([layer.tokens_per_expert for layer in moe_layers])
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts_LE, op=dist.ReduceOp.SUM, group=group)
+    if counts_LE is None:
+        counts_LE = expert_counts(moe_layers)
     imbalance = []
     for layer, counts_E in zip(moe_layers, counts_LE):
         mean = counts_E.mean()

@@ -8,7 +8,8 @@ multi-GPU code path (tests/distributed/test_torchrun_one_rank.py).
     rank, world_size, local_rank, device = init_distributed()
     dims = ParallelDims.from_config(cfg.parallel, world_size, model_cfg)   # validates
     mesh = dims.build_mesh(device.type)          # None when world_size == 1
-    model = parallelize_model(model, dims, mesh, mixed_precision=...)
+    model = parallelize_model(model, dims, mesh, mixed_precision=...)   # EP, then FSDP2
+    engine = build_engine(cfg, model, dims, mesh, device, accum, mixed_precision)   # what the trainer drives
     dims.dp_rank, dims.dp_size                   # data sharding
     dims.dp_group                                # max-logit / expert-load all-reduce (None: single process)
     grad_norm = clip_grad_norm_(model.parameters(), max_norm)   # works across the EP and dense meshes
@@ -34,8 +35,8 @@ import torch.distributed.nn.functional  # noqa: F401
 from .dims import ParallelDims
 from .grad_norm import clip_grad_norm_
 
-__all__ = ["init_distributed", "destroy_distributed", "ParallelDims", "parallelize_model", "apply_ep", "apply_fsdp",
-           "clip_grad_norm_"]
+__all__ = ["init_distributed", "destroy_distributed", "ParallelDims", "build_engine", "parallelize_model", "apply_ep",
+           "apply_fsdp", "clip_grad_norm_"]
 
 
 def launched_by_torchrun() -> bool:
@@ -95,16 +96,17 @@ def _release_deepspeed_groups() -> None:
             setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
-def parallelize_model(model: torch.nn.Module, dims: ParallelDims, mesh: Any, mixed_precision: bool = False):
-    """Apply expert parallelism (when dims.ep > 1) then FSDP2; identity for a single process."""
-    if mesh is None:
-        return model
-    from .expert_parallel import apply_ep
-    from .fsdp import apply_fsdp
+def build_engine(cfg: Any, model: torch.nn.Module, dims: ParallelDims, mesh: Any, device: torch.device,
+                 accum: int, mixed_precision: bool):
+    """The training engine (``engine.TrainEngine``) that parallel.engine names, wrapped around
+    ``model``: FSDP2 (with EP; in one process the plain model) or DeepSpeed ZeRO."""
+    if cfg.parallel.engine == "deepspeed":
+        from .deepspeed_engine import DeepSpeedEngine
 
-    if dims.ep > 1:
-        apply_ep(model, mesh["ep"])
-    return apply_fsdp(model, dims, mesh, mixed_precision=mixed_precision)
+        return DeepSpeedEngine(cfg, model, dims, device, accum)
+    from .fsdp_engine import FSDP2Engine
+
+    return FSDP2Engine(cfg, model, dims, mesh, mixed_precision)
 
 
 def __getattr__(name: str):  # lazy: keep `import kimi_train.parallel` light for single-process runs
@@ -112,8 +114,8 @@ def __getattr__(name: str):  # lazy: keep `import kimi_train.parallel` light for
         from .expert_parallel import apply_ep
 
         return apply_ep
-    if name == "apply_fsdp":
-        from .fsdp import apply_fsdp
+    if name in ("apply_fsdp", "parallelize_model"):
+        from . import fsdp
 
-        return apply_fsdp
+        return getattr(fsdp, name)
     raise AttributeError(name)

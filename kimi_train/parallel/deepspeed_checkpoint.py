@@ -64,9 +64,9 @@ def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def checkpoint_state(opt) -> dict[str, Any]:
-    """The DCP state of a DeepSpeedOptimizer (views: loading into it writes the partitions)."""
-    client = opt.client
+def checkpoint_state(engine) -> dict[str, Any]:
+    """The DCP state of a DeepSpeedEngine (views: loading into it writes the partitions)."""
+    client = engine.optimizer
     group = client.process_group
     partitions = list(client.partitions.values())
     model: dict[str, Any] = {}
@@ -81,23 +81,37 @@ def checkpoint_state(opt) -> dict[str, Any]:
         step = client.state[part.tensor].get("step")
         if step is not None:
             optim[f"adamw_step.{part.group}"] = step.clone()
-    model.update(_persistent_buffers(opt.engine.module))
+    model.update(_persistent_buffers(engine.module))
     return {"model": model, "optim": optim}
 
 
 @torch.no_grad()
-def load_checkpoint_state(opt, state: dict[str, Any]) -> None:
-    """After DCP has loaded into ``checkpoint_state(opt)``: the AdamW steps, then the master
+def load_checkpoint_state(engine, state: dict[str, Any]) -> None:
+    """After DCP has loaded into ``checkpoint_state(engine)``: the AdamW steps, then the master
     weights into DeepSpeed's working copies (stages 1/2: all-gathered; stage 3: the partitions)."""
-    client, zero = opt.client, opt.engine.optimizer
+    client, zero = engine.optimizer, engine.zero
     for part in client.partitions.values():
         step = state["optim"].get(f"adamw_step.{part.group}")
         if step is not None:
             client.state[part.tensor]["step"] = step.detach().to(device="cpu", dtype=torch.float32).clone()
-    if opt.stage == 3:
+    if engine.stage == 3:
         for s in range(len(zero.fp16_groups)):
             zero._reassign_or_swap_out_partitioned_parameters(s)
         if zero.persistent_parameters:  # small parameters ZeRO-3 keeps whole on every rank
             zero.persistent_parameters[0].all_gather(zero.persistent_parameters)
     else:
         zero.update_lp_params()
+
+
+def flat_weights_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What to DCP-load to read this layout's weights into a plain (unsharded) ``model``: every
+    parameter as the 1-D fp32 tensor it was saved as, the persistent buffers as they are."""
+    weights = {name: torch.empty(p.numel(), dtype=torch.float32) for name, p in model.named_parameters()}
+    return {"model": {**_persistent_buffers(model), **weights}}
+
+
+@torch.no_grad()
+def unflatten_weights(model: torch.nn.Module, state: dict[str, Any]) -> None:
+    """After DCP has loaded into ``flat_weights_state(model)``: the weights into their shapes."""
+    for name, p in model.named_parameters():
+        p.copy_(state["model"][name].view(p.shape))

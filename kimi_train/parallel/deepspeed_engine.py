@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO (stages 1, 2, 3) as the other engine, applied from outside the model like apply_fsdp.
 
-    engine, optimizer = apply_deepspeed(model, cfg, dims, accum)    # parallel.engine=deepspeed
+    engine = DeepSpeedEngine(cfg, model, dims, device, accum)    # parallel.engine=deepspeed (build_engine)
 
 DeepSpeed owns what ZeRO is about: the gradient reduction, the partitioned fp32 master weights and
 optimizer state, gradient clipping, the copy of the masters into the working weights (and, at
@@ -20,10 +20,10 @@ working weights (its bf16 mode would also cast the fp32 router and its bias buff
 The micro-batch protocol is DeepSpeed's: ``gradient_accumulation_steps`` = the trainer's A, every
 micro-batch is ``engine.backward(loss)`` (DeepSpeed divides by A itself) and every micro-batch but
 the last is followed by ``engine.step()`` (a no-op off the accumulation boundary); the last one's
-step is ``DeepSpeedOptimizer.step``, which also runs QK-Clip around it.
+step is ``DeepSpeedEngine.step``, which also runs QK-Clip around it.
 
 Expert parallelism is not supported on this engine (parallel.ep > 1 is a config error).
-Checkpoints: ``checkpoint_state`` / ``load_checkpoint_state`` below (see docs/distributed.md).
+Checkpoints: ``state_dict`` / ``load_state_dict``, laid out by deepspeed_checkpoint.py (see docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -31,16 +31,20 @@ from __future__ import annotations
 import logging
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from kimi_train.errors import UserError
-from optim import NonFiniteMaxLogit, muon_param_groups
+from optim import NonFiniteMaxLogit
 from optim.flat import Fragment, Partition, PartitionedMuonClip
+
+from .deepspeed_checkpoint import checkpoint_state, load_checkpoint_state
+from .dims import ParallelDims
+from .engine import LossFn, StepOutcome, all_finite, balance_experts, forget_step, read_max_logits
+from .optimizer import build_optimizer
 
 ZERO_STAGES = (1, 2, 3)
 
@@ -70,25 +74,9 @@ def deepspeed_config(cfg: Any, dp_size: int, accum: int) -> dict[str, Any]:
     }
 
 
-def build_client_optimizer(cfg: Any, model: nn.Module, process_group: Any = None) -> PartitionedMuonClip:
-    """optim=muonclip|muon|adamw as PartitionedMuonClip: adamw puts every parameter in one AdamW group."""
-    o = cfg.optim
-    if o.name == "adamw":
-        names, params = zip(*[(n, p) for n, p in model.named_parameters() if p.requires_grad])
-        groups = [{"params": list(params), "param_names": list(names), "use_muon": False}]
-    else:
-        groups = muon_param_groups(model, lr=o.lr, weight_decay=o.weight_decay)
-    clip = o.name == "muonclip" and o.qk_clip.enabled
-    return PartitionedMuonClip(
-        groups, attention_layers=model.attention_layers() if clip else None, tau=o.qk_clip.tau if clip else None,
-        process_group=process_group, lr=o.lr, momentum=o.momentum, nesterov=o.nesterov,
-        weight_decay=o.weight_decay, ns_steps=o.ns_steps, ns_method=o.ns_method, ns_dtype=o.ns_dtype,
-        ns_backend=o.ns_backend, adjust_lr=o.adjust_lr, adamw_betas=tuple(o.betas), adamw_eps=o.eps)
-
-
-def apply_deepspeed(model: nn.Module, cfg: Any, dp_size: int, accum: int, device: torch.device):
-    """Wrap ``model`` in a DeepSpeed engine (ZeRO stage ``cfg.parallel.zero_stage``) with our
-    MuonClip maths; returns (engine, DeepSpeedOptimizer). Every rank calls it."""
+def _initialize(model: nn.Module, cfg: Any, dp_size: int, accum: int, device: torch.device):
+    """``deepspeed.initialize`` with our optimizer as the client, checked, its partitions registered;
+    returns (DeepSpeed's engine, the client optimizer). Every rank calls it."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # else DeepSpeed probes for one and warns
     try:
@@ -104,17 +92,15 @@ def apply_deepspeed(model: nn.Module, cfg: Any, dp_size: int, accum: int, device
             os.environ.setdefault(key, value)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
-    client = build_client_optimizer(cfg, model)
+    client = build_optimizer(cfg, model, partitioned=True)
     config = deepspeed_config(cfg, dp_size, accum)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=client, config=config, dist_init_required=False)
     zero = engine.optimizer
     _guard(engine, zero, client, cfg)
-    group = zero.dp_process_group
-    client.process_group = group
+    client.process_group = zero.dp_process_group
     stage = cfg.parallel.zero_stage
-    partitions = _zero3_partitions(zero, client) if stage == 3 else _zero12_partitions(zero, client)
-    client.set_partitions(partitions)
-    return engine, DeepSpeedOptimizer(engine, client, stage, clip=bool(client.attention_layers))
+    client.set_partitions(_zero3_partitions(zero, client) if stage == 3 else _zero12_partitions(zero, client))
+    return engine, client
 
 
 def _guard(engine: Any, zero: Any, client: PartitionedMuonClip, cfg: Any) -> None:
@@ -189,75 +175,83 @@ def _zero3_partitions(zero: Any, client: PartitionedMuonClip) -> list[Partition]
     return partitions
 
 
-@dataclass
-class StepOutcome:
-    grad_norm: float  # the global norm of the reduced gradients before clipping
-    skipped: Optional[str] = None  # why the step changed nothing, or None
+class DeepSpeedEngine:
+    """The trainer's engine on DeepSpeed (``engine.TrainEngine``). ``model`` is DeepSpeed's engine
+    (it runs the forward), ``module`` the model inside it, ``optimizer`` our client optimizer
+    (its param groups and, per flat partition, its state). ``step`` decides skips itself:
+    DeepSpeed computes the gradient norm inside its step and already drops a step whose norm is
+    not finite."""
 
+    name = "deepspeed"
 
-class DeepSpeedOptimizer:
-    """What the trainer holds as ``self.optimizer`` on DeepSpeed: the client optimizer's param
-    groups (the lr schedule writes them) and state, a step that runs DeepSpeed's, and the
-    checkpoint state. ``step`` decides skips itself: DeepSpeed computes the gradient norm inside
-    its step and already drops a step whose norm is not finite."""
+    def __init__(self, cfg: Any, model: nn.Module, dims: ParallelDims, device: torch.device, accum: int):
+        self.model, self.optimizer = _initialize(model, cfg, dims.dp_size, accum, device)
+        self.module, self.zero, self.stage, self.accum = self.model.module, self.model.optimizer, cfg.parallel.zero_stage, accum
+        self.group = dims.dp_group
+        self.description = f"DeepSpeed ZeRO-{self.stage}"
+        self.clips = bool(self.optimizer.attention_layers)
 
-    def __init__(self, engine: Any, client: PartitionedMuonClip, stage: int, clip: bool):
-        self.engine, self.client, self.stage, self.clip = engine, client, stage, clip
+    def forward_backward(self, micro_batches: Sequence[torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
+        """DeepSpeed's micro-batch protocol: ``backward`` divides by its gradient_accumulation_steps
+        (= A), and ``step`` off the accumulation boundary only counts the micro-batch."""
+        if len(micro_batches) != self.accum:
+            raise ValueError(f"DeepSpeedEngine: {len(micro_batches)} micro-batches; DeepSpeed was set up for {self.accum}")
+        loss_sum = None
+        for i, mb in enumerate(micro_batches):
+            loss = loss_fn(mb)
+            self.model.backward(loss)
+            if i < len(micro_batches) - 1:
+                self.model.step()
+            loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+        return loss_sum / len(micro_batches)
 
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:
-        return self.client.param_groups
-
-    @property
-    def state(self) -> dict[int, dict[str, torch.Tensor]]:
-        """Per partition: its optimizer state and its fp32 master weights ("master"), what a
-        checkpoint holds (stage 3's working weights are partitions too: the model shows none)."""
-        return {id(part.tensor): {**self.client.state[part.tensor], "master": part.tensor}
-                for part in self.client.partitions.values()}
-
-    @property
-    def last_stats(self) -> Optional[dict[str, Any]]:
-        return self.client.last_stats if self.clip else None
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """DeepSpeed's step consumes the gradients; nothing is left to clear."""
-
-    def step(self, drop: Optional[str] = None) -> StepOutcome:
+    def step(self, lr: float, drop: Optional[str] = None) -> StepOutcome:
         """DeepSpeed's step at the accumulation boundary with our update and QK-Clip; ``drop``: a
         reason to change nothing (e.g. a non-finite loss): DeepSpeed still consumes the gradients."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         if drop is None:
             try:
-                self.client.prepare_qk_clip()  # before anything changes; a collective
+                self.optimizer.prepare_qk_clip()  # reduce + check, before anything changes; a collective
             except NonFiniteMaxLogit as e:
                 drop = f"non-finite max logit ({e})"
-        self.client.skip_next_step = drop is not None
+        self.optimizer.skip_next_step = drop is not None
         try:
-            self.engine.step()
+            self.model.step()
         finally:
-            self.client.skip_next_step = False
-        grad_norm = self.engine.get_global_grad_norm()
+            self.optimizer.skip_next_step = False
+        grad_norm = self.model.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else math.nan
         if drop is None and not math.isfinite(grad_norm):
             drop = f"non-finite grad_norm={grad_norm}"  # DeepSpeed dropped it (its overflow path)
-        self.client.finish_qk_clip(applied=drop is None)
-        return StepOutcome(grad_norm, drop)
+        stats = self.optimizer.finish_qk_clip(applied=drop is None)
+        if drop is not None:
+            forget_step(self.module)
+            return StepOutcome(grad_norm, drop)
+        return StepOutcome(grad_norm, None, dict(stats) if self.clips else self.read_max_logits())
 
-    # ------------------------------------------------------------------ gradients (debugging, tests)
+    def balance_experts(self, rate: float) -> dict[str, Any]:
+        return balance_experts(self.module.moe_layers(), rate, self.group)
+
+    def read_max_logits(self) -> dict[str, Any]:
+        return read_max_logits(self.module.attention_layers(), self.group)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Views into ZeRO's partitions (deepspeed_checkpoint.py): loading into it writes them."""
+        return checkpoint_state(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_checkpoint_state(self, state)
+
+    def state_is_finite(self) -> bool:
+        """The fp32 master partitions and their optimizer state (stage 3's working weights are
+        partitions too: the model shows none), and the model's buffers."""
+        masters = [part.tensor for part in self.optimizer.partitions.values()]
+        return all_finite(*masters, self.optimizer, *self.module.buffers())
+
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Every parameter's whole reduced gradient, fp32 (a collective; after the last backward of
         a step, before its step)."""
         from deepspeed.utils import safe_get_full_grad
 
-        return {name: safe_get_full_grad(p).detach().float().clone()
-                for name, p in self.engine.module.named_parameters()}
-
-    # ------------------------------------------------------------------ checkpoints
-    def checkpoint_state(self) -> dict[str, Any]:
-        from .deepspeed_checkpoint import checkpoint_state
-
-        return checkpoint_state(self)
-
-    def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        from .deepspeed_checkpoint import load_checkpoint_state
-
-        load_checkpoint_state(self, state)
+        return {name: safe_get_full_grad(p).detach().float().clone() for name, p in self.module.named_parameters()}

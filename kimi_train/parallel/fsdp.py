@@ -22,6 +22,16 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from kimi_train.model.moe import GroupedExperts, MoE
 
 from .dims import ParallelDims
+from .expert_parallel import apply_ep
+
+
+def parallelize_model(model: nn.Module, dims: ParallelDims, mesh, mixed_precision: bool = False) -> nn.Module:
+    """Apply expert parallelism (when dims.ep > 1) then FSDP2; identity for a single process."""
+    if mesh is None:
+        return model
+    if dims.ep > 1:
+        apply_ep(model, mesh["ep"])
+    return apply_fsdp(model, dims, mesh, mixed_precision=mixed_precision)
 
 
 def apply_fsdp(model: nn.Module, dims: ParallelDims, mesh, mixed_precision: bool = False) -> nn.Module:

@@ -252,7 +252,7 @@ def _source(src: Path) -> tuple[KimiForCausalLM, Any]:
         # already a Hugging Face directory: re-export (e.g. to change the rope layout), tokenizer included
         has_tokenizer = (src / "tokenizer_config.json").is_file()
         return load(src), src if has_tokenizer else None
-    from kimi_train.loop.checkpoint import load_model_from_run
+    from kimi_train.tools.run_model import load_model_from_run
 
     model = load_model_from_run(src)
     return model, run_tokenizer(src)

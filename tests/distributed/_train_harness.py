@@ -13,8 +13,9 @@ import torch.nn.functional as F
 
 from kimi_train.loop.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from kimi_train.model import KimiForCausalLM, load_model_config
-from kimi_train.model.moe import update_expert_bias
 from kimi_train.parallel import ParallelDims, clip_grad_norm_, parallelize_model
+from kimi_train.parallel.engine import balance_experts
+from kimi_train.parallel.fsdp_engine import FSDP2State
 from optim import MuonClip, muon_param_groups
 
 STEPS = 10
@@ -59,7 +60,7 @@ def train(parallel: dict | None = None, steps: int = STEPS, load_dir: str | None
     assert all(opt.state[p] for group in opt.param_groups for p in group["params"])
     start = 0
     if load_dir is not None:
-        start = load_checkpoint(latest_checkpoint(load_dir), model, opt)["step"]
+        start = load_checkpoint(latest_checkpoint(load_dir), FSDP2State(model, opt))["step"]
     per_rank = BATCH // dims.dp_size
     losses, clipped, grads0, grad_norm0 = [], [], None, None
     for step in range(start, steps):
@@ -74,7 +75,7 @@ def train(parallel: dict | None = None, steps: int = STEPS, load_dir: str | None
             grad_norm0 = float(clip_grad_norm_(model.parameters(), 1e9))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        update_expert_bias(model.moe_layers(), rate=1e-3, group=dims.dp_group)
+        balance_experts(model.moe_layers(), 1e-3, dims.dp_group)
         global_loss = loss.detach().clone()
         if dims.dp_group is not None:
             dist.all_reduce(global_loss, group=dims.dp_group)
@@ -82,7 +83,7 @@ def train(parallel: dict | None = None, steps: int = STEPS, load_dir: str | None
         losses.append(float(global_loss))
         clipped.append(opt.last_stats["clipped_heads"])
         if save_dir is not None and step + 1 == save_step:
-            save_checkpoint(save_dir, step + 1, model, opt, {}, keep=1)
+            save_checkpoint(save_dir, step + 1, FSDP2State(model, opt), {}, keep=1)
     params = {n: _full(p) for n, p in model.named_parameters()}
     buffers = {n: b.detach().clone() for n, b in model.named_buffers() if "e_score_correction_bias" in n}
     return {"losses": losses, "clipped": clipped, "grads0": grads0, "grad_norm0": grad_norm0, "params": params, "buffers": buffers}

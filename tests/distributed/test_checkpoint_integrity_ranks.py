@@ -44,21 +44,23 @@ def _full_state(model) -> dict:
 
 def _load(run: Path, world: int) -> dict:
     from kimi_train.loop import checkpoint as ckpt
+    from kimi_train.parallel.fsdp_engine import FSDP2State
 
     model, opt = _build(1, world)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        path, state = ckpt.load_latest(run, model, opt)
+        path, state = ckpt.load_latest(run, FSDP2State(model, opt))
     return {"path": path.name, "state": state, "model": _full_state(model), "rng": ckpt.rng_state()["torch"],
             "warnings": [str(w.message) for w in caught]}
 
 
 def _failed_save(run: Path, model, opt, fault: str) -> str:
     from kimi_train.loop import checkpoint as ckpt
+    from kimi_train.parallel.fsdp_engine import FSDP2State
 
     os.environ[FAULT] = fault
     try:
-        ckpt.save_checkpoint(run, 6, model, opt, {}, keep=3)
+        ckpt.save_checkpoint(run, 6, FSDP2State(model, opt), {}, keep=3)
         return "saved"
     except ckpt.CheckpointError as e:
         return str(e)
@@ -68,6 +70,7 @@ def _failed_save(run: Path, model, opt, fault: str) -> str:
 
 def _worker(rank: int, world: int, out: str) -> None:
     from kimi_train.loop import checkpoint as ckpt
+    from kimi_train.parallel.fsdp_engine import FSDP2State
 
     run = Path(out) / "run"
     model, opt = _build(0, world)
@@ -79,7 +82,7 @@ def _worker(rank: int, world: int, out: str) -> None:
         opt.step()
         opt.zero_grad()
         saved[step] = {"model": _full_state(model), "rng": ckpt.rng_state()["torch"], "state": {"position": step}}
-        ckpt.save_checkpoint(run, step, model, opt, {"position": step}, keep=3)
+        ckpt.save_checkpoint(run, step, FSDP2State(model, opt), {"position": step}, keep=3)
 
     intact = _load(run, world)
     dist.barrier()
@@ -94,7 +97,7 @@ def _worker(rank: int, world: int, out: str) -> None:
     failures = [_failed_save(run, model, opt, f"ENOSPC:step_00000006.tmp/{name}")
                 for name in ("__1_0.distcp", "rng_rank1.json")]
     after_failures = ckpt.latest_checkpoint(run).name
-    ckpt.save_checkpoint(run, 6, model, opt, {}, keep=3)
+    ckpt.save_checkpoint(run, 6, FSDP2State(model, opt), {}, keep=3)
     result = {"failures": failures, "after_failures": after_failures,
               "step6_problems": ckpt.verify_checkpoint(ckpt.checkpoint_path(run, 6))}
     for name, loaded, want in (("intact", intact, saved[4]), ("damaged", damaged, saved[2])):

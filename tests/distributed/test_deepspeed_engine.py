@@ -166,15 +166,16 @@ def test_resuming_across_engines_is_one_line_and_exit_2(runs, tmp_path):
     # the loader itself refuses too (another caller than the trainer)
     from kimi_train.model import KimiForCausalLM
     from kimi_train.model.config import ModelConfig
+    from kimi_train.parallel.fsdp_engine import FSDP2State
 
     model = KimiForCausalLM(ModelConfig())
     with pytest.raises(ckpt.CheckpointError, match="written by parallel.engine=deepspeed; this run uses parallel.engine=fsdp2"):
-        ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, 4), model, torch.optim.AdamW(model.parameters()))
+        ckpt.load_checkpoint(ckpt.checkpoint_path(run_dir, 4), FSDP2State(model, torch.optim.AdamW(model.parameters())))
 
 
 @needs_deepspeed
 def test_export_reads_a_deepspeed_run(runs, tmp_path):
-    from kimi_train.loop.checkpoint import load_model_from_run
+    from kimi_train.tools.run_model import load_model_from_run
     from kimi_train.tools.hf import main as export_main
 
     fsdp = dict(load_model_from_run(runs["fsdp2"][0]).named_parameters())

@@ -137,6 +137,7 @@ _DEEPSPEED = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, r
 ])
 def test_a_non_finite_value_on_one_rank_is_skipped_by_every_rank(tmp_path, where, poisoned_rank, engine):
     from kimi_train.loop import checkpoint as ckpt
+    from kimi_train.tools.run_model import load_model_from_run
 
     run_dir = tmp_path / "run"
     spawn(_worker, 2, str(run_dir), where, poisoned_rank, str(tmp_path), engine)
@@ -162,6 +163,6 @@ def test_a_non_finite_value_on_one_rank_is_skipped_by_every_rank(tmp_path, where
         assert math.isfinite(poisoned["loss"]) and math.isfinite(poisoned["grad_norm"])
 
     assert ckpt.latest_checkpoint(run_dir) == ckpt.checkpoint_path(run_dir, 3)
-    saved = ckpt.load_model_from_run(run_dir).state_dict()
+    saved = load_model_from_run(run_dir).state_dict()
     step1 = ranks[0]["steps"][0][3]
     assert saved.keys() == step1.keys() and all(torch.equal(saved[k], step1[k]) for k in saved)

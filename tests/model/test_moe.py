@@ -124,6 +124,8 @@ def test_update_expert_bias_sign_rule_mean_zero_and_reset():
 
 
 def _worker(rank, port, out_dir):
+    from kimi_train.parallel.engine import balance_experts
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
@@ -131,13 +133,13 @@ def _worker(rank, port, out_dir):
         moe = MoE(_cfg(n_routed_experts=4))
         # Rank 0 sends its tokens to expert 0, rank 1 to expert 1: only the sum looks balanced.
         moe.tokens_per_expert.copy_(torch.tensor([6.0, 0, 1, 1]) if rank == 0 else torch.tensor([0.0, 6, 1, 1]))
-        update_expert_bias([moe], rate=1.0)
+        balance_experts([moe], rate=1.0)  # the engines' update: counts summed over the ranks
         torch.save(moe.gate.e_score_correction_bias, os.path.join(out_dir, f"bias{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_update_expert_bias_all_reduces_counts(tmp_path):
+def test_balance_experts_sums_the_counts_over_ranks(tmp_path):
     mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     # Global counts [6, 6, 2, 2], mean 4 -> sign [-1, -1, 1, 1] on both ranks.
     for rank in range(2):

@@ -14,7 +14,9 @@ same command:
   from the uninterrupted run or are missing, plus checkpoints of the uninterrupted run's last
   step that do not load. Must be 0.
 
-The random step of a fault comes from ``--seed``, so a table can be reproduced.
+The random step of a fault comes from ``--seed``, so a table can be reproduced. The checkpoint
+faults (SIGKILL mid-save, a full disk) are asked for through the environment and happen at the one
+hook point every write of a save passes, ``kimi_train.loop.checkpoint.store._fault``.
 """
 
 from __future__ import annotations

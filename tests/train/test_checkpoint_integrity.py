@@ -20,6 +20,8 @@ import torch
 
 from kimi_train.errors import UserError
 from kimi_train.loop import checkpoint as ckpt
+from kimi_train.parallel.fsdp_engine import FSDP2State
+from kimi_train.tools.run_model import load_model_from_run
 from kimi_train.model import KimiForCausalLM
 from kimi_train.model.config import ModelConfig
 
@@ -66,7 +68,7 @@ def _two_checkpoints(run: Path, keep: int = 3) -> dict[int, dict]:
         _train_step(model, opt)
         state = {"skipped_steps": 0, "data": {"position": 10 * step}}
         saved[step] = _snapshot(model, opt, {**state, "step": step})
-        ckpt.save_checkpoint(run, step, model, opt, state, keep=keep)
+        ckpt.save_checkpoint(run, step, FSDP2State(model, opt), state, keep=keep)
     return saved
 
 
@@ -74,7 +76,7 @@ def _load_latest(run: Path, **kw):
     model, opt = _build(1)
     _train_step(model, opt)  # optimizer state to overwrite
     torch.manual_seed(99)  # RNG states to overwrite
-    found = ckpt.load_latest(run, model, opt, **kw)
+    found = ckpt.load_latest(run, FSDP2State(model, opt), **kw)
     return found, model, opt
 
 
@@ -146,7 +148,7 @@ def test_no_checkpoint_is_none_and_a_damaged_explicit_one_is_one_line(tmp_path):
     _flip(ckpt.checkpoint_path(tmp_path, 4) / "__0_0.distcp")
     model, opt = _build(1)
     with pytest.raises(ckpt.CheckpointError, match=r"step_00000004 is damaged: __0_0\.distcp has CRC-32") as e:
-        ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 4), model, opt)
+        ckpt.load_checkpoint(ckpt.checkpoint_path(tmp_path, 4), FSDP2State(model, opt))
     assert "\n" not in str(e.value)
 
 
@@ -167,14 +169,16 @@ def test_none_usable_is_one_user_error_line_naming_the_run_and_each_problem(tmp_
 
 def test_unreadable_file_is_a_problem_not_a_traceback(tmp_path, monkeypatch):
     _two_checkpoints(tmp_path)
-    crc32 = ckpt._crc32
+    from kimi_train.loop.checkpoint import manifest
+
+    crc32 = manifest._crc32
 
     def failing_disk(path):
         if path.name == "__0_0.distcp":
             raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
         return crc32(path)
 
-    monkeypatch.setattr(ckpt, "_crc32", failing_disk)
+    monkeypatch.setattr(manifest, "_crc32", failing_disk)
     assert ckpt.verify_checkpoint(ckpt.checkpoint_path(tmp_path, 4)) == ["__0_0.distcp is unreadable (Input/output error)"]
 
 
@@ -186,32 +190,12 @@ def test_sizes_only_is_cheaper_and_misses_a_flipped_bit(tmp_path):
     assert len(ckpt.verify_checkpoint(newest)) == 1
 
 
-def _make_legacy(path: Path) -> None:
-    """What a checkpoint written before manifests looks like: no MANIFEST.json, COMPLETE naming none."""
-    (path / ckpt.MANIFEST).unlink()
-    (path / ckpt.COMPLETE).write_text(json.dumps({"step": int(path.name.split("_")[1])}))
-
-
-def test_checkpoint_without_manifest_from_before_loads_unverified_with_a_warning(tmp_path):
+def test_checkpoint_without_manifest_is_damaged_and_the_one_before_loads(tmp_path):
+    """A COMPLETE checkpoint whose manifest is gone cannot be verified: it is passed over, named."""
     saved = _two_checkpoints(tmp_path)
-    _make_legacy(ckpt.checkpoint_path(tmp_path, 4))
-    with pytest.warns(UserWarning, match=r"step_00000004 has no MANIFEST\.json .*: loading it unverified"):
+    (ckpt.checkpoint_path(tmp_path, 4) / ckpt.MANIFEST).unlink()
+    with pytest.warns(UserWarning, match=r"step_00000004 is damaged: MANIFEST\.json is missing; trying the previous one"):
         (path, state), model, opt = _load_latest(tmp_path)
-    assert path.name == "step_00000004"
-    _assert_loaded(saved[4], model, opt, state)
-
-
-def test_unloadable_checkpoint_without_manifest_falls_back_in_one_line(tmp_path):
-    saved = _two_checkpoints(tmp_path)
-    newest = ckpt.checkpoint_path(tmp_path, 4)
-    _make_legacy(newest)
-    _truncate(newest / "__0_0.distcp")
-    with pytest.warns(UserWarning) as caught:
-        (path, state), model, opt = _load_latest(tmp_path)
-    unverified, damaged = (str(w.message) for w in caught)
-    assert unverified.endswith("loading it unverified")
-    assert re.match(rf"^checkpoint {newest} is damaged: it failed to load \([^\n]*\); "
-                                  "trying the previous one, step_00000002$", damaged), damaged
     assert path.name == "step_00000002"
     _assert_loaded(saved[2], model, opt, state)
 
@@ -223,10 +207,10 @@ def test_load_model_from_run_verifies_and_falls_back(tmp_path):
     OmegaConf.save(OmegaConf.create({"model": CONFIG}), tmp_path / "config.yaml")
     _flip(ckpt.checkpoint_path(tmp_path, 4) / "__0_0.distcp")
     with pytest.warns(UserWarning, match=r"step_00000004 is damaged: __0_0\.distcp has CRC-32"):
-        model = ckpt.load_model_from_run(tmp_path)
+        model = load_model_from_run(tmp_path)
     assert all(torch.equal(v, saved[2]["model"][k]) for k, v in model.state_dict().items())
     with pytest.raises(ckpt.CheckpointError, match=r"step_00000004 is damaged: __0_0\.distcp"):
-        ckpt.load_model_from_run(tmp_path, step=4)
+        load_model_from_run(tmp_path, step=4)
 
 
 # ------------------------------------------------------------------ failed saves
@@ -247,7 +231,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_the_next_save_works(tmp_p
     model, opt = _build(2)
     monkeypatch.setenv("KIMI_TRAIN_DEBUG_FAIL_IN_SAVE", fault)
     with pytest.raises(ckpt.CheckpointError) as e:
-        ckpt.save_checkpoint(tmp_path, 6, model, opt, {}, keep=1)
+        ckpt.save_checkpoint(tmp_path, 6, FSDP2State(model, opt), {}, keep=1)
     message = str(e.value)
     assert "\n" not in message and isinstance(e.value, UserError)
     assert message.startswith("cannot save checkpoint step_00000006: ")
@@ -261,7 +245,7 @@ def test_failed_save_keeps_the_previous_checkpoint_and_the_next_save_works(tmp_p
     _assert_loaded(saved[4], loaded, loaded_opt, state)
 
     monkeypatch.delenv("KIMI_TRAIN_DEBUG_FAIL_IN_SAVE")
-    ckpt.save_checkpoint(tmp_path, 6, model, opt, {}, keep=1)
+    ckpt.save_checkpoint(tmp_path, 6, FSDP2State(model, opt), {}, keep=1)
     assert [s for s, _ in ckpt.complete_checkpoints(tmp_path)] == [6]
     assert ckpt.verify_checkpoint(ckpt.checkpoint_path(tmp_path, 6)) == []
 
@@ -274,7 +258,7 @@ def test_unwritable_run_dir_is_one_line_and_keeps_the_checkpoint(tmp_path):
     try:
         model, opt = _build(2)
         with pytest.raises(ckpt.CheckpointError, match=r"^cannot save checkpoint step_00000006: Permission denied"):
-            ckpt.save_checkpoint(tmp_path, 6, model, opt, {}, keep=1)
+            ckpt.save_checkpoint(tmp_path, 6, FSDP2State(model, opt), {}, keep=1)
     finally:
         root.chmod(0o755)
     assert ckpt.verify_checkpoint(ckpt.checkpoint_path(tmp_path, 4)) == []
@@ -288,7 +272,7 @@ def test_saving_after_a_fallback_replaces_the_abandoned_newer_checkpoints(tmp_pa
         (path, _), model, opt = _load_latest(tmp_path)
     assert path.name == "step_00000002"
     (ckpt.checkpoints_root(tmp_path) / "step_00000005.tmp").mkdir()  # a leftover of an interrupted save
-    ckpt.save_checkpoint(tmp_path, 3, model, opt, {}, keep=1)
+    ckpt.save_checkpoint(tmp_path, 3, FSDP2State(model, opt), {}, keep=1)
     assert sorted(p.name for p in ckpt.checkpoints_root(tmp_path).iterdir()) == ["step_00000003"]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -307,6 +291,6 @@ def test_resaving_a_step_replaces_it_and_leaves_no_copy(tmp_path):
     _two_checkpoints(tmp_path)
     model, opt = _build(2)
     (ckpt.checkpoints_root(tmp_path) / "step_00000004.old").mkdir()  # a crash between the two renames
-    ckpt.save_checkpoint(tmp_path, 4, model, opt, {"again": True}, keep=3)
+    ckpt.save_checkpoint(tmp_path, 4, FSDP2State(model, opt), {"again": True}, keep=3)
     assert sorted(p.name for p in ckpt.checkpoints_root(tmp_path).iterdir()) == ["step_00000002", "step_00000004"]
     assert ckpt.latest_usable(tmp_path)[1] == {"again": True, "step": 4}

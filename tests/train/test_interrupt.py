@@ -10,6 +10,7 @@ import pytest
 
 from kimi_train.errors import Interrupted
 from kimi_train.loop import checkpoint as ckpt
+from kimi_train.loop.checkpoint import store
 from kimi_train.loop.interrupt import StopOnSignal
 from kimi_train.loop.trainer import Trainer
 
@@ -62,7 +63,7 @@ def test_a_second_sigint_during_the_save_stops_at_once_and_the_previous_checkpoi
     cfg = small_cfg(steps=6)
     cfg.checkpoint.every = 2
     monkeypatch.setenv("KIMI_TRAIN_DEBUG_KILL_AT", "0:3:INT")  # the first SIGINT while step 3 runs
-    save = ckpt.dcp.save
+    save = store.dcp.save
 
     def save_then_sigint(*args, **kwargs):  # the second one once step 3's tensors are written
         out = save(*args, **kwargs)
@@ -70,7 +71,7 @@ def test_a_second_sigint_during_the_save_stops_at_once_and_the_previous_checkpoi
             os.kill(os.getpid(), signal.SIGINT)
         return out
 
-    monkeypatch.setattr(ckpt.dcp, "save", save_then_sigint)
+    monkeypatch.setattr(store.dcp, "save", save_then_sigint)
     with pytest.raises(Interrupted, match="second SIGINT: stopped at once, without saving") as stopped:
         Trainer(cfg, tmp_path).fit()
     assert stopped.value.exit_code == 130

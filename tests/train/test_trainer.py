@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from kimi_train.loop import checkpoint as ckpt
+from kimi_train.tools.run_model import load_model_from_run
 from kimi_train.config import (CheckpointConfig, DataConfig, LoggingConfig, ScheduleConfig, TrainConfig,
                                TrainLoopConfig, validate)
 from kimi_train.model.config import ModelConfig
@@ -240,7 +241,7 @@ def test_interrupted_or_unmarked_checkpoints_are_ignored_and_pruned(tmp_path):
     unmarked.mkdir()
     (unmarked / "trainer_state.json").write_text("{}")
     assert ckpt.latest_checkpoint(tmp_path) == good
-    state = ckpt.load_checkpoint(good, trainer.model, trainer.optimizer)
+    state = ckpt.load_checkpoint(good, trainer.engine)
     assert state["step"] == 2 and state["data"]["position"] == 0
     trainer.step = 5
     trainer.save()  # keep=1: step 2 goes, and the stale lower-numbered leftovers with it
@@ -269,11 +270,11 @@ def test_fit_writes_outputs_and_load_model_from_run_restores_weights(tmp_path):
     assert len(records[-1]["max_logit_per_layer"]) == 2 and "val_loss" in records[1] and "val_loss" not in records[0]
     for name in ("loss", "max_logit", "clipped_heads", "expert_load", "lr"):
         assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
-    model = ckpt.load_model_from_run(tmp_path)
+    model = load_model_from_run(tmp_path)
     for (n, a), b in zip(model.state_dict().items(), trainer.model.state_dict().values()):
         assert torch.equal(a, b), n
     with pytest.raises(ValueError, match="has no config.yaml"):
-        ckpt.load_model_from_run(tmp_path / "nothing")
+        load_model_from_run(tmp_path / "nothing")
 
 
 def test_plot_cli_overlays_runs(tmp_path, capsys):
