@@ -85,6 +85,7 @@ def test_export_command_from_a_training_run_dir(tmp_path, capsys):
     from omegaconf import OmegaConf
 
     import optim
+    from kimi_train.parallel.fsdp_engine import FSDP2State
     from kimi_train.tools.hf import main
 
     model = _model("mla_qlora_groups")
@@ -92,7 +93,7 @@ def test_export_command_from_a_training_run_dir(tmp_path, capsys):
     run.mkdir()
     OmegaConf.save(OmegaConf.create({"model": model.config.to_dict()}), run / "config.yaml")
     opt = optim.Muon(optim.muon_param_groups(model))
-    checkpoint.save_checkpoint(run, 3, model, opt, trainer_state={}, keep=1)
+    checkpoint.save_checkpoint(run, 3, FSDP2State(model, opt), trainer_state={}, keep=1)
     main([str(run), str(tmp_path / "hf")])
     capsys.readouterr()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
