@@ -4,7 +4,8 @@ A rank that leaves its gloo groups to interpreter finalisation can abort there (
 without an active exception", SIGABRT) after its work succeeded: 3 runs in 19 of a benchmark test
 whose workers skipped destroy_distributed. The worker below does what those did (a device mesh,
 DTensor redistributions, async functional collectives, a broadcast last); 20 spawns in a row must
-all exit 0. Without the teardown, 20 spawns see an abort with probability ~1 - (1 - p)^20.
+all exit 0. With the spawner's teardown replaced by a bare destroy_process_group, the 2nd spawn
+aborted here.
 """
 
 from __future__ import annotations
