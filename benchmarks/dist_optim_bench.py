@@ -49,11 +49,10 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # optim, tests._ports
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # optim, kimi_train
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peers
 import optim.distributed as od  # noqa: E402
 from optim import Muon  # noqa: E402
@@ -215,10 +214,9 @@ def _variant_step(name, names, named, mesh):
     return gather_step, params
 
 
-def _worker(rank: int, world: int, port: int, args, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank: int, world: int, args) -> list[dict]:
+    """One rank under kimi_train.parallel.spawn (gloo, which also tears the group down); rank 0's rows."""
     torch.set_num_threads(args.threads_per_rank)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     mesh = init_device_mesh("cpu", (world,))
     variants = ["ours", "ours[gram]", "gather"] + (["torchtitan"] if args.torchtitan_ok else [])
     rows = []
@@ -271,9 +269,7 @@ def _worker(rank: int, world: int, port: int, args, queue) -> None:
                              recv_over_P_per_N=recv[v] / (P / world),
                              weights_vs_ours=float(diff) / float(moved)))
         del steps
-    if rank == 0:
-        queue.put(rows)
-    dist.destroy_process_group()
+    return rows
 
 
 def main(argv=None) -> dict:
@@ -292,16 +288,11 @@ def main(argv=None) -> dict:
     from peers import torchtitan_dist_muon as tt
 
     args.torchtitan_ok, tt_note = tt.available()
-    from tests._ports import free_port
+    from kimi_train.parallel.spawn import spawn
 
-    ctx = mp.get_context("spawn")
     rows = []
     for world in [int(r) for r in args.ranks.split(",")]:
-        queue = ctx.Queue()
-        procs = mp.start_processes(_worker, args=(world, free_port(), args, queue), nprocs=world, join=False,
-                                   start_method="spawn")
-        rows += queue.get()
-        procs.join()
+        rows += spawn(_worker, world, args)[0]
     by_key = {(r["set"], r["ranks"], r["variant"]): r for r in rows}
     for r in rows:
         r["time_vs_gather"] = r["step_ms"] / by_key[(r["set"], r["ranks"], "gather")]["step_ms"]

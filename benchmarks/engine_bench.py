@@ -33,7 +33,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,15 +131,11 @@ def _build(cfg, variant: str, device: torch.device):
     return (lambda batch: (lambda loss: (engine.backward(loss), loss)[1])(loss_of(engine, batch))), engine.step
 
 
-def _worker(rank: int, world: int, port: int, args, variant: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
+def _worker(rank: int, world: int, args, variant: str) -> dict:
+    """One rank under kimi_train.parallel.spawn (which initialises the group and tears it down)."""
     torch.set_num_threads(args.threads)
     _count_collectives()
     device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world)
     result: dict = {"variant": variant}
     fwd_bwd = step = None
     try:
@@ -168,23 +163,15 @@ def _worker(rank: int, world: int, port: int, args, variant: str, out: str) -> N
     except Exception as e:  # a peer that does not run here is a result too
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         traceback.print_exc()
-    gathered = [None] * world
-    dist.all_gather_object(gathered, result)
-    if rank == 0:
-        Path(out).write_text(json.dumps(gathered))
     fwd_bwd = step = None  # the engine and its groups go now, not during interpreter finalisation
-    from kimi_train.parallel import destroy_distributed
-
-    destroy_distributed()
+    return result
 
 
 def _run_variant(args, variant: str) -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    from _ports import free_port
+    from kimi_train.parallel.spawn import spawn
 
-    out = Path(args.tmp) / f"{variant}.json"
-    mp.spawn(_worker, args=(args.ranks, free_port(), args, variant, str(out)), nprocs=args.ranks, join=True)
-    per_rank = json.loads(out.read_text())
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the ranks inherit it (DeepSpeed reads it at import)
+    per_rank = spawn(_worker, args.ranks, args, variant, backend="nccl" if torch.cuda.is_available() else "gloo")
     errors = [r["error"] for r in per_rank if "error" in r]
     if errors:
         return {"variant": variant, "error": errors[0]}

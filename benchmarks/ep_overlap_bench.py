@@ -15,8 +15,6 @@ measures is bounded by 2 cores shared by 2 ranks and their gloo threads.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 import time
@@ -24,19 +22,16 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def worker(rank: int, world: int, port: int, args, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def worker(rank: int, world: int, args) -> dict:
+    """One rank under kimi_train.parallel.spawn (gloo, 1 thread; it also tears the group down)."""
     from torch.distributed.device_mesh import init_device_mesh
 
     from kimi_train.model import MoE, load_model_config
-    from kimi_train.parallel import apply_ep, destroy_distributed
+    from kimi_train.parallel import apply_ep
     from kimi_train.parallel import expert_parallel
 
     cfg = load_model_config("k2_mini", hidden_size=args.hidden, moe_intermediate_size=args.width,
@@ -61,11 +56,7 @@ def worker(rank: int, world: int, port: int, args, out: str) -> None:
             if i >= args.warmup:
                 times[mode].append(1000 * (time.perf_counter() - t0))
     expert_parallel._all_to_all = overlapped
-    if rank == 0:
-        result = {k: statistics.median(v) for k, v in times.items()}
-        result.update(config=vars(args))
-        Path(out).write_text(json.dumps(result))
-    destroy_distributed()
+    return {**{k: statistics.median(v) for k, v in times.items()}, "config": vars(args)}
 
 
 def main(argv=None) -> None:
@@ -77,16 +68,9 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=10)
     args = p.parse_args(argv)
-    import socket
-    import tempfile
+    from kimi_train.parallel.spawn import spawn
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as d:
-        out = os.path.join(d, "result.json")
-        mp.spawn(worker, args=(2, port, args, out), nprocs=2, join=True)
-        result = json.loads(Path(out).read_text())
+    result = spawn(worker, 2, args)[0]
     print(f"MoE layer forward + backward, 2 gloo ranks, {args.tokens} tokens per rank, median of {args.reps}: "
           f"overlapped {result['overlap']:.1f} ms, waited {result['wait']:.1f} ms "
           f"(overlapped / waited = {result['overlap'] / result['wait']:.3f})")

@@ -1,5 +1,12 @@
 """`torchrun --nproc_per_node 2 -m kimi_train.train` on CPU for the stop/restart tests, and the
-uninterrupted run they compare with (run once per test session, 20 steps, checkpoint every 5)."""
+uninterrupted run they compare with (run once per test session, 20 steps, checkpoint every 5).
+
+Ports: `torchrun --standalone` binds its rendezvous store to port 0 itself and, by default, lends
+that store to the workers, so no port is ever picked and handed out. Only a run with restarts
+sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (test_elastic_restart.py says why); torch then picks
+the workers' port by binding and closing a socket, the race its own docs note, so that test
+retries a run that failed in torch's rendezvous (RENDEZVOUS_RACES) once.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +27,9 @@ OVERRIDES = [
     "logging.wandb=disabled", "logging.progress_bar=false", "logging.plots=false",
 ]  # fmt: skip
 TIMING = {"tokens_per_s", "elapsed_s", "mfu"}  # the only fields allowed to differ between runs
+# torch-side rendezvous failures before any kimi-train code runs: the restarted round's gloo connect
+# (see test_elastic_restart.py), and a port torch picked that another process took meanwhile
+RENDEZVOUS_RACES = ("connectFullMesh failed", "EADDRINUSE", "Address already in use")
 _reference: dict[str, list[dict]] = {}
 
 
@@ -28,16 +38,19 @@ def command(run_dir: Path, max_restarts: int = 0) -> list[str]:
             "-m", "kimi_train.train", f"run_dir={run_dir}", *OVERRIDES]
 
 
-def env(extra: Optional[dict] = None) -> dict:
-    out = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled",
-           "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1", **(extra or {})}  # see test_elastic_restart.py
+def env(extra: Optional[dict] = None, restarts: bool = False) -> dict:
+    """The workers' environment; restarts: a fresh rendezvous store per round (see the module docstring)."""
+    out = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", **(extra or {})}
     out.pop("HYDRA_FULL_ERROR", None)
+    out.pop("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", None)
+    if restarts:
+        out["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     return out
 
 
 def run(run_dir: Path, max_restarts: int = 0, extra_env: Optional[dict] = None) -> subprocess.CompletedProcess:
     return subprocess.run(command(run_dir, max_restarts), capture_output=True, text=True, timeout=600,
-                          env=env(extra_env), cwd=run_dir.parent)
+                          env=env(extra_env, restarts=max_restarts > 0), cwd=run_dir.parent)
 
 
 def per_step(run_dir: Path) -> list[dict]:

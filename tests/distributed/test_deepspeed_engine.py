@@ -113,7 +113,7 @@ def test_sigkill_and_resume_reproduce_the_uninterrupted_run(runs, tmp_path):
 def test_stage_1_resumes_exactly_under_the_deepspeed_launcher(runs, tmp_path):
     """Stages 1/2 load through the master partitions and DeepSpeed's all-gather into the working
     weights; the resume runs under launch/deepspeed.sh (DeepSpeed's launcher) instead of torchrun."""
-    from _ports import free_port
+    from _ports import run_with_free_port
 
     from kimi_train.loop import checkpoint as ckpt
 
@@ -122,9 +122,10 @@ def test_stage_1_resumes_exactly_under_the_deepspeed_launcher(runs, tmp_path):
     for step in (8, 10):
         shutil.rmtree(ckpt.checkpoint_path(run_dir, step))
     launcher = Path(__file__).resolve().parents[2] / "launch" / "deepspeed.sh"
-    env = _torchrun.env({"NUM_GPUS": "2", "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"})
-    resumed = subprocess.run(["bash", str(launcher), f"run_dir={run_dir}", *COMMON, *ENGINES["zero1"]],
-                             capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    resumed = run_with_free_port(lambda port: subprocess.run(
+        ["bash", str(launcher), f"run_dir={run_dir}", *COMMON, *ENGINES["zero1"]], capture_output=True, text=True,
+        timeout=600, env=_torchrun.env({"NUM_GPUS": "2", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}),
+        cwd=tmp_path))
     assert resumed.returncode == 0, _errors(resumed)
     assert "resumed from step_00000004" in resumed.stdout + resumed.stderr
     assert "ranks: 2 (gloo, DeepSpeed ZeRO-1)" in resumed.stdout + resumed.stderr

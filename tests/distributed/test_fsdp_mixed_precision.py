@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from _spawn import spawn
-from _train_harness import model_config
-from kimi_train.model import KimiForCausalLM
+from kimi_train.model import KimiForCausalLM, load_model_config
 from kimi_train.parallel import ParallelDims, parallelize_model
 
 
 def _worker(rank: int, world: int) -> None:
-    cfg = model_config()
+    cfg = load_model_config("tiny", hidden_size=64, num_hidden_layers=2, moe_intermediate_size=32, intermediate_size=128,
+                            kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16)
     torch.manual_seed(0)
     model = KimiForCausalLM(cfg)
     dims = ParallelDims.from_config({}, world, cfg)

@@ -65,7 +65,7 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, mon
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_sigterm_to_torchrun_saves_and_the_same_command_resumes_exactly(tmp_path, tmp_path_factory):
     reference = _torchrun.reference(tmp_path_factory)
-    run_dir, send_at = tmp_path / "run", random.randint(2, 8)
+    run_dir, send_at = tmp_path / "run", random.randint(2, 8)  # seeded: tests/conftest.py
     proc = subprocess.Popen(_torchrun.command(run_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=_torchrun.env(), cwd=tmp_path)
     metrics = run_dir / "metrics.jsonl"

@@ -1,17 +1,12 @@
 """MoE: router rules, grouped experts vs the per-expert loop, aux-loss-free bias update."""
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from kimi_train.kernels.grouped_gemm import resolve_backend
 from kimi_train.model import GroupedExperts, MoE, load_model_config, update_expert_bias
 from kimi_train.model.moe import Router
-
-from _ports import free_port
+from kimi_train.parallel.spawn import spawn
 
 
 def _cfg(**kw):
@@ -123,27 +118,21 @@ def test_update_expert_bias_sign_rule_mean_zero_and_reset():
     assert all(torch.equal(m.tokens_per_expert, torch.zeros(8)) for m in layers)
 
 
-def _worker(rank, port, out_dir):
+def _worker(rank, world):
     from kimi_train.parallel.engine import balance_experts
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        moe = MoE(_cfg(n_routed_experts=4))
-        # Rank 0 sends its tokens to expert 0, rank 1 to expert 1: only the sum looks balanced.
-        moe.tokens_per_expert.copy_(torch.tensor([6.0, 0, 1, 1]) if rank == 0 else torch.tensor([0.0, 6, 1, 1]))
-        balance_experts([moe], rate=1.0)  # the engines' update: counts summed over the ranks
-        torch.save(moe.gate.e_score_correction_bias, os.path.join(out_dir, f"bias{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    moe = MoE(_cfg(n_routed_experts=4))
+    # Rank 0 sends its tokens to expert 0, rank 1 to expert 1: only the sum looks balanced.
+    moe.tokens_per_expert.copy_(torch.tensor([6.0, 0, 1, 1]) if rank == 0 else torch.tensor([0.0, 6, 1, 1]))
+    balance_experts([moe], rate=1.0)  # the engines' update: counts summed over the ranks
+    return moe.gate.e_score_correction_bias.detach().clone()
 
 
-def test_balance_experts_sums_the_counts_over_ranks(tmp_path):
-    mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+def test_balance_experts_sums_the_counts_over_ranks():
+    biases = spawn(_worker, 2)
     # Global counts [6, 6, 2, 2], mean 4 -> sign [-1, -1, 1, 1] on both ranks.
-    for rank in range(2):
-        torch.testing.assert_close(torch.load(tmp_path / f"bias{rank}.pt"), torch.tensor([-1.0, -1, 1, 1]))
+    for bias in biases:
+        torch.testing.assert_close(bias, torch.tensor([-1.0, -1, 1, 1]))
 
 
 def test_shared_experts_run_while_the_routed_output_is_in_flight():

@@ -1,16 +1,13 @@
 """MuonClip end to end with the plain MHA module of optim.protocol's docstring."""
 
 import math
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
-from _ports import free_port
-
+from kimi_train.parallel.spawn import spawn
 from optim import Muon, MuonClip, QKClipTarget, muon_param_groups
 
 
@@ -218,50 +215,36 @@ def test_bad_args():
         opt.qk_clip_()
 
 
-def _two_rank_worker(rank, port, results):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _two_rank_worker(rank, world):
+    torch.manual_seed(0)
+    layer = Attention(8, 2)  # same weights on both ranks
+    opt = MuonClip([layer.q_proj.weight, layer.k_proj.weight], attention_layers=[layer], tau=10.0, lr=0.0)
+    # rank 0 saw head 0 at 40, rank 1 saw head 1 at 20: both must clip both heads
+    layer.max_logits = torch.tensor([40.0, 5.0]) if rank == 0 else torch.tensor([1.0, 20.0])
+    for p in (layer.q_proj.weight, layer.k_proj.weight):
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    result = {"step": (opt.last_stats, layer.q_proj.weight.detach().clone(), layer.k_proj.weight.detach().clone())}
+    # caller-measured max logits: rank 1 measured nothing, rank 0 head 1 over tau; the
+    # collective still lines up and both ranks clip the same head with the same gamma
+    stats = opt.qk_clip_([torch.tensor([5.0, 40.0]) if rank == 0 else None])
+    result["re"] = (stats, layer.q_proj.weight.detach().clone())
+    # a NaN on one rank only must not vanish in the MAX reduce: every rank refuses the clip
+    layer.max_logits = torch.tensor([float("nan"), 1.0]) if rank == 1 else torch.tensor([5.0, 1.0])
     try:
-        torch.manual_seed(0)
-        layer = Attention(8, 2)  # same weights on both ranks
-        opt = MuonClip([layer.q_proj.weight, layer.k_proj.weight], attention_layers=[layer], tau=10.0, lr=0.0)
-        # rank 0 saw head 0 at 40, rank 1 saw head 1 at 20: both must clip both heads
-        layer.max_logits = torch.tensor([40.0, 5.0]) if rank == 0 else torch.tensor([1.0, 20.0])
-        for p in (layer.q_proj.weight, layer.k_proj.weight):
-            p.grad = torch.zeros_like(p)
-        opt.step()
-        results[rank] = (opt.last_stats, layer.q_proj.weight.detach().clone(), layer.k_proj.weight.detach().clone())
-        # caller-measured max logits: rank 1 measured nothing, rank 0 head 1 over tau; the
-        # collective still lines up and both ranks clip the same head with the same gamma
-        stats = opt.qk_clip_([torch.tensor([5.0, 40.0]) if rank == 0 else None])
-        results[f"re{rank}"] = (stats, layer.q_proj.weight.detach().clone())
-        # a NaN on one rank only must not vanish in the MAX reduce: every rank refuses the clip
-        layer.max_logits = torch.tensor([float("nan"), 1.0]) if rank == 1 else torch.tensor([5.0, 1.0])
-        try:
-            opt.qk_clip_()
-            results[f"nan{rank}"] = "no error"
-        except ValueError as e:
-            results[f"nan{rank}"] = str(e)
-        dist.barrier()  # neither rank tears gloo down while the other still uses it
-    finally:
-        dist.destroy_process_group()
+        opt.qk_clip_()
+        result["nan"] = "no error"
+    except ValueError as e:
+        result["nan"] = str(e)
+    dist.barrier()  # neither rank tears gloo down while the other still uses it
+    return result
 
 
 def test_max_reduced_across_ranks():
-    ctx = mp.get_context("spawn")
-    with ctx.Manager() as manager:
-        results = manager.dict()
-        port = free_port()
-        procs = [ctx.Process(target=_two_rank_worker, args=(rank, port, results)) for rank in (0, 1)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(60)
-        assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-        (s0, q0, k0), (s1, q1, k1) = results[0], results[1]
-        results_re = results["re0"], results["re1"]
-        nan_errors = results["nan0"], results["nan1"]
+    results = spawn(_two_rank_worker, 2)
+    (s0, q0, k0), (s1, q1, k1) = results[0]["step"], results[1]["step"]
+    results_re = results[0]["re"], results[1]["re"]
+    nan_errors = results[0]["nan"], results[1]["nan"]
     assert all("no error" != e for e in nan_errors), nan_errors
     assert s0 == s1 and s0["max_logit_per_layer"] == [40.0] and s0["clipped_heads"] == 2
     assert torch.equal(q0, q1) and torch.equal(k0, k1)

@@ -82,7 +82,7 @@ def test_a_second_sigint_during_the_save_stops_at_once_and_the_previous_checkpoi
 
 
 def test_sigterm_at_a_random_step_then_the_same_command_resumes_exactly(tmp_path, small_overrides):
-    steps, stop_at = 12, random.randint(2, 11)
+    steps, stop_at = 12, random.randint(2, 11)  # seeded: tests/conftest.py
     common = [*small_overrides, f"train.steps={steps}", "checkpoint.every=4"]
     reference = run_cli([*common, f"run_dir={tmp_path / 'ref'}"])
     assert reference.returncode == 0, reference.stderr[-2000:]

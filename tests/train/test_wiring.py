@@ -1,8 +1,8 @@
 """Config -> objects: every optim.*, schedule.* and MoE key reaches what the trainer builds.
 
 Each test sets non-default values and reads them back from the constructed optimizer, schedule
-and model, or watches them act (the lr the optimizer steps with, the gradient norm it sees, the
-expert-bias move). Parity between two runs cannot see these bugs (both sides share them), so
+and model, or watches them act (the lr the optimizer steps with, the gradients it consumed, read
+from its state after the step, the expert-bias move). Parity between two runs cannot see these bugs (both sides share them), so
 every check here compares against the config or against an independent computation.
 """
 
@@ -118,26 +118,49 @@ def test_the_optimizer_steps_with_the_scheduled_lr_and_logs_it(tmp_path, kind, s
     assert len(set(round(x, 12) for x in want)) > 2 or kind == "constant"  # the schedule does move
 
 
-def _global_grad_norm(trainer) -> float:
-    total = 0.0
+def _record_gradients(trainer) -> dict:
+    """parameter -> its gradient as the backward passes leave it, before any clip (the hook runs after
+    each micro-batch's accumulation into .grad; the last call holds the step's whole gradient)."""
+    raw = {}
     for p in trainer.model.parameters():
-        if p.grad is not None:
-            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-            total += float(g.double().pow(2).sum())
-    return math.sqrt(total)
+        p.register_post_accumulate_grad_hook(lambda q: raw.__setitem__(q, q.grad.detach().double().clone()))
+    return raw
 
 
-@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
-def test_grad_clip_rescales_the_gradients_the_optimizer_sees(tmp_path, grad_clip):
-    trainer = _trainer(tmp_path, "muonclip", steps=2, **{"optim.grad_clip": grad_clip})
-    seen = []
-    _spy_on_step(trainer, lambda t: seen.append(_global_grad_norm(t)))
+def _consumed_gradients(optimizer) -> dict:
+    """parameter -> the gradient its first step consumed, read back from the optimizer's state: Muon's
+    momentum buffer starts at zero, so after one step it is the gradient (M <- mu M + G); AdamW's first
+    moment is (1 - beta1) G (torch.optim.AdamW, and Muon's AdamW for the non-matrix parameters)."""
+    out = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if group.get("use_muon", False):
+                out[p] = state["momentum_buffer"].double()
+            else:
+                beta1 = group["adamw_betas"][0] if "adamw_betas" in group else group["betas"][0]
+                out[p] = state["exp_avg"].double() / (1 - beta1)
+    return out
+
+
+@pytest.mark.parametrize("optim_name,grad_clip", [("muonclip", 0.0), ("muonclip", 1e-3), ("adamw", 1e-3)])
+def test_the_optimizer_consumes_the_clipped_gradients(tmp_path, optim_name, grad_clip):
+    """What the optimizer consumed (its state after the first step), not what step() was handed:
+    the whole accumulated gradient times min(1, grad_clip / its global norm), computed here."""
+    # a global batch of 8 in micro-batches of 4: the gradient is accumulated over two backward passes
+    trainer = _trainer(tmp_path, optim_name, steps=2, **{"optim.grad_clip": grad_clip, "train.global_batch_size": 8})
+    raw = _record_gradients(trainer)
     record = trainer.train_step()
-    assert record["grad_norm"] > 0.01  # the norm before clipping is logged
-    if grad_clip:
-        assert seen[0] == pytest.approx(grad_clip, rel=1e-4)
-    else:
-        assert seen[0] == pytest.approx(record["grad_norm"], rel=1e-5)
+    norm = math.sqrt(sum(float(g.pow(2).sum()) for g in raw.values()))
+    assert record["grad_norm"] == pytest.approx(norm, rel=1e-5)  # the norm before clipping is logged
+    assert norm > 0.01 and (not grad_clip or norm > 10 * grad_clip)  # so a 1e-3 clip does scale
+    scale = min(1.0, grad_clip / (norm + 1e-6)) if grad_clip else 1.0
+    consumed = _consumed_gradients(trainer.optimizer)
+    assert set(consumed) == set(raw) == set(trainer.model.parameters())
+    for name, p in trainer.model.named_parameters():
+        want = raw[p] * scale
+        err = float((consumed[p] - want).norm() / want.norm())
+        assert err < 1e-5, f"{name}: the optimizer consumed {float(consumed[p].norm()):.3e}, the clip left {float(want.norm()):.3e}"
 
 
 def test_moe_keys_reach_the_model(tmp_path):
