@@ -128,3 +128,54 @@ def test_ctrl_c_under_the_deepspeed_launcher_saves_and_resumes_exactly(tmp_path)
                              cwd=tmp_path, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert _per_step(run_dir) == _per_step(tmp_path / "reference")
+
+
+FAKE_SRUN = """#!/usr/bin/env bash
+# srun stand-in: one task (node 0) running the command after srun's options; SIGTERM is forwarded
+while [[ "$1" == --* ]]; do echo "$1" >> "$FAKE_SLURM_LOG"; shift; done
+SLURM_NODEID=0 "$@" &
+task=$!
+trap 'kill -TERM "$task"' TERM
+wait "$task"; wait "$task"
+"""
+FAKE_SCONTROL = """#!/usr/bin/env bash
+# scontrol stand-in: the job's node list and command, and a requeue that is only recorded
+case "$1 $2" in
+  "show hostnames") echo 127.0.0.1 ;;
+  "show job") echo "   Command=$FAKE_SBATCH_PATH" ;;
+  "requeue $SLURM_JOB_ID") echo "requeue $SLURM_JOB_ID" >> "$FAKE_SLURM_LOG" ;;
+  *) echo "fake scontrol: $*" >&2; exit 1 ;;
+esac
+"""
+
+
+def test_slurm_script_stops_at_the_time_limit_signal_saves_exits_0_and_requeues(tmp_path):
+    """launch/slurm.sbatch under stand-ins for srun and scontrol: USR1 (SLURM's --signal=B:USR1@120)
+    reaches the batch script alone; it stops the step, which saves; the script exits 0 (the job ends
+    COMPLETED, not FAILED) and, with KIMI_TRAIN_REQUEUE=1, requeues the job. The run is named after
+    the job, as no run_name is given."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "slurm.log"
+    bin_dir.mkdir()
+    for name, text in (("srun", FAKE_SRUN), ("scontrol", FAKE_SCONTROL)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_LOG=str(log),
+               FAKE_SBATCH_PATH=str(LAUNCH / "slurm.sbatch"), SLURM_JOB_ID="4242", SLURM_JOB_NAME="kt",
+               SLURM_NNODES="1", SLURM_JOB_NODELIST="node0", SLURM_CPUS_ON_NODE="2", NPROC_PER_NODE="1",
+               MASTER_PORT=str(free_port()), KIMI_TRAIN_REQUEUE="1")
+    run_dir = tmp_path / "runs" / "kt-4242"
+    job = subprocess.Popen(["bash", str(LAUNCH / "slurm.sbatch"), "train.steps=40", *OVERRIDES],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    try:
+        _wait_for_steps(run_dir, 2, [job])
+        job.send_signal(signal.SIGUSR1)
+        output, _ = job.communicate(timeout=180)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    assert job.returncode == 0, output[-4000:]
+    assert "kimi-train: stopped on time-limit" in output, output[-4000:]
+    step = json.loads((run_dir / "summary.json").read_text())["steps"]
+    assert 2 <= step < 40 and _checkpoints(run_dir) == [f"step_{step:08d}"], output[-4000:]
+    recorded = log.read_text().splitlines()
+    assert "--cpus-per-task=2" in recorded and "requeue 4242" in recorded, recorded
