@@ -95,10 +95,19 @@ def once_per_node(fn: Callable[[], T], what: str) -> T:
     So a cache is built once on a shared filesystem, once per node on node-local disks, and never
     by two ranks of a node at once. The others wait on the rendezvous store, not in a collective, so
     a preparation longer than parallel.timeout_s does not time the job out. An error in a leader's
-    ``fn`` is raised on every rank that waits for it (as UserError when it was one)."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1) or _STORE is None:
+    ``fn`` is raised on every rank that waits for it (as UserError when it was one). In a process group
+    that init_distributed did not make (no store of ours), global rank 0 goes first, the others wait in
+    a barrier."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
         return fn()
     rank = dist.get_rank()
+    if _STORE is None:  # a group made elsewhere (a test's spawner): rank 0 first, ordered by barriers
+        if rank:
+            dist.barrier()
+        result = fn()
+        if not rank:
+            dist.barrier()
+        return result
     node_leader = rank - int(os.environ.get("LOCAL_RANK", "0"))
     if rank == 0:
         waits_for = []
