@@ -103,6 +103,11 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: every rank not used by dp_replicate
     ep: int = 1
+    # Seconds a collective may wait before the job fails (torch's process-group timeout).
+    timeout_s: float = 1800.0
+    # Seconds every rank may take to join the process group at start (slow node starts). One-time
+    # preparation (data, tokenizer) is not bounded by either: other ranks wait for it outside any collective.
+    init_timeout_s: float = 1800.0
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
@@ -267,6 +272,8 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(p.dp_replicate >= 1, "parallel.dp_replicate", p.dp_replicate, "must be >= 1")
     _check(p.dp_shard >= 1 or p.dp_shard == -1, "parallel.dp_shard", p.dp_shard, "must be >= 1 or -1 (all ranks)")
     _check(p.ep >= 1, "parallel.ep", p.ep, "must be >= 1")
+    _check(p.timeout_s > 0, "parallel.timeout_s", p.timeout_s, "must be > 0 seconds")
+    _check(p.init_timeout_s > 0, "parallel.init_timeout_s", p.init_timeout_s, "must be > 0 seconds")
     _one_of("parallel.engine", p.engine, ENGINES)
     _check(p.zero_stage in ZERO_STAGES, "parallel.zero_stage", p.zero_stage, "must be 1, 2 or 3")
     if p.engine == "deepspeed":

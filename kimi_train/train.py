@@ -24,6 +24,7 @@ from typing import Any, Mapping, Optional
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from kimi_train.config import ConfigError, TrainConfig, register_configs, validate
 from kimi_train.errors import Interrupted, TrainingError, UserError
@@ -37,9 +38,15 @@ except ImportError:  # pragma: no cover - paths.py comes with the model package
 
 
 # ---------------------------------------------------------------------------- resolvers used by config.yaml
+def _default_run_name() -> Optional[str]:
+    """A launcher's name for a run that names none (launch/slurm.sbatch: <job name>-<job id>)."""
+    return os.environ.get("KIMI_TRAIN_DEFAULT_RUN_NAME") or None
+
+
 def _run_dir(run_dir: Optional[str], run_name: Optional[str], model: str, optim: Optional[str]) -> str:
     if run_dir:
         return str(run_dir)
+    run_name = run_name or _default_run_name()
     if run_name:
         return f"runs/{run_name}"
     return f"runs/{model}-{optim}" if optim else f"runs/{model}"
@@ -115,7 +122,7 @@ def to_train_config(cfg: DictConfig) -> tuple[TrainConfig, dict]:
     run_dir = hc.runtime.output_dir
     choices = hc.runtime.choices
     run_name = cfg.run_name or (Path(run_dir).name if (cfg.run_dir or hc.mode.name == "MULTIRUN")
-                                else f"{choices.get('model')}-{choices.get('optim')}")
+                                else _default_run_name() or f"{choices.get('model')}-{choices.get('optim')}")
     cfg.run_dir, cfg.run_name = run_dir, run_name
     # Re-merge into the bare schema: catches keys appended with "+key=..." that it does not know.
     typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.to_container(cfg, resolve=True))
@@ -180,6 +187,7 @@ def _one_line(ex: BaseException) -> str:
     return text.strip()
 
 
+@record  # under torchrun: a rank's traceback goes into torchrun's failure summary
 def main(argv: Optional[list[str]] = None) -> None:
     """Console entry point: kimi_train.errors' exit codes, one line each.
 
@@ -208,6 +216,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     except TrainingError as e:
         _exit(str(e), 1, debug)
     except Interrupted as e:  # every rank stops; one of them says so
+        if e.exit_code == 0:  # the stop came from another node: end this node's launcher too
+            from kimi_train.loop.interrupt import stop_own_launcher
+
+            stop_own_launcher()
         _exit(str(e), e.exit_code, False, quiet=os.environ.get("RANK", "0") != "0")
 
 

@@ -14,9 +14,16 @@ rank stops after the same step. The signal numbers are reduced, so with SIGINT o
 SIGTERM on another every rank exits 143.
 
 A second signal in a plain process stops it at once (the checkpoint being written is a .tmp
-directory renamed only when complete, so the previous one still loads). Under torchrun
-(TORCHELASTIC_RUN_ID set) repeats are ignored: one signal often arrives twice there, and
-torchrun itself SIGKILLs its workers after its shutdown timeout.
+directory renamed only when complete, so the previous one still loads). A launched rank (RANK
+set: torchrun, DeepSpeed's launcher, srun) ignores repeats: one signal often arrives twice there
+(Ctrl-C reaches the ranks and the launcher, which forwards it again), and the launcher itself
+SIGKILLs its workers after its shutdown timeout.
+
+Exit codes: a rank that got a signal itself exits 128 + signum; a rank that learned of the stop
+only from another rank (the other nodes of a multi-node job) exits 0, so its launcher counts a
+success and does not restart it. Under torchrun such a node's local rank 0 also stops its own
+torchrun (``stop_own_launcher``): a torchrun whose ranks all succeeded would otherwise wait up to
+300 s in its exit barrier for the signalled node's torchrun, which the signal ended.
 """
 
 from __future__ import annotations
@@ -43,9 +50,10 @@ class StopOnSignal:
 
     def __init__(self, device: torch.device | str = "cpu", verbose: bool = True):
         self.device, self.verbose = torch.device(device), verbose
-        self.signum: Optional[int] = None
+        self.signum: Optional[int] = None  # the signal the job stops on (MAX over ranks)
+        self.received: Optional[int] = None  # the signal this process got itself
         self._previous: dict[int, Any] = {}
-        self._repeats_abort = "TORCHELASTIC_RUN_ID" not in os.environ
+        self._repeats_abort = "RANK" not in os.environ and "TORCHELASTIC_RUN_ID" not in os.environ
 
     def __enter__(self) -> "StopOnSignal":
         if threading.current_thread() is threading.main_thread():
@@ -60,8 +68,9 @@ class StopOnSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         name = signal.Signals(signum).name
-        if self.signum is None:
-            self.signum = signum
+        if self.received is None:
+            self.received = signum
+            self.signum = self.signum or signum
             if self.verbose:  # os.write: safe wherever the main thread was interrupted
                 again = "; again to stop at once without saving" if self._repeats_abort else ""
                 os.write(2, f"kimi-train: {name}: stopping after this step, with a checkpoint{again}\n".encode())
@@ -78,8 +87,19 @@ class StopOnSignal:
         return self.signum is not None
 
     def interrupted(self, step: int) -> Interrupted:
-        """The exception that ends the run once step ``step`` is saved (exit 130 / 143)."""
-        return Interrupted(f"stopped at step {step}; run the same command to resume", 128 + (self.signum or 0))
+        """The exception that ends the run once step ``step`` is saved: exit 130 / 143 where the
+        signal arrived, 0 on a rank that only heard of it (its launcher must not restart it)."""
+        if self.received is None:
+            name = signal.Signals(self.signum).name if self.signum else "a signal"
+            return Interrupted(f"stopped at step {step} ({name} on another rank); run the same command to resume", 0)
+        return Interrupted(f"stopped at step {step}; run the same command to resume", 128 + self.received)
+
+
+def stop_own_launcher() -> None:
+    """Under torchrun, local rank 0 sends SIGTERM to its torchrun after a stop it heard of from another
+    node, once everything is saved; torchrun ends its ranks and exits without a restart."""
+    if "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("LOCAL_RANK", "0") == "0" and os.getppid() > 1:
+        os.kill(os.getppid(), signal.SIGTERM)
 
 
 def debug_signal_at(rank: int, step: int) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import shutil
 import sys
@@ -47,7 +48,7 @@ from kimi_train.loop import run_record
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.loop.schedule import LRSchedule
 from kimi_train.model import KimiForCausalLM
-from kimi_train.parallel import ParallelDims, build_engine, init_distributed
+from kimi_train.parallel import ParallelDims, build_engine, init_distributed, once_per_node
 from kimi_train.parallel.engine import TrainEngine
 
 
@@ -55,6 +56,15 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _load_corpus(data_cfg: Any):
+    """load_corpus; KIMI_TRAIN_DEBUG_SLOW_PREPARE=<seconds> makes global rank 0's take that much longer
+    (a test hook: the other ranks' wait must not be a collective that times out)."""
+    delay = float(os.environ.get("KIMI_TRAIN_DEBUG_SLOW_PREPARE", "0") or 0)
+    if delay and dist.is_initialized() and dist.get_rank() == 0:
+        time.sleep(delay)
+    return load_corpus(data_cfg)
 
 
 class Trainer:
@@ -67,7 +77,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, resolved_config: Optional[dict] = None,
                  engine_factory: Callable[..., TrainEngine] = build_engine):
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.rank, self.world_size, _, self.device = init_distributed()
+        self.rank, self.world_size, _, self.device = init_distributed(
+            timeout_s=cfg.parallel.timeout_s, init_timeout_s=cfg.parallel.init_timeout_s)
         self.is_main = self.rank == 0
         self.rerun = self._check_rerun()
         if self.rerun.action == "finished":
@@ -116,12 +127,8 @@ class Trainer:
 
     def _build_data(self) -> None:
         cfg, t = self.cfg, self.cfg.train
-        # Data: rank 0 first, so a BPE tokenizer / token cache is built once.
-        if not self.is_main and dist.is_initialized():
-            dist.barrier()
-        self.corpus = load_corpus(cfg.data)
-        if self.is_main and dist.is_initialized():
-            dist.barrier()
+        # Data: built once (rank 0 first, then each node's first rank), the other ranks waiting outside any collective.
+        self.corpus = once_per_node(lambda: _load_corpus(cfg.data), "data")
         if self.corpus.tokenizer.vocab_size > cfg.model.vocab_size:
             raise UserError(
                 f"the tokenizer has {self.corpus.tokenizer.vocab_size} tokens but model.vocab_size="
@@ -328,12 +335,16 @@ class Trainer:
                 stopping = stop.requested() and not is_last  # every rank, every step: one tiny all-reduce
                 if (every and self.step % every == 0) or is_last or too_many or stopping:
                     self.save()
+                    # A signal during a periodic save: stop on the checkpoint just written, not one step later.
+                    stopping = stopping or (not is_last and stop.requested())
                 if too_many or stopping:
                     if bar is not None:
                         bar.close()
                     self._write_summary(last, time.perf_counter() - start,
                                         stopped="too many skipped steps" if too_many else "signal")
                     self.metrics.close()
+                    if dist.is_initialized():  # no rank exits (and no launcher kills rank 0) before summary.json is written
+                        dist.barrier()
                 if too_many:
                     raise TrainingError(
                         f"step {self.step}: {self._skip_reason}, {self.skipped_steps} skipped steps > "

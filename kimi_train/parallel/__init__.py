@@ -23,7 +23,8 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from typing import Any, Optional
+from datetime import timedelta
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -32,31 +33,120 @@ import torch.distributed as dist
 # at import, and imported after init_process_group it would hold the world group until exit.
 import torch.distributed.nn.functional  # noqa: F401
 
+from kimi_train.errors import UserError
+
 from .dims import ParallelDims
 from .grad_norm import clip_grad_norm_
 
-__all__ = ["init_distributed", "destroy_distributed", "ParallelDims", "build_engine", "parallelize_model", "apply_ep",
-           "apply_fsdp", "clip_grad_norm_"]
+T = TypeVar("T")
+
+__all__ = ["init_distributed", "destroy_distributed", "once_per_node", "ParallelDims", "build_engine",
+           "parallelize_model", "apply_ep", "apply_fsdp", "clip_grad_norm_"]
 
 
 def launched_by_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ  # torchrun (torch.distributed.run) sets it for every rank
 
 
-def init_distributed(backend: Optional[str] = None) -> tuple[int, int, int, torch.device]:
+_STORE: Any = None  # the rendezvous store of this process's group: once_per_node waits on it
+
+
+def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0,
+                     init_timeout_s: float = 1800.0) -> tuple[int, int, int, torch.device]:
     """Initialise torch.distributed when launched by torchrun (also with one rank) or with
-    WORLD_SIZE > 1; return (rank, world, local_rank, device)."""
+    WORLD_SIZE > 1; return (rank, world, local_rank, device).
+
+    ``init_timeout_s`` bounds the rendezvous (every rank joining), ``timeout_s`` every collective
+    after it. Raises UserError (one line) for a launch that cannot work: several SLURM tasks without
+    a launcher that sets WORLD_SIZE, or a LOCAL_RANK with no GPU of its own."""
+    global _STORE
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+        raise UserError(
+            f"SLURM_NTASKS={os.environ['SLURM_NTASKS']} but WORLD_SIZE is unset: srun started independent "
+            "single-process runs; start one torchrun per node (launch/slurm.sbatch), or unset SLURM_NTASKS")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        visible = torch.cuda.device_count()
+        if local_rank >= visible:
+            raise UserError(
+                f"LOCAL_RANK={local_rank} but this node has {visible} visible GPU(s) (CUDA_VISIBLE_DEVICES="
+                f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); start at most {visible} processes per node "
+                "(torchrun --nproc_per_node gpu)")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     if (world_size > 1 or launched_by_torchrun()) and not dist.is_initialized():
-        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"))
+        store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=init_timeout_s)))
+        store.set_timeout(timedelta(seconds=timeout_s))
+        # What init_process_group(init_method="env://") does, with the two timeouts apart.
+        dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
+                                store=dist.PrefixStore("default_pg", store), rank=rank, world_size=size,
+                                timeout=timedelta(seconds=timeout_s))
+        _STORE = dist.PrefixStore("kimi_train", store)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return rank, world_size, local_rank, device
+
+
+def once_per_node(fn: Callable[[], T], what: str) -> T:
+    """``fn()`` on every rank, first on global rank 0, then on each other node's local rank 0, then on
+    the rest, for one-time work that leaves a cache behind (a tokenizer, tokenized data).
+
+    So a cache is built once on a shared filesystem, once per node on node-local disks, and never
+    by two ranks of a node at once. The others wait on the rendezvous store, not in a collective, so
+    a preparation longer than parallel.timeout_s does not time the job out. An error in a leader's
+    ``fn`` is raised on every rank that waits for it (as UserError when it was one). In a process group
+    that init_distributed did not make (no store of ours), global rank 0 goes first, the others wait in
+    a barrier."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return fn()
+    rank = dist.get_rank()
+    if _STORE is None:  # a group made elsewhere (a test's spawner): rank 0 first, ordered by barriers
+        if rank:
+            dist.barrier()
+        result = fn()
+        if not rank:
+            dist.barrier()
+        return result
+    node_leader = rank - int(os.environ.get("LOCAL_RANK", "0"))
+    if rank == 0:
+        waits_for = []
+    elif rank == node_leader:
+        waits_for = [0]
+    else:
+        waits_for = [node_leader]
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # torchrun keeps its store across restarts
+    key = f"once/{attempt}/{what}/"
+    for leader in waits_for:
+        _wait_for(key + str(leader), leader, what)
+    try:
+        result = fn()
+    except BaseException as e:
+        if rank == node_leader:
+            _STORE.set(key + str(rank), f"{type(e).__name__}: {e}")
+        raise
+    if rank == node_leader:
+        _STORE.set(key + str(rank), "")
+    return result
+
+
+def _wait_for(key: str, leader: int, what: str) -> None:
+    """Wait (polling the store, no collective, no deadline) until rank ``leader`` finished ``what``."""
+    import time
+
+    while True:
+        try:
+            _STORE.wait([key], timedelta(seconds=30))
+            break
+        except (RuntimeError, dist.DistStoreError):  # the store's wait timed out: still preparing
+            time.sleep(0.1)
+    outcome = _STORE.get(key).decode()
+    if outcome:
+        kind, _, message = outcome.partition(": ")
+        if kind == "UserError":
+            raise UserError(message)
+        raise RuntimeError(f"rank {leader} failed to prepare {what}: {outcome}")
 
 
 def destroy_distributed() -> None:

@@ -2,6 +2,7 @@
 
     kimi-train-inspect model=k2 parallel.dp_shard=256 parallel.ep=32 dtype=bf16
     kimi-train-inspect model=tiny model.num_hidden_layers=8 optimizer=adamw
+    kimi-train-inspect world_size=16 gpus_per_node=8 parallel.ep=8 model=k2_mini     # a launch's dry run
 
 Arguments (key=value, any order):
     model=NAME|PATH.yaml             configs/model/NAME.yaml (default tiny)
@@ -11,6 +12,10 @@ Arguments (key=value, any order):
     parallel.ep=P                    expert parallel degree (divides dp_shard and n_routed_experts)
     dtype=fp32|bf16                  parameter/gradient dtype; bf16 adds fp32 master weights
     optimizer=muon|adamw             muon: 1 fp32 buffer per hidden matrix, AdamW (2) for the rest
+    world_size=N gpus_per_node=G     dry run of a launch on N ranks, G per node: validates the layout as
+                                     kimi-train does (parallel.dp_shard defaults to -1, inferred), then
+                                     prints each rank's node, local rank and mesh coordinates, the EP
+                                     groups and the per-rank memory as a table (json=true: JSON)
 
 The model is built on the meta device (no memory), so model=k2 answers in a second. Memory is
 per rank and counts parameters, gradients, master weights and optimizer state (FSDP2-style:
@@ -132,8 +137,64 @@ def inspect(
     }
 
 
+def rank_table(world_size: int, gpus_per_node: int, dp_replicate: int, dp_shard: int, ep: int) -> list[dict[str, int]]:
+    """Where each global rank sits: its (node, local rank) under torchrun (consecutive ranks per node)
+    and its coordinates in the ("dp_replicate", "efsdp", "ep") mesh kimi_train.parallel.dims builds."""
+    rows = []
+    for rank in range(world_size):
+        shard = rank % dp_shard
+        rows.append({"rank": rank, "node": rank // gpus_per_node, "local_rank": rank % gpus_per_node,
+                     "dp_replicate": rank // dp_shard, "dp_shard": shard, "efsdp": shard // ep, "ep": shard % ep})
+    return rows
+
+
+def dry_run(cfg: ModelConfig, world_size: int, gpus_per_node: int, parallel: dict[str, int],
+            **kwargs: Any) -> dict[str, Any]:
+    """Validate a launch of ``world_size`` ranks (``gpus_per_node`` per node) as kimi-train would, then
+    inspect() it and add the rank table and EP groups. Raises ValueError (one line) for a bad layout."""
+    from kimi_train.parallel.dims import ParallelDims
+
+    for key, v in (("world_size", world_size), ("gpus_per_node", gpus_per_node)):
+        if v < 1:
+            raise ValueError(f"{key}={v}: must be a positive integer")
+    if world_size % gpus_per_node:
+        raise ValueError(f"world_size={world_size} is not a multiple of gpus_per_node={gpus_per_node} "
+                         "(torchrun starts the same number of ranks on every node)")
+    dims = ParallelDims.from_config({"dp_shard": -1, **parallel}, world_size, cfg)  # LayoutError: one line
+    report = inspect(cfg, dims.dp_replicate, dims.dp_shard, dims.ep, **kwargs)
+    ranks = rank_table(world_size, gpus_per_node, dims.dp_replicate, dims.dp_shard, dims.ep)
+    groups = [list(range(start, start + dims.ep)) for start in range(0, world_size, dims.ep)]
+    report["layout"].update(nodes=world_size // gpus_per_node, gpus_per_node=gpus_per_node, efsdp=dims.efsdp)
+    report["ranks"] = ranks
+    report["ep_groups"] = groups
+    report["ep_groups_cross_nodes"] = dims.ep > gpus_per_node  # the token all-to-all leaves the node
+    return report
+
+
+def format_dry_run(report: dict[str, Any]) -> str:
+    """The dry run as text: the layout, one line per rank, the EP groups, per-rank memory."""
+    lay, mem = report["layout"], report["per_rank"]["memory_gib"]
+    lines = [f"{lay['world_size']} ranks on {lay['nodes']} nodes x {lay['gpus_per_node']}: dp_replicate "
+             f"{lay['dp_replicate']} x dp_shard {lay['dp_shard']} (efsdp {lay['efsdp']} x ep {lay['ep']}); "
+             f"{report['total_params']:,} parameters ({report['activated_params']:,} activated)",
+             "rank  node  local_rank  dp_replicate  dp_shard  efsdp  ep"]
+    for r in report["ranks"]:
+        lines.append(f"{r['rank']:>4}  {r['node']:>4}  {r['local_rank']:>10}  {r['dp_replicate']:>12}  "
+                     f"{r['dp_shard']:>8}  {r['efsdp']:>5}  {r['ep']:>2}")
+    groups = report["ep_groups"]
+    shown = ", ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else str(g[0]) for g in groups[:8])
+    lines.append(f"EP groups ({len(groups)}): {shown}{', ...' if len(groups) > 8 else ''}"
+                 + ("; each spans several nodes: the token all-to-all leaves NVLink" if report["ep_groups_cross_nodes"] else
+                    "; each within one node"))
+    lines.append(f"per rank ({lay['dtype']}, {lay['optimizer']}): params {mem['params']} GiB, master "
+                 f"{mem['master_params_fp32']} GiB, grads {mem['grads']} GiB, optimizer state "
+                 f"{mem['optimizer_state']} GiB, total {mem['total']} GiB (activations not included)")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> tuple[ModelConfig, dict[str, Any]]:
-    """key=value arguments -> (validated ModelConfig, inspect() keyword arguments)."""
+    """key=value arguments -> (validated ModelConfig, inspect() keyword arguments; with world_size also
+    world_size, gpus_per_node, json, and the parallel.* sizes for dry_run)."""
     name, model_overrides, kwargs = "tiny", [], {}
     parallel_keys = {"parallel.dp_replicate": "dp_replicate", "parallel.dp_shard": "dp_shard", "parallel.ep": "ep"}
     for arg in argv:
@@ -149,10 +210,18 @@ def parse_args(argv: list[str]) -> tuple[ModelConfig, dict[str, Any]]:
                 kwargs[parallel_keys[key]] = int(value)
             except ValueError:
                 raise ValueError(f"{key}={value!r}: must be a positive integer") from None
+        elif key in ("world_size", "gpus_per_node"):
+            try:
+                kwargs[key] = int(value)
+            except ValueError:
+                raise ValueError(f"{key}={value!r}: must be a positive integer") from None
+        elif key == "json":
+            kwargs["json"] = value.lower() in ("1", "true", "yes")
         elif key in ("dtype", "optimizer"):
             kwargs[key] = value
         else:
-            valid = "model, model.FIELD, parallel.dp_replicate, parallel.dp_shard, parallel.ep, dtype, optimizer"
+            valid = ("model, model.FIELD, parallel.dp_replicate, parallel.dp_shard, parallel.ep, dtype, optimizer, "
+                     "world_size, gpus_per_node, json")
             raise ValueError(f"unknown argument {key!r}; valid: {valid}")
     try:
         base = load_model_config(name)
@@ -174,8 +243,17 @@ def main(argv: Optional[list[str]] = None) -> None:
         return
     try:
         cfg, kwargs = parse_args(args)
+        as_json = kwargs.pop("json", None)
+        if "world_size" in kwargs or "gpus_per_node" in kwargs:
+            world_size = kwargs.pop("world_size", None)
+            if world_size is None:
+                raise ValueError("gpus_per_node needs world_size=N (the dry run of a launch)")
+            parallel = {k: kwargs.pop(k) for k in ("dp_replicate", "dp_shard", "ep") if k in kwargs}
+            report = dry_run(cfg, world_size, kwargs.pop("gpus_per_node", world_size), parallel, **kwargs)
+            print(json.dumps(report, indent=2) if as_json else format_dry_run(report))
+            return
         report = inspect(cfg, **kwargs)
-    except ValueError as e:  # the model config's and ours: one line each
+    except ValueError as e:  # the model config's, the layout's and ours: one line each
         print(f"kimi-train-inspect: {e}", file=sys.stderr)
         raise SystemExit(2)
     print(json.dumps(report, indent=2))

@@ -55,8 +55,11 @@ def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path, mon
     monkeypatch.setenv("KIMI_TRAIN_DEBUG_KILL_AT", "1:3:TERM")  # rank 1 only, while step 3 runs
     spawn(_worker, 2, str(tmp_path / "run"), str(tmp_path))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    want = {"exit_code": 143, "message": "stopped at step 3; run the same command to resume", "step": 3}
-    assert results == [want, want]
+    # rank 1 got the signal (exit 143); rank 0 heard of it from rank 1 (exit 0: a launcher must not restart it)
+    assert results == [
+        {"exit_code": 0, "message": "stopped at step 3 (SIGTERM on another rank); run the same command to resume",
+         "step": 3},
+        {"exit_code": 143, "message": "stopped at step 3; run the same command to resume", "step": 3}]
     assert ckpt.latest_checkpoint(tmp_path / "run") == ckpt.checkpoint_path(tmp_path / "run", 3)
     assert len(list(ckpt.checkpoint_path(tmp_path / "run", 3).glob("*.distcp"))) == 2  # both ranks saved
 
