@@ -1,10 +1,11 @@
 """The launchers under stop signals and slow starts (CPU, gloo), as a cluster job meets them:
 
+- one-time preparation (once_per_node) on a leader slower than the process group's timeouts: the
+  other ranks wait outside any collective and the group is still whole afterwards;
 - two "nodes" (two torchruns of one rank each, c10d rendezvous, --max-restarts=1, through
-  launch/torchrun_node.sh) whose rank 0 prepares the data for longer than parallel.timeout_s and
-  parallel.init_timeout_s: the other node waits outside any collective and the job trains; then
-  SIGTERM to one node's torchrun: every rank saves the same step once, both torchruns end (the
-  other node's rank stops its own), and no node restarts;
+  launch/torchrun_node.sh) whose rank 0 prepares the data for longer than parallel.init_timeout_s:
+  the job trains; then SIGTERM to one node's torchrun: every rank saves the same step once, both
+  torchruns end (the other node's rank stops its own), and no node restarts;
 - Ctrl-C (SIGINT to the process group) under launch/deepspeed.sh with parallel.engine=deepspeed:
   the ranks save, and the same command resumes and logs exactly what an uninterrupted run logs.
 """
@@ -64,14 +65,22 @@ def _checkpoints(run_dir: Path) -> list[str]:
     return sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
 
 
+def test_preparation_slower_than_every_timeout_is_waited_for_outside_any_collective(tmp_path):
+    script = Path(__file__).with_name("_once_per_node_main.py")
+    proc = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", str(script), "3", "6"],
+                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert proc.stdout.count("all_reduce ok") == 2, proc.stdout
+
+
 def test_two_nodes_slow_preparation_then_a_signal_to_one_node(tmp_path):
     run_dir, port = tmp_path / "run", free_port()
-    args = [f"run_dir={run_dir}", "train.steps=40", "parallel.timeout_s=8", "parallel.init_timeout_s=5", *OVERRIDES]
+    args = [f"run_dir={run_dir}", "train.steps=40", "parallel.init_timeout_s=5", *OVERRIDES]
     nodes = []
     for node in (0, 1):
         env = _env(NNODES="2", NODE_RANK=str(node), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    RDZV_ID="two-nodes", NPROC_PER_NODE="1", MAX_RESTARTS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1",
-                   KIMI_TRAIN_DEBUG_SLOW_PREPARE="12")  # rank 0 prepares for 12 s > both timeouts
+                   KIMI_TRAIN_DEBUG_SLOW_PREPARE="8")  # rank 0 prepares for 8 s > init_timeout_s
         nodes.append(subprocess.Popen([str(LAUNCH / "torchrun_node.sh"), *args], stdout=subprocess.PIPE,
                                       stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path))
     try:
