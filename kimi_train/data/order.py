@@ -1,0 +1,59 @@
+"""The global sample order: a seeded bijection per epoch, and the largest-error interleave of a mixture.
+
+Both are pure functions of their arguments, so no index is stored anywhere and nothing per
+rank grows with the corpus: `permute(i, n, seed, source, epoch)` is the window at position i of an
+epoch's shuffle (a Feistel network on the next power of four >= n, cycle-walked into [0, n)),
+and `interleave(counts, weights, k)` continues Megatron's BlendedDataset rule from any prefix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_ROUNDS = 4
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a good 64-bit hash, vectorised (uint64 arithmetic wraps)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def permute(index: np.ndarray, n: int, *key: int) -> np.ndarray:
+    """Positions ``index`` (each in [0, n)) of a pseudo-random permutation of range(n), keyed by the
+    integers ``key`` (e.g. seed, source, epoch): another key, another permutation."""
+    half = max(1, (max(n - 1, 1).bit_length() + 1) // 2)  # 2 * half bits cover n
+    mask = np.uint64((1 << half) - 1)
+    x = np.asarray(index, dtype=np.uint64).copy()
+    todo = np.ones(len(x), dtype=bool)
+    with np.errstate(over="ignore"):
+        h = np.uint64(0x243F6A8885A308D3)
+        for k in key:
+            h = _mix64(h ^ np.uint64(k & 0xFFFFFFFFFFFFFFFF))
+        keys = _mix64(h + np.arange(1, _ROUNDS + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+        while todo.any():  # cycle-walking: re-encrypt the values that fell outside [0, n)
+            v = x[todo]
+            left, right = v >> np.uint64(half), v & mask
+            for k in keys:
+                left, right = right, left ^ (_mix64(right ^ k) & mask)
+            x[todo] = (left << np.uint64(half)) | right
+            todo = x >= np.uint64(n)
+    return x.astype(np.int64)
+
+
+def interleave(counts: np.ndarray, weights: np.ndarray, k: int) -> np.ndarray:
+    """The sources of the next ``k`` samples, given ``counts`` already drawn per source (updated in place).
+
+    Megatron's BlendedDataset rule: each sample goes to the source whose realized count lags its
+    target share of the samples so far (weights normalised) the most; ties go to the lower index.
+    Every prefix is then within one sample of its target for every source.
+    """
+    w = np.asarray(weights, dtype=np.float64) / float(np.sum(weights))
+    out = np.empty(k, dtype=np.int64)
+    total = int(counts.sum())
+    for j in range(k):
+        s = int(np.argmax(w * (total + j + 1) - counts))
+        counts[s] += 1
+        out[j] = s
+    return out
