@@ -283,8 +283,10 @@ def validate_data(d: DataConfig) -> None:
     """The data keys alone (kimi-train-prepare has no model); validate() adds the vocabulary checks."""
     _one_of("data.source", d.source, SOURCES)
     _one_of("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
-    _check(d.source not in ("files", "prepared") or len(d.paths) > 0 or bool(d.mix), "data.paths", list(d.paths),
-           f"data.source={d.source} needs a list of paths, e.g. data.paths=[a.jsonl]")
+    _check(d.source != "files" or len(d.paths) > 0, "data.paths", list(d.paths),
+           "data.source=files needs a list of local files or directories, e.g. data.paths=[a.jsonl]")
+    _check(d.source != "prepared" or len(d.paths) > 0 or bool(d.mix), "data.paths", list(d.paths),
+           "data.source=prepared needs prepared directories or token files, e.g. data.paths=[DIR] (or data.mix)")
     _check(not (d.mix and d.paths), "data.mix", "[...]", "give data.mix or data.paths, not both")
     for i, m in enumerate(d.mix):
         _check(math.isfinite(m.weight) and m.weight > 0, f"data.mix[{i}].weight", m.weight, "must be > 0")
@@ -296,7 +298,7 @@ def validate_data(d: DataConfig) -> None:
     _check(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", d.bpe_vocab_size, "must be >= 260")
     _check(d.bpe_sample_bytes >= 1, "data.bpe_sample_bytes", d.bpe_sample_bytes, "must be >= 1")
     _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0 = no cap)")
-    _check(0 <= d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in [0, 1)")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _check(d.val_sequences >= 0, "data.val_sequences", d.val_sequences, "must be >= 0")
     _check(d.dtype is None or d.dtype in RAW_DTYPES, "data.dtype", d.dtype, f"must be one of {', '.join(RAW_DTYPES)}")
 

@@ -9,7 +9,7 @@ each part is cut into windows of L + 1 tokens with stride L (inputs = w[:-1], la
 so every token is a target exactly once per epoch. Windows are arithmetic: nothing is stored.
 
 Order: the whole loader state is ``consumed``, the samples drawn so far from each source.
-The next G samples go to sources by the largest-error rule (order.interleave); the k-th sample
+The next G samples go to sources by an earliest-deadline rule (order.interleave); the k-th sample
 of source s is its window ``permute(k mod N_s, N_s, seed, s, k div N_s)`` (one shuffle per
 epoch of that source). So the global order is a pure function of the datasets, train.seed,
 seq_len and the counts; data-parallel rank r takes its contiguous slice of M*A of the G

@@ -122,6 +122,7 @@ def _line_blocks(path: Path, text_field: str) -> Iterator[Block]:
 
 
 def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
+    require("pyarrow", "data.paths with .parquet files")
     import pyarrow.parquet as pq
 
     pf = pq.ParquetFile(path)
