@@ -82,7 +82,7 @@ def test_workers_write_what_the_tokenizer_gives_and_megatron_reads_it(bpe, tmp_p
 
 def test_byte_tokens_are_utf8_plus_nul_and_max_bytes_stops_after_the_document_reaching_it(tmp_path):
     cfg = files_cfg(write_jsonl(tmp_path / "d.jsonl"), tmp_path, max_bytes=1000)
-    out = prepare(cfg, tmp_path / "out", ByteTokenizer(), progress=False)
+    out = prepare(cfg, tmp_path / "out", ByteTokenizer(), progress=False, shard_bytes=300)  # the cap spans shards
     docs = [bytes(d.astype(np.uint8)) for d in shard_tokens(out)]
     sizes = np.cumsum([len(d.encode()) for d in DOCS])
     n = int(np.searchsorted(sizes, 1000)) + 1
