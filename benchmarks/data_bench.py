@@ -1,9 +1,9 @@
 """The data layer at pretraining scale (issue 22): prepare throughput and memory, training-rank memory, loader speed.
 
-    python benchmarks/data_bench.py --mb 1024 --workers 2 --json docs/results/data/data_bench.json
-    python benchmarks/data_bench.py --mb 40                      # a quick check of the whole script
+    python benchmarks/data_bench.py --mb 1024 --rank-mb 1024 --workers 2 --json docs/results/data/data_bench.json
+    python benchmarks/data_bench.py --mb 40 --rank-mb 100        # a quick check of the whole script
 
-(a) prepare: ~MB of jsonl (the stdlib's sources repeated with a varied first line, under
+(a) prepare: --mb MB of jsonl (the stdlib's sources repeated with a varied first line, under
     --tmp, never committed), tokenized with one 32k byte-level BPE trained beforehand on a
     20 MB sample (not timed), by `kimi-train-prepare workers=N` and by nanoGPT's pattern:
     `datasets.load_dataset("json")` (its Arrow conversion counted) + `.map(batched=True,
@@ -11,9 +11,10 @@
     RAYON_NUM_THREADS=1 (one tokenizing thread per process), in one run. Wall time, MB/s of
     jsonl, the peak of the RSS summed over the process tree (sampled every 50 ms), and whether
     the token ids are identical (sha256 of both token streams).
-(b) a training rank (tiny model, vocab 32768) on the prepared 10 MB and full sets: data-layer
-    start-up (`build_data`, second process start) and RssAnon growth over 20 steps.
-(c) the loader's tokens/s (next_batch, one rank) against the default job's training tokens/s.
+(b) a training rank of the default job (tiny model, byte tokens, seq 128, micro-batch 8) on 10 MB
+    and --rank-mb MB of the same jsonl prepared with the byte tokenizer: data-layer start-up
+    (`build_data`, in the second process to start) and RssAnon growth over 20 steps.
+(c) the loader's tokens/s (next_batch, one rank) against the training tokens/s of the same run (b, 10 MB).
 """
 
 from __future__ import annotations
@@ -168,7 +169,7 @@ def rss_anon():
     for line in open("/proc/self/status"):
         if line.startswith("RssAnon:"):
             return int(line.split()[1]) / 1024
-data = DataConfig(source="prepared", paths=[data_dir]) if data_dir != "stdlib" else DataConfig()
+data = DataConfig(source="prepared", paths=[data_dir])
 cfg = validate(TrainConfig(model=load_model_config("tiny", vocab_size=vocab), data=data,
                            train=TrainLoopConfig(steps=20, val_batches=0),
                            logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False)))
@@ -200,7 +201,8 @@ def bench_rank(tmp: Path, data_dir: str, vocab: int) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--mb", type=int, default=1024, help="jsonl size for (a) and the large set of (b)")
+    p.add_argument("--mb", type=int, default=1024, help="jsonl size for (a)")
+    p.add_argument("--rank-mb", type=int, default=1024, help="jsonl size of the large set of (b)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--tmp", default="/tmp/kimi_data_bench")
     p.add_argument("--json", default=None)
@@ -214,24 +216,29 @@ def main() -> None:
         train_bpe32k(jsonl, tok)
     result = {"machine": f"{platform.node()} {os.cpu_count()} cores (shared with other jobs)",
               "load_avg_start": os.getloadavg()[0], "prepare": bench_prepare(tmp, jsonl, tok, args.workers)}
-    small = tmp / "prepared-10mb"
-    subprocess.run([sys.executable, "-m", "kimi_train.tools.prepare", "data=files", f"data.paths=[{jsonl}]",
-                    "data.max_bytes=10000000", "data.tokenizer=hf", f"data.tokenizer_path={tok}",
-                    f"data.cache_dir={tmp / 'cache'}", f"out={small}", "workers=0", "progress=false", "force=true"],
-                   env=ENV, check=True, capture_output=True)
-    result["rank"] = {"10mb": bench_rank(tmp, str(small), 32768), "large": bench_rank(tmp, str(tmp / "prepared"), 32768)}
-    result["default_job"] = bench_rank(tmp, "stdlib", 256)
+    big = tmp / f"corpus-{args.rank_mb}mb.jsonl"
+    if not big.exists():
+        make_jsonl(big, args.rank_mb)
+    sets = {}
+    for name, cap in (("10mb", 10_000_000), (f"{args.rank_mb}mb", 0)):
+        sets[name] = run_measured([sys.executable, "-m", "kimi_train.tools.prepare", "data=files",
+                                   f"data.paths=[{big}]", f"data.max_bytes={cap}", f"data.cache_dir={tmp / 'cache'}",
+                                   f"out={tmp / ('byte-' + name)}", f"workers={args.workers}", "progress=false",
+                                   "force=true"])
+    result["byte_prepare"] = {k: {"wall_s": v["wall_s"], "peak_rss_mb": v["peak_rss_mb"]} for k, v in sets.items()}
+    result["rank"] = {k: bench_rank(tmp, str(tmp / f"byte-{k}"), 256) for k in sets}
     result["load_avg_end"] = os.getloadavg()[0]
-    a, r, dj = result["prepare"], result["rank"], result["default_job"]
+    a, r = result["prepare"], result["rank"]
+    dj = r["10mb"]
     print(f"(a) prepare {a['jsonl_mb']:.0f} MB jsonl, {a['tokens']:,} tokens, N={a['workers']}")
     print(f"    {'':10s} {'wall s':>8s} {'MB/s':>8s} {'peak RSS MB (sum)':>18s}")
     for side in ("ours", "baseline"):
         print(f"    {side:10s} {a[side]['wall_s']:8.1f} {a[side]['mb_per_s']:8.2f} {a[side]['peak_rss_mb']:18.0f}")
     print(f"    throughput ours/baseline {a['throughput_ratio']:.2f}x, token ids identical: {a['token_ids_identical']}")
     print("(b) training rank   start-up s (1st / 2nd)   RssAnon growth over 20 steps MB")
-    for k in ("10mb", "large"):
+    for k in r:
         print(f"    {k:14s} {r[k]['first_startup_s']:8.3f} / {r[k]['startup_s']:.3f} {r[k]['rss_anon_growth_mb']:18.1f}")
-    print(f"(c) default job: loader {dj['loader_tokens_per_s']:,.0f} tokens/s vs training "
+    print(f"(c) default model and batch: loader {dj['loader_tokens_per_s']:,.0f} tokens/s vs training "
           f"{dj['train_tokens_per_s']:,.0f} tokens/s ({dj['loader_tokens_per_s'] / dj['train_tokens_per_s']:.0f}x)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

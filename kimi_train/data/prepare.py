@@ -6,7 +6,7 @@
                                    sizes and sha256, unigram entropy; "manifest_sha256" seals the rest
 
 Memory does not grow with the corpus: the main process reads the source as blocks of about
-4 MB (sources.iter_blocks), at most two per worker are in flight, and a shard's index holds
+1 MB (sources.iter_blocks), at most two per worker are in flight, and a shard's index holds
 one int per document of that shard only. Workers start with `spawn` and import numpy and
 tokenizers, never torch. A shard is closed every SHARD_BYTES of source text, at a block
 boundary; progress.json records the finished shards and how many blocks they consumed, so

@@ -23,7 +23,7 @@ SOURCES = ("stdlib", "files", "hub", "prepared")
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 _FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "jsonl", ".jsonl": "jsonl",
             ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet"}
-BLOCK_BYTES = 1 << 22  # text per work unit of the prepare workers
+BLOCK_BYTES = 1 << 20  # text per work unit of the prepare workers
 Block = tuple  # ("docs", [text, ...], "") | ("jsonl", raw lines, text_field + "\0" + path)
 
 
