@@ -16,8 +16,8 @@ seq_len and the counts; data-parallel rank r takes its contiguous slice of M*A o
 samples at read time, and a checkpoint's ``consumed`` resumes the same order at any dp size
 with the same G.
 
-Validation: the first data.val_sequences windows of the held-out documents (shared among the
-sources of a mixture by weight), rank r evaluating every dp-th one: the same windows for every
+Validation: data.val_sequences windows spread evenly over the held-out documents (shared among
+the sources of a mixture by weight), rank r evaluating every dp-th one: the same windows for every
 dp size and micro-batch size.
 """
 
@@ -169,10 +169,15 @@ class TrainLoader:
 
 
 def validation_windows(sources: Sequence[PackedWindows], weights: Sequence[float], num: int) -> list[tuple[int, int]]:
-    """The validation set as (source, window) pairs: ``num`` windows shared by weight, the first of each source."""
+    """The validation set as (source, window) pairs: ``num`` windows shared by weight, each source's spread
+    evenly over its held-out documents (the first ones alone would be one or two documents)."""
     counts = np.zeros(len(sources), dtype=np.int64)
     interleave(counts, np.asarray(weights, dtype=np.float64), num)
-    return [(s, w) for s, src in enumerate(sources) for w in range(min(int(counts[s]), len(src)))]
+    pairs = []
+    for s, src in enumerate(sources):
+        k = min(int(counts[s]), len(src))
+        pairs += [(s, int(w)) for w in (np.arange(k) * len(src)) // max(k, 1)]
+    return pairs
 
 
 def val_batches(sources: Sequence[PackedWindows], weights: Sequence[float], num: int, micro_batch_size: int,
