@@ -247,13 +247,14 @@ class Corpus:
 
 
 def load_corpus(data_cfg, cache_dir: Path | None = None) -> Corpus:
-    """The configured source, prepared (cached) and read whole, split at a document boundary."""
+    """The configured source, prepared (cached) and read whole into memory (writable copies), split at a
+    document boundary."""
     from kimi_train.data.dataset import open_dataset
 
     ds = open_dataset([str(prepared_cache(data_cfg, cache_dir))], data_cfg)
     split = ds.split(data_cfg.val_fraction)
     tokens = ds.read(0, ds.num_tokens) if ds.num_tokens else np.zeros(0, np.uint16)
-    return Corpus(np.asarray(tokens[:split]), np.asarray(tokens[split:]), ds.tokenizer, ds.num_documents,
+    return Corpus(np.array(tokens[:split]), np.array(tokens[split:]), ds.tokenizer, ds.num_documents,
                   ds.unigram_entropy)
 
 
