@@ -55,7 +55,8 @@ class PackedWindows:
 
     def __init__(self, tokens, seq_len: int, start: int = 0, end: Optional[int] = None):
         self.tokens, self.seq_len, self.start = tokens, seq_len, start
-        end = len(tokens) if end is None and isinstance(tokens, np.ndarray) else (end if end is not None else tokens.num_tokens)
+        if end is None:
+            end = len(tokens) if isinstance(tokens, np.ndarray) else tokens.num_tokens
         self.num_windows = max((end - start - 1) // seq_len, 0)
 
     def __len__(self) -> int:
