@@ -17,6 +17,7 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 
+from kimi_train.data.indexed import RAW_DTYPES
 from kimi_train.data.sources import SOURCES
 from kimi_train.errors import UserError
 from kimi_train.data.tokenizer import TOKENIZER_KINDS
@@ -72,9 +73,19 @@ class ScheduleConfig:
 
 
 @dataclass
+class MixSource:
+    path: str  # a prepared directory, a Megatron prefix or a token file
+    weight: float = 1.0  # share of the training tokens (normalised over data.mix)
+    max_epochs: Optional[float] = None  # refuse a run that would read this source more often
+
+
+@dataclass
 class DataConfig:
-    source: str = "stdlib"  # stdlib | files | hub
-    paths: list[str] = field(default_factory=list)  # files: local .txt/.md, .json/.jsonl or .parquet files
+    source: str = "stdlib"  # stdlib | files | hub (prepared into cache_dir on first use) | prepared
+    # files: local .txt/.md, .json/.jsonl(.gz), .parquet files or directories of them;
+    # prepared: prepared directories, Megatron prefixes (P of P.bin/P.idx) or .bin/.npy token files
+    paths: list[str] = field(default_factory=list)
+    mix: list[MixSource] = field(default_factory=list)  # a weighted mixture of prepared datasets (docs/training.md)
     name: Optional[str] = None  # hub: dataset name, streamed
     subset: Optional[str] = None  # hub: dataset config name
     split: str = "train"  # hub: split to stream
@@ -83,8 +94,12 @@ class DataConfig:
     tokenizer: str = "byte"  # byte | bpe | hf
     tokenizer_path: Optional[str] = None  # hf: a local tokenizer.json or tokenizer directory
     bpe_vocab_size: int = 4096  # bpe: trained on the corpus, cached in cache_dir
+    bpe_sample_bytes: int = 50_000_000  # bpe: trained on the first this-much text of the source
     cache_dir: Optional[str] = None  # default $KIMI_TRAIN_CACHE or ~/.cache/kimi_train
-    val_fraction: float = 0.01  # the last share of the token stream, held out for validation
+    val_fraction: float = 0.01  # held out: the documents from this share of the tokens from the end
+    val_sequences: int = 64  # validation windows (seq_len + 1 tokens) from the held-out documents
+    dtype: Optional[str] = None  # raw token files (.bin/.npy without a header): uint16 | uint32 | int32 ...
+    eod_id: Optional[int] = None  # raw token files: the end-of-document id (where held-out documents begin)
 
 
 @dataclass
@@ -221,20 +236,11 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(0 <= s.decay_fraction <= 1, "schedule.decay_fraction", s.decay_fraction, "must be in [0, 1]")
     _check(0 <= s.min_lr_ratio <= 1, "schedule.min_lr_ratio", s.min_lr_ratio, "must be in [0, 1]")
 
-    _one_of("data.source", d.source, SOURCES)
-    _one_of("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
-    _check(d.source != "files" or len(d.paths) > 0, "data.paths", list(d.paths),
-           "data.source=files needs a list of local files, e.g. data.paths=[a.jsonl]")
-    _check(d.source != "hub" or bool(d.name), "data.name", d.name, "data.source=hub needs a dataset name")
-    _check(d.tokenizer != "hf" or bool(d.tokenizer_path), "data.tokenizer_path", d.tokenizer_path,
-           "data.tokenizer=hf needs a local tokenizer.json or tokenizer directory")
-    _check(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", d.bpe_vocab_size, "must be >= 260")
+    validate_data(d)
     _check(d.tokenizer != "bpe" or d.bpe_vocab_size <= cfg.model.vocab_size, "data.bpe_vocab_size",
            d.bpe_vocab_size, f"must be <= model.vocab_size={cfg.model.vocab_size}")
     _check(d.tokenizer != "byte" or cfg.model.vocab_size >= 256, "model.vocab_size", cfg.model.vocab_size,
            "must be >= 256 for data.tokenizer=byte")
-    _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0 = no cap)")
-    _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
 
     _check(t.steps >= 1, "train.steps", t.steps, "must be >= 1")
     _check(t.seq_len >= 2, "train.seq_len", t.seq_len, "must be >= 2")
@@ -279,6 +285,30 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     if p.engine == "deepspeed":
         _validate_deepspeed(cfg)
     return cfg
+
+
+def validate_data(d: DataConfig) -> None:
+    """The data keys alone (kimi-train-prepare has no model); validate() adds the vocabulary checks."""
+    _one_of("data.source", d.source, SOURCES)
+    _one_of("data.tokenizer", d.tokenizer, TOKENIZER_KINDS)
+    _check(d.source != "files" or len(d.paths) > 0, "data.paths", list(d.paths),
+           "data.source=files needs a list of local files or directories, e.g. data.paths=[a.jsonl]")
+    _check(d.source != "prepared" or len(d.paths) > 0 or bool(d.mix), "data.paths", list(d.paths),
+           "data.source=prepared needs prepared directories or token files, e.g. data.paths=[DIR] (or data.mix)")
+    _check(not (d.mix and d.paths), "data.mix", "[...]", "give data.mix or data.paths, not both")
+    for i, m in enumerate(d.mix):
+        _check(math.isfinite(m.weight) and m.weight > 0, f"data.mix[{i}].weight", m.weight, "must be > 0")
+        _check(m.max_epochs is None or m.max_epochs > 0, f"data.mix[{i}].max_epochs", m.max_epochs,
+               "must be > 0 or null")
+    _check(d.source != "hub" or bool(d.name), "data.name", d.name, "data.source=hub needs a dataset name")
+    _check(d.tokenizer != "hf" or bool(d.tokenizer_path), "data.tokenizer_path", d.tokenizer_path,
+           "data.tokenizer=hf needs a local tokenizer.json or tokenizer directory")
+    _check(d.bpe_vocab_size >= 260, "data.bpe_vocab_size", d.bpe_vocab_size, "must be >= 260")
+    _check(d.bpe_sample_bytes >= 1, "data.bpe_sample_bytes", d.bpe_sample_bytes, "must be >= 1")
+    _check(d.max_bytes >= 0, "data.max_bytes", d.max_bytes, "must be >= 0 (0 = no cap)")
+    _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
+    _check(d.val_sequences >= 0, "data.val_sequences", d.val_sequences, "must be >= 0")
+    _check(d.dtype is None or d.dtype in RAW_DTYPES, "data.dtype", d.dtype, f"must be one of {', '.join(RAW_DTYPES)}")
 
 
 def _validate_deepspeed(cfg: TrainConfig) -> None:

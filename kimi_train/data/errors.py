@@ -12,7 +12,7 @@ from types import ModuleType
 from kimi_train.errors import UserError
 
 # The extra of pyproject.toml that installs each optional package.
-EXTRAS = {"datasets": "data", "tokenizers": "data", "transformers": "hf"}
+EXTRAS = {"datasets": "data", "pyarrow": "data", "tokenizers": "data", "transformers": "hf"}
 
 
 class DataError(UserError, ValueError):

@@ -1,31 +1,40 @@
 """Where the text comes from: the Python standard library (built in), local files, or the HF hub.
 
-Each source yields documents (strings) in a fixed order until ``max_bytes`` of UTF-8
-text have been read (0 = no cap), so the same config always gives the same corpus.
+Each source yields blocks of documents in a fixed order (`iter_blocks`); `kimi-train-prepare`
+tokenizes the blocks in a worker pool and stops after ``max_bytes`` of UTF-8 text (0 = no cap),
+so the same config always gives the same corpus. Local files are read here, streaming, without
+an Arrow cache: .txt/.md (one document per file), .json/.jsonl(.gz) (one record per line, or one
+array), .parquet; a directory stands for its files of those formats, sorted.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
+import json
 import os
 import sysconfig
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional
 
 from kimi_train.data.errors import DataError, require
 
-SOURCES = ("stdlib", "files", "hub")
+SOURCES = ("stdlib", "files", "hub", "prepared")
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-_FILE_BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".json": "json", ".jsonl": "json",
-                  ".parquet": "parquet"}
+_FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".json": "jsonl", ".jsonl": "jsonl",
+            ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".parquet": "parquet"}
+BLOCK_BYTES = 1 << 20  # text per work unit of the prepare workers
+Block = tuple  # ("docs", [text, ...], "") | ("jsonl", raw lines, text_field + "\0" + path)
 
 
 @functools.lru_cache(maxsize=1)
 def stdlib_files() -> tuple[Path, ...]:
     """The running interpreter's standard-library .py files (no tests, no site-packages), sorted."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not (_SKIP_DIRS & set(p.relative_to(root).parts[:-1]))]
+    files = []
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _SKIP_DIRS]  # pruned, not walked (site-packages is large)
+        files.extend(Path(folder, n) for n in names if n.endswith(".py"))
     return tuple(sorted(files, key=lambda p: p.relative_to(root).as_posix()))
 
 
@@ -45,73 +54,138 @@ def _stdlib_docs() -> Iterator[str]:
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def _builder_for(paths: list[str]) -> str:
-    kinds = set()
-    for p in paths:
-        suffix = Path(p).suffix.lower()
-        if suffix not in _FILE_BUILDERS:
-            raise DataError(f"data.paths: {p!r} has no known format (valid: {', '.join(sorted(_FILE_BUILDERS))})")
-        kinds.add(_FILE_BUILDERS[suffix])
-    if len(kinds) != 1:
-        raise DataError(f"data.paths mixes formats {sorted(kinds)}; use files of one format")
-    return kinds.pop()
+def _format_of(path: Path) -> str:
+    name = path.name.lower()
+    for suffix, fmt in _FORMATS.items():
+        if name.endswith(suffix):
+            return fmt
+    raise DataError(f"data.paths: {str(path)!r} has no known format (valid: {', '.join(_FORMATS)})")
 
 
 def checked_files(paths: list[str]) -> list[Path]:
-    """data.paths as resolved Paths, each an existing, readable, non-empty file (else a DataError)."""
+    """data.paths as resolved files (a directory: its files of known formats, sorted), each existing,
+    readable and non-empty (else a DataError)."""
     if not paths:
-        raise DataError("data.paths=[] is empty; data.source=files needs a list of local files")
+        raise DataError("data.paths=[] is empty; data.source=files needs a list of local files or directories")
     files = []
     for p in paths:
         path = Path(p).expanduser()
         if not path.exists():
             raise DataError(f"data.paths: {str(p)!r} does not exist")
-        if not path.is_file():
-            raise DataError(f"data.paths: {str(p)!r} is not a file (a directory? list its files)")
+        if path.is_dir():
+            inside = sorted(f for f in path.rglob("*") if f.is_file() and any(f.name.lower().endswith(s) for s in _FORMATS))
+            if not inside:
+                raise DataError(f"data.paths: directory {str(p)!r} has no files of a known format "
+                                f"({', '.join(_FORMATS)})")
+            files.extend(f.resolve() for f in inside)
+            continue
         if not os.access(path, os.R_OK):
             raise DataError(f"data.paths: {str(p)!r} is not readable (permission denied)")
         if path.stat().st_size == 0:
             raise DataError(f"data.paths: {str(p)!r} is empty")
+        _format_of(path)
         files.append(path.resolve())
     return files
 
 
-def _dataset_docs(dataset, text_field: str, where: str) -> Iterator[str]:
-    for row in dataset:
-        if text_field not in row:
-            raise DataError(f"data.text_field={text_field!r} is not a column of {where} (columns: {sorted(row)})")
-        yield row[text_field]
+def _doc_blocks(docs: Iterator[str]) -> Iterator[Block]:
+    """Documents grouped into blocks of about BLOCK_BYTES of text."""
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= BLOCK_BYTES:
+            yield ("docs", batch, "")
+            batch, size = [], 0
+    if batch:
+        yield ("docs", batch, "")
 
 
-@contextmanager
-def _quiet_datasets():
-    """datasets logs a parse error on stderr before raising it; the raised one is enough."""
-    from datasets.utils import logging as ds_logging
+def _line_blocks(path: Path, text_field: str) -> Iterator[Block]:
+    """A JSON-lines file (gzip-compressed or not) as raw blocks of whole lines: workers parse them."""
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        rest = b""
+        while True:
+            chunk = f.read(BLOCK_BYTES)
+            if not chunk:
+                break
+            chunk = rest + chunk
+            cut = chunk.rfind(b"\n") + 1
+            if cut == 0:
+                rest = chunk
+                continue
+            rest = chunk[cut:]
+            yield ("jsonl", chunk[:cut], text_field + "\0" + str(path))
+        if rest.strip():
+            yield ("jsonl", rest, text_field + "\0" + str(path))
 
-    level = ds_logging.get_verbosity()
-    ds_logging.set_verbosity(ds_logging.CRITICAL)
+
+def _parquet_docs(path: Path, text_field: str) -> Iterator[str]:
+    require("pyarrow", "data.paths with .parquet files")
+    import pyarrow.parquet as pq
+
+    pf = pq.ParquetFile(path)
+    names = pf.schema_arrow.names
+    if text_field not in names:
+        raise DataError(f"data.text_field={text_field!r} is not a column of {str(path)!r} (columns: {sorted(names)})")
+    for batch in pf.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (t for t in batch.column(0).to_pylist() if t)
+
+
+def _file_blocks(files: list[Path], text_field: str) -> Iterator[Block]:
+    for path in files:
+        fmt = _format_of(path)
+        if fmt == "jsonl":
+            with open(path, "rb") as f:
+                head = f.read(64).lstrip()
+            if head.startswith(b"["):  # a .json holding one array of records
+                yield from _doc_blocks(_json_array_docs(path, text_field))
+            else:
+                yield from _line_blocks(path, text_field)
+        elif fmt == "parquet":
+            yield from _doc_blocks(_parquet_docs(path, text_field))
+        else:
+            yield ("docs", [_read_text(path)], "")
+
+
+def _read_text(path: Path) -> str:
     try:
-        yield
-    finally:
-        ds_logging.set_verbosity(level)
-
-
-def _file_docs(paths: list[str], files: list[Path], text_field: str) -> Iterator[str]:
-    load_dataset = require("datasets", "data.source=files").load_dataset
-    import pyarrow
-
-    builder = _builder_for(paths)
-    kwargs = {"sample_by": "document"} if builder == "text" else {}
-    field = "text" if builder == "text" else text_field
-    try:
-        with _quiet_datasets():
-            # Streaming reads the files in order without writing an Arrow cache.
-            ds = load_dataset(builder, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs)
-            yield from _dataset_docs(ds, field, f"{paths}")
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DataError(f"data.paths={paths}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except pyarrow.ArrowInvalid as e:
-        raise DataError(f"data.paths={paths}: not valid {builder} ({str(e).splitlines()[0]})") from None
+        raise DataError(f"data.paths: {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _json_array_docs(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        rows = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise DataError(f"data.paths: {str(path)!r} is not valid json ({e.msg} at line {e.lineno})") from None
+    yield from _texts(rows, text_field, str(path))
+
+
+def _texts(rows, text_field: str, where: str) -> Iterator[str]:
+    for row in rows:
+        if not isinstance(row, dict) or text_field not in row:
+            columns = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise DataError(f"data.text_field={text_field!r} is not a column of {where} (columns: {columns})")
+        if row[text_field]:
+            yield row[text_field]
+
+
+def block_documents(block: Block) -> list[str]:
+    """The documents of one block (run by the prepare workers: parses JSON lines)."""
+    kind, payload, extra = block
+    if kind == "docs":
+        return payload
+    text_field, where = extra.split("\0", 1)
+    try:
+        rows = [json.loads(line) for line in payload.splitlines() if line.strip()]
+    except UnicodeDecodeError as e:
+        raise DataError(f"data.paths: {where!r} is not UTF-8 text ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"data.paths: {where!r} is not valid json ({e.msg})") from None
+    return list(_texts(rows, text_field, where))
 
 
 def _hub_docs(name: str, subset: Optional[str], split: str, text_field: str) -> Iterator[str]:
@@ -122,24 +196,27 @@ def _hub_docs(name: str, subset: Optional[str], split: str, text_field: str) -> 
         ds = datasets.load_dataset(name, subset, split=split, streaming=True)
     except (DatasetNotFoundError, FileNotFoundError, ConnectionError) as e:
         raise DataError(f"data.name={name!r}: {str(e).splitlines()[0]}") from None
-    yield from _dataset_docs(ds, text_field, name)
+    yield from _texts(ds, text_field, name)
+
+
+def iter_blocks(data_cfg) -> Iterator[Block]:
+    """The configured source as blocks of documents, in a fixed order (local files are checked first).
+
+    A block is ("docs", [text, ...], "") or ("jsonl", raw lines, field + "\\0" + path); the prepare
+    workers turn each into documents with `block_documents` (data.max_bytes is applied by the writer).
+    """
+    if data_cfg.source == "stdlib":
+        return _doc_blocks(_stdlib_docs())
+    if data_cfg.source == "files":
+        return _file_blocks(checked_files(list(data_cfg.paths)), data_cfg.text_field)
+    if data_cfg.source == "hub":
+        return _doc_blocks(_hub_docs(data_cfg.name, data_cfg.subset, data_cfg.split, data_cfg.text_field))
+    raise DataError(f"data.source={data_cfg.source!r} has no documents to read (valid: stdlib, files, hub)")
 
 
 def iter_documents(data_cfg) -> Iterator[str]:
-    """Documents of the configured source, in a deterministic order, capped at data.max_bytes.
-
-    Local files are checked here (exist, readable, not empty), before any is read.
-    """
-    if data_cfg.source == "stdlib":
-        docs = _stdlib_docs()
-    elif data_cfg.source == "files":
-        paths = list(data_cfg.paths)
-        docs = _file_docs(paths, checked_files(paths), data_cfg.text_field)
-    elif data_cfg.source == "hub":
-        docs = _hub_docs(data_cfg.name, data_cfg.subset, data_cfg.split, data_cfg.text_field)
-    else:
-        raise DataError(f"data.source={data_cfg.source!r} is not one of {', '.join(SOURCES)}")
-    return _capped(docs, data_cfg.max_bytes)
+    """Documents of the configured source, in a deterministic order, capped at data.max_bytes."""
+    return _capped((doc for block in iter_blocks(data_cfg) for doc in block_documents(block)), data_cfg.max_bytes)
 
 
 def _file_stamp(path: Path) -> str:

@@ -58,7 +58,26 @@ class HFTokenizer:
 EOS_TOKEN = "<|endoftext|>"
 
 
-def train_bpe(texts: list[str], vocab_size: int, cache_dir: Path, corpus_key: str) -> HFTokenizer:
+def tokenizer_id(tokenizer) -> str:
+    """The tokenizer's content hash ("byte" for ByteTokenizer): datasets to be mixed must share it."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return "byte"
+    tok = tokenizer._tok
+    if hasattr(tok, "to_str"):  # tokenizers.Tokenizer
+        text = tok.to_str()
+    elif getattr(tok, "is_fast", False):
+        text = tok.backend_tokenizer.to_str()
+    else:
+        text = json.dumps(tok.get_vocab(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def bpe_tokenizer(data_cfg, docs, cache_dir: Path, corpus_key: str) -> "HFTokenizer":
+    """data.tokenizer=bpe: trained on ``docs`` (a bounded sample) or the cached one of the same key."""
+    return train_bpe(docs, data_cfg.bpe_vocab_size, cache_dir, f"{corpus_key}-sample{data_cfg.bpe_sample_bytes}")
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, cache_dir: Path, corpus_key: str) -> HFTokenizer:
     """Train a byte-level BPE on ``texts`` (or reuse the cached one for the same corpus and size)."""
     require("tokenizers", "data.tokenizer=bpe")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers

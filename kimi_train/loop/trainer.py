@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from kimi_train.loop import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
 from kimi_train.errors import TrainingError, UserError
-from kimi_train.data import PackedWindows, TrainLoader, load_corpus, val_batches
+from kimi_train.data import build_data
 from kimi_train.data.tokenizer import TOKENIZER_DIR, save_pretrained
 from kimi_train.loop.debug import debug_dump_grads
 from kimi_train.loop.interrupt import StopOnSignal, debug_signal_at
@@ -58,13 +58,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _load_corpus(data_cfg: Any):
-    """load_corpus; KIMI_TRAIN_DEBUG_SLOW_PREPARE=<seconds> makes global rank 0's take that much longer
+def _slowed(prepare: Callable[[], Any]) -> Any:
+    """prepare(); KIMI_TRAIN_DEBUG_SLOW_PREPARE=<seconds> makes global rank 0's take that much longer
     (a test hook: the other ranks' wait must not be a collective that times out)."""
     delay = float(os.environ.get("KIMI_TRAIN_DEBUG_SLOW_PREPARE", "0") or 0)
     if delay and dist.is_initialized() and dist.get_rank() == 0:
         time.sleep(delay)
-    return load_corpus(data_cfg)
+    return prepare()
 
 
 class Trainer:
@@ -94,7 +94,7 @@ class Trainer:
         self.resumed_from: Optional[str] = None
         self._prepare_run_dir()
         if self.is_main:  # the run's tokenizer, loadable by transformers (kimi-train-export copies it)
-            save_pretrained(self.corpus.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
+            save_pretrained(self.data.tokenizer, self.run_dir / TOKENIZER_DIR, cfg.model.max_position_embeddings)
         self.metrics = MetricsLogger(self.run_dir, self.is_main, self.step, cfg.logging.wandb,
                                      cfg.logging.wandb_project, cfg.run_name or self.run_dir.name, resolved_config)
 
@@ -126,18 +126,11 @@ class Trainer:
         return mesh
 
     def _build_data(self) -> None:
-        cfg, t = self.cfg, self.cfg.train
-        # Data: built once (rank 0 first, then each node's first rank), the other ranks waiting outside any collective.
-        self.corpus = once_per_node(lambda: _load_corpus(cfg.data), "data")
-        if self.corpus.tokenizer.vocab_size > cfg.model.vocab_size:
-            raise UserError(
-                f"the tokenizer has {self.corpus.tokenizer.vocab_size} tokens but model.vocab_size="
-                f"{cfg.model.vocab_size}; set model.vocab_size >= {self.corpus.tokenizer.vocab_size}"
-            )
-        self.train_loader = TrainLoader(PackedWindows(self.corpus.train_tokens, t.seq_len), t.micro_batch_size,
-                                        self.accum, self.dims.dp_rank, self.dims.dp_size, seed=t.seed)
-        self.val_set = val_batches(PackedWindows(self.corpus.val_tokens, t.seq_len), t.val_batches,
-                                   t.micro_batch_size, self.dims.dp_rank, self.dims.dp_size)
+        # Data: memory-mapped token datasets; data=stdlib/files/hub are prepared into the cache once
+        # (rank 0 first, then each node's first rank), the other ranks waiting outside any collective.
+        self.data = build_data(self.cfg, self.dims.dp_rank, self.dims.dp_size, self.accum, self.is_main,
+                               once=lambda fn: once_per_node(lambda: _slowed(fn), "data"))
+        self.train_loader, self.val_set = self.data.loader, self.data.val_set
 
     def _build_engine(self, engine_factory: Callable[..., TrainEngine], mesh: Any) -> None:
         """The model, from the seed, wrapped in its engine; ``model``/``optimizer``/``module`` are the engine's."""
@@ -257,15 +250,16 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
-        """Mean loss over the fixed validation batches (eval mode: no max-logit/expert-load records)."""
-        if not self.val_set:
+        """Mean loss over the fixed validation windows (eval mode: no max-logit/expert-load records); the
+        same windows at every dp size and micro-batch size, so the same value up to summation order."""
+        if not self.data.num_val:  # the same on every rank
             return None
         self.model.eval()
         total = torch.zeros((), device=self.device)
         for batch in self.val_set:
-            total += self._loss(batch)
+            total += self._loss(batch) * batch.shape[0]
         self.model.train()
-        return float(self._mean_over_dp(total / len(self.val_set)))
+        return float(self._mean_over_dp(total)) * self.dims.dp_size / self.data.num_val
 
     # ------------------------------------------------------------------ loop
     def _trainer_state(self) -> dict[str, Any]:
@@ -314,8 +308,10 @@ class Trainer:
                     tps = interval_tokens / max(train_time, 1e-9)
                     record.update(step=self.step, tokens=self.tokens_seen, tokens_per_s=tps,
                                   skipped_steps=self.skipped_steps, elapsed_s=time.perf_counter() - start)
+                    if len(self.train_loader.sources) > 1:  # a mixture: tokens drawn from each source
+                        record.update({f"data_tokens/{k}": v for k, v in self.train_loader.realized_tokens().items()})
                     if self.step == 1:
-                        record["unigram_entropy"] = self.corpus.unigram_entropy  # the loss to beat, nats/token
+                        record["unigram_entropy"] = self.data.unigram_entropy  # the loss to beat, nats/token
                     if self.peak_flops:
                         record["mfu"] = tps * self.flops_per_token / (self.peak_flops * self.world_size)
                     if t.val_batches and ((t.val_every and self.step % t.val_every == 0) or is_last):
@@ -359,15 +355,12 @@ class Trainer:
     def _print_header(self) -> None:
         if not self.is_main:
             return
-        c = self.corpus
         lines = [
             f"run_dir: {self.run_dir}" + (f" (resumed from {Path(self.resumed_from).name})" if self.resumed_from else ""),
             f"model: {self.num_params / 1e6:.2f}M parameters, {self.cfg.model.num_hidden_layers} layers; "
             f"optimizer: {type(self.optimizer).__name__}; device: {self.device}; ranks: {self.world_size}"
             + (f" ({dist.get_backend()}, {self.engine.description})" if dist.is_initialized() else ""),
-            f"data: {self.cfg.data.source}, {c.num_documents} documents, {len(c.train_tokens):,} train / "
-            f"{len(c.val_tokens):,} val tokens, tokenizer {c.tokenizer.name} (vocab {c.tokenizer.vocab_size}), "
-            f"unigram entropy {c.unigram_entropy:.3f} nats/token",
+            self.data.header(),
             f"batch: {self.global_batch} x {self.cfg.train.seq_len} tokens per step "
             f"({self.cfg.train.micro_batch_size} per micro-batch, {self.accum} accumulation steps), "
             f"{self.cfg.train.steps} steps",
@@ -390,7 +383,7 @@ class Trainer:
 
                 plot_runs([self.run_dir], self.run_dir / "plots")
             print(f"done: loss {summary['final_loss']:.4f}" if summary["final_loss"] is not None else "done",
-                  f"(unigram entropy {self.corpus.unigram_entropy:.3f}); outputs in {self.run_dir}", flush=True)
+                  f"(unigram entropy {self.data.unigram_entropy:.3f}); outputs in {self.run_dir}", flush=True)
         return summary
 
 
@@ -406,7 +399,8 @@ class Trainer:
         if self.rerun.changed:
             session["changed"] = {k: list(v) for k, v in self.rerun.changed.items()}
         totals = {"run_dir": str(self.run_dir), "steps": self.step, "skipped_steps": self.skipped_steps,
-                  "tokens": self.tokens_seen, "unigram_entropy": self.corpus.unigram_entropy,
+                  "tokens": self.tokens_seen, "unigram_entropy": self.data.unigram_entropy,
+                  "data_tokens": self.train_loader.realized_tokens(),
                   "num_params": self.num_params, "resumed_from": self.resumed_from}  # this session's
         previous = run_record.read_summary(self.run_dir) if self.resumed_from else None
         summary = run_record.summarize(previous, session, totals, last)

@@ -273,11 +273,10 @@ def run_tokenizer(run_dir: Path) -> Any:
     if "data" not in cfg:
         return None
     from kimi_train.config import DataConfig
-    from kimi_train.data import iter_documents
     from kimi_train.data.loader import build_tokenizer
 
     data = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data))
-    return build_tokenizer(data, list(iter_documents(data)) if data.tokenizer == "bpe" else [])
+    return build_tokenizer(data)
 
 
 def _prepare_out(out: Path, force: bool, src_is_out: bool) -> None:

@@ -61,13 +61,13 @@ def test_resume_with_other_batch_size_is_refused():
         b.load_state_dict(a.state_dict())
 
 
-def test_val_batches_are_fixed_and_sharded():
+@pytest.mark.parametrize("micro", [2, 3])
+def test_val_windows_are_the_same_for_every_dp_size_and_micro_batch(micro):
     w = _windows()
-    one = torch.cat(val_batches(w, 3, 2))
-    two = [torch.cat(val_batches(w, 3, 2, dp_rank=r, dp_size=2)) for r in range(2)]
-    assert one.shape == (6, 17) and two[0].shape == (6, 17)
-    assert not torch.equal(two[0], two[1])
-    assert torch.equal(one, torch.cat(val_batches(w, 3, 2)))
+    one = torch.cat(val_batches([w], [1.0], 7, micro))
+    assert one.shape == (7, 17) and torch.equal(one, w.gather(np.arange(7) * len(w) // 7))  # spread evenly
+    two = [torch.cat(val_batches([w], [1.0], 7, micro, dp_rank=r, dp_size=2)) for r in range(2)]
+    assert sorted(map(tuple, torch.cat(two).tolist())) == sorted(map(tuple, one.tolist()))
 
 
 def test_unigram_entropy_in_nats():
@@ -80,15 +80,23 @@ def test_stdlib_corpus_bytes_split_and_cap():
     assert len(files) > 100 and not any("site-packages" in str(f) for f in files)
     cfg = DataConfig(max_bytes=100_000, val_fraction=0.1)
     c = load_corpus(cfg)
-    total = len(c.train_tokens) + len(c.val_tokens)
-    assert 100_000 <= total < 100_000 + max(f.stat().st_size for f in files[: c.num_documents]) + c.num_documents
-    assert len(c.val_tokens) == round(total * 0.1)
-    assert c.train_tokens.dtype == np.uint8 and c.tokenizer.vocab_size == 256
+    total = len(c.train_tokens) + len(c.val_tokens)  # the text bytes + one end-of-document byte per document
+    assert 100_000 + c.num_documents <= total < 100_000 + max(f.stat().st_size for f in files[: c.num_documents]) + c.num_documents
+    assert len(c.val_tokens) >= round(total * 0.1) and c.train_tokens[-1] == 0  # whole documents held out
+    assert c.train_tokens.dtype == np.uint16 and c.tokenizer.vocab_size == 256
     assert 2.0 < c.unigram_entropy < math.log(256)
     again = load_corpus(cfg)
     assert np.array_equal(again.train_tokens, c.train_tokens)
-    text = bytes(c.train_tokens[:200]).decode("utf-8", errors="replace")
+    text = bytes(c.train_tokens[:200].astype(np.uint8)).decode("utf-8", errors="replace")
     assert "import" in text or '"""' in text or "#" in text
+
+
+def _stream(c) -> bytes:
+    return bytes(np.concatenate([c.train_tokens, c.val_tokens]).astype(np.uint8))
+
+
+def _docs(docs) -> bytes:
+    return b"".join(d.encode() + b"\0" for d in docs)  # every document ends with its end-of-document byte
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet", "txt"])
@@ -113,8 +121,7 @@ def test_local_files_through_datasets(tmp_path, fmt):
         docs = docs[:5]
     cfg = DataConfig(source="files", paths=paths, text_field="body", val_fraction=0.1, cache_dir=str(tmp_path))
     c = load_corpus(cfg)
-    stream = np.concatenate([c.train_tokens, c.val_tokens]).tobytes()
-    assert stream == "\0".join(docs).encode()
+    assert _stream(c) == _docs(docs)
 
 
 def test_hub_source_streams_a_dataset_repository_offline(tmp_path, monkeypatch):
@@ -135,12 +142,12 @@ def test_hub_source_streams_a_dataset_repository_offline(tmp_path, monkeypatch):
     cfg = DataConfig(source="hub", name=str(tmp_path / "repo"), text_field="story", split="train", max_bytes=0,
                      val_fraction=0.0, cache_dir=str(tmp_path))
     c = load_corpus(cfg)
-    assert c.train_tokens.tobytes() == "\0".join(train_docs).encode()
+    assert _stream(c) == _docs(train_docs)
     one_doc = len(train_docs[0].encode())
     capped = load_corpus(DataConfig(**{**cfg.__dict__, "max_bytes": 3 * one_doc}))
     assert capped.num_documents == 3
     val = load_corpus(DataConfig(**{**cfg.__dict__, "split": "validation"}))
-    assert val.train_tokens.tobytes() == b"held out"
+    assert _stream(val) == b"held out\0"
     with pytest.raises(ValueError, match=r"data.text_field='text' is not a column of .*\['story'\]"):
         load_corpus(DataConfig(**{**cfg.__dict__, "text_field": "text"}))
     # the cache key (BPE and token caches) follows the directory's files, not just its name
@@ -165,9 +172,9 @@ def test_bpe_tokenizer_is_trained_once_and_cached(tmp_path):
                      cache_dir=str(tmp_path / "cache"), val_fraction=0.05)
     c = load_corpus(cfg)
     assert c.tokenizer.vocab_size <= 400 and c.tokenizer.eos_id is not None
-    assert len(c.train_tokens) + len(c.val_tokens) <= 40 * 50 + 39  # one token per word (+ eos): merged
+    assert len(c.train_tokens) + len(c.val_tokens) <= 40 * 50 + 40  # one token per word (+ eos): merged
     cached = sorted(p.name for p in (tmp_path / "cache").iterdir())
-    assert any(n.startswith("bpe-400-") for n in cached) and any(n.startswith("tokens-") for n in cached)
+    assert any(n.startswith("bpe-400-") for n in cached) and "prepared" in cached
     again = load_corpus(cfg)
     assert np.array_equal(again.train_tokens, c.train_tokens)
     ids = c.tokenizer.encode("alpha beta")

@@ -85,11 +85,10 @@ def test_missing_optional_package(tmp_path):
     shim = tmp_path / "shim"  # `import datasets` fails as it does where the package is not installed
     shim.mkdir()
     (shim / "datasets.py").write_text("raise ModuleNotFoundError(\"No module named 'datasets'\", name='datasets')\n")
-    (tmp_path / "a.txt").write_text("some text\n" * 100)
-    proc = run_cli(small(tmp_path, "data=files", f"data.paths=[{tmp_path / 'a.txt'}]"),
+    proc = run_cli(small(tmp_path, "data=hub", "data.name=some/dataset", "data.tokenizer=byte"),
                    env_extra={"PYTHONPATH": os.pathsep.join([str(shim), os.environ.get("PYTHONPATH", "")])})
     line = one_line(proc)
-    assert "data.source=files needs the 'datasets' package, which is not installed; pip install 'kimi-train[data]'" in line
+    assert "data.source=hub needs the 'datasets' package, which is not installed; pip install 'kimi-train[data]'" in line
 
 
 # ------------------------------------------------------------------------------- resume and layout

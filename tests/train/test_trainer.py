@@ -242,7 +242,7 @@ def test_interrupted_or_unmarked_checkpoints_are_ignored_and_pruned(tmp_path):
     (unmarked / "trainer_state.json").write_text("{}")
     assert ckpt.latest_checkpoint(tmp_path) == good
     state = ckpt.load_checkpoint(good, trainer.engine)
-    assert state["step"] == 2 and state["data"]["position"] == 0
+    assert state["step"] == 2 and state["data"]["consumed"] == [0]
     trainer.step = 5
     trainer.save()  # keep=1: step 2 goes, and the stale lower-numbered leftovers with it
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000005"]
