@@ -216,11 +216,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     except TrainingError as e:
         _exit(str(e), 1, debug)
     except Interrupted as e:  # every rank stops; one of them says so
-        if e.exit_code == 0:  # the stop came from another node: end this node's launcher too
-            from kimi_train.loop.interrupt import stop_own_launcher
+        if os.environ.get("RANK", "0") == "0":
+            print(f"kimi-train: {e}", file=sys.stderr, flush=True)
+        if e.exit_code == 0:  # the stop came from another node: end this node's launcher too (it may
+            from kimi_train.loop.interrupt import stop_own_launcher  # end this process before it exits)
 
             stop_own_launcher()
-        _exit(str(e), e.exit_code, False, quiet=os.environ.get("RANK", "0") != "0")
+        sys.exit(e.exit_code)
 
 
 def _exit(message: str, code: int, debug: bool, quiet: bool = False) -> None:
