@@ -5,7 +5,9 @@ flattened, concatenated, padded and cut into N equal partitions (so matrices cro
 boundaries mid-row). Stage 3: every parameter cut into ceil(numel / N) pieces, rank r's pieces
 concatenated. 1 and 2 gloo ranks; 4 steps of a 2-layer MLA + MoE model (3-D experts) whose heads
 clip (low tau); every rank feeds its partition the same gradients MuonClip sees. Checked: every
-parameter and every optimizer state after each step (1e-6 absolute), and the clipped-head counts.
+parameter and every optimizer state after each step (1e-6 absolute), and the clipped-head counts;
+again with tiny all-to-all buckets; and, on ZeRO-3's layout, that the Muon exchange receives no
+more bytes than optim.distributed.orthogonalize_ does on FSDP2's Shard(0) layout.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from torch.distributed.tensor import Shard
+
+import optim.distributed as od
 from _spawn import spawn
 from optim import MuonClip, muon_param_groups
 from optim.flat import Fragment, Partition, PartitionedMuonClip
@@ -116,6 +121,41 @@ def _run(world: int, rank: int, stage: int) -> None:
 def _worker(rank: int, world: int, stage: int) -> None:
     torch.manual_seed(0)
     _run(world, rank, stage)
+    od.BUCKET_NUMEL = 500  # many buckets, two in flight, experts split across buckets: the same maths
+    _run(world, rank, stage)
+    if stage == 3:
+        _bytes_at_most_orthogonalize(rank, world)
+
+
+def _bytes_at_most_orthogonalize(rank: int, world: int) -> None:
+    """On ZeRO-3's layout the Muon exchange receives at most what orthogonalize_ receives for the
+    same matrices sharded Shard(0) (FSDP2's layout), and the step is the same."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    model = _model()
+    (group,) = [g for g in muon_param_groups(model) if g["use_muon"]]
+    named = dict(zip(group["param_names"], group["params"]))
+    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, (n, p) in enumerate(named.items())}
+    opt = PartitionedMuonClip([group], process_group=dist.group.WORLD, **KW)
+    length, frags = _layout(list(named), opt.shapes, world, 3)
+    part = Partition(_flat({n: p.detach() for n, p in named.items()}, frags[rank], length), 0, frags, rank)
+    opt.param_groups[0]["params"] = [part.tensor]
+    opt.set_partitions([part])
+    part.tensor.grad = _flat(grads, part.local, length)
+    mesh = init_device_mesh("cpu", (world,))
+    sharded = [torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [Shard(0)])) for p in named.values()]
+    for p, g in zip(sharded, grads.values()):
+        p.grad = distribute_tensor(g, mesh, [Shard(0)])
+    fsdp = MuonClip(sharded, **KW)
+    received = []
+    for step in (opt.step, fsdp.step):
+        od.comm_stats.reset()
+        step()
+        received.append(od.comm_stats.bytes_recv)
+    assert 0 < received[0] <= received[1], received
+    full = {n: p.full_tensor() for n, p in zip(named, sharded)}
+    torch.testing.assert_close(part.tensor, _flat(full, part.local, length), rtol=0, atol=1e-6)
 
 
 def test_one_partition_equals_muonclip():

@@ -12,7 +12,8 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from optim.distributed import comm_stats, orthogonalize_dtensors, scale_rows_
+from optim.distributed import comm_stats, orthogonalize_dtensors
+from optim.layout import scale_rows_
 from optim.newton_schulz import newton_schulz
 
 from _spawn import spawn
