@@ -72,14 +72,12 @@ class PartitionedMuonClip(MuonClip):
     def __init__(self, params: Iterable[dict[str, Any]], attention_layers: Optional[Sequence[QKClipAttention]] = None,
                  tau: Optional[float] = None, process_group: Optional[Any] = None, **muon_kwargs: Any):
         groups = [dict(g) for g in params]
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        self._names: dict[int, str] = {}  # id(model parameter) -> name
         for i, group in enumerate(groups):
-            names = group.get("param_names")
-            if names is None or len(names) != len(group["params"]):
+            if len(group.get("param_names") or ()) != len(group["params"]):
                 raise ValueError(f"PartitionedMuonClip: param group {i} needs 'param_names' (optim.muon_param_groups)")
-            self.shapes.update((name, tuple(p.shape)) for name, p in zip(names, group["params"]))
-            self._names.update((id(p), name) for name, p in zip(names, group["params"]))
+        named = [(n, p) for g in groups for n, p in zip(g["param_names"], g["params"])]
+        self.shapes = {n: tuple(p.shape) for n, p in named}
+        self._names = {id(p): n for n, p in named}  # id(model parameter) -> name
         self.partitions: dict[int, Partition] = {}  # id(partition tensor) -> Partition
         self._plans: dict[int, Any] = {}
         super().__init__(groups, attention_layers if tau is not None else None, 100.0 if tau is None else tau,
@@ -96,7 +94,6 @@ class PartitionedMuonClip(MuonClip):
         for part in self.partitions.values():
             self._init_param_state(part.tensor, self.param_groups[part.group]["use_muon"])
 
-    @torch.no_grad()
     def set_partitions(self, partitions: Sequence[Partition]) -> None:
         """Register the flat partitions (what the groups' ``params`` hold now) and create their
         state, zero, so the checkpoint layout never depends on the steps taken."""
@@ -112,29 +109,30 @@ class PartitionedMuonClip(MuonClip):
         if self.skip_next_step:
             return None
         for group in self.param_groups:
-            if any(id(p) not in self.partitions for p in group["params"] if p.grad is not None):
+            stepped = [p for p in group["params"] if p.grad is not None]
+            if any(id(p) not in self.partitions for p in stepped):
                 raise RuntimeError("PartitionedMuonClip: a parameter that is not a registered partition; "
                                    "call set_partitions() after the engine has partitioned the groups")
             self._step_group(group)
-            for p in group["params"]:
-                if p.grad is not None and self._decision is not None:
-                    self._clip_fragments(self.partitions[id(p)])
+            for p in stepped if self._decision is not None else ():  # QK-Clip's decided factors, on the rows held
+                scales = {self.name_of(w): scale_R for w, scale_R in self._decision.rows}
+                for f, frag in (fv for fv in _fragments(p, self.partitions[id(p)]) if fv[0].name in scales):
+                    for _, row, _, rows, cols, off in flat_rectangles(self.shapes[f.name], f.param_start, f.numel):
+                        scale_block_(block(frag, Span(off, rows, cols)), row, scales[f.name])
         return None
 
     def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         for p in params:
-            part, G_L = self.partitions[id(p)], p.grad.float()  # type: ignore[union-attr]
-            views = [(f, p.narrow(0, f.flat_start, f.numel)) for f in part.local]
-            G = [G_L.narrow(0, f.flat_start, f.numel) for f in part.local]
-            M = [self.state[p]["momentum_buffer"].narrow(0, f.flat_start, f.numel) for f in part.local]
-            pg = self.process_group if len(part.fragments) > 1 else None
+            part, pg = self.partitions[id(p)], self.process_group if len(self.partitions[id(p)].fragments) > 1 else None
             if id(p) not in self._plans:
                 self._plans[id(p)] = make_plan(lambda: self._layout(part), pg, p.device)
 
             def orthogonalize(ns, fill, apply, plan=self._plans[id(p)], device=p.device):
                 orthogonalize_layouts_([(plan, pg)], [], ns, group["ns_dtype"], fill, apply, device)
 
-            muon_update_(group, [v for _, v in views], G, M, [self.shapes[f.name] for f, _ in views], orthogonalize)
+            W, G, M = (_fragments(t, part) for t in (p, p.grad.float(), self.state[p]["momentum_buffer"]))
+            muon_update_(group, [w for _, w in W], [g for _, g in G], [m for _, m in M],
+                         [self.shapes[f.name] for f in part.local], orthogonalize)
 
     def _layout(self, part: Partition) -> Layout:
         """Every rank's fragments as rectangles of the matrices (every expert one matrix)."""
@@ -156,11 +154,7 @@ class PartitionedMuonClip(MuonClip):
     def _full_shape(self, w: Tensor) -> tuple[int, ...]:
         return self.shapes[self.name_of(w)]  # ZeRO-3's working weights are empty placeholders
 
-    def _clip_fragments(self, part: Partition) -> None:
-        """QK-Clip's decided row factors, written into the rows this partition holds."""
-        scales = {self.name_of(w): scale_R for w, scale_R in self._decision.rows}  # type: ignore[union-attr]
-        for f in part.local:
-            if f.name in scales:
-                frag = part.tensor.narrow(0, f.flat_start, f.numel)
-                for _, row, _, rows, cols, off in flat_rectangles(self.shapes[f.name], f.param_start, f.numel):
-                    scale_block_(block(frag, Span(off, rows, cols)), row, scales[f.name])
+
+def _fragments(t: Tensor, part: Partition) -> list[tuple[Fragment, Tensor]]:
+    """This rank's fragments and their views into ``t`` (laid out like the partition)."""
+    return [(f, t.narrow(0, f.flat_start, f.numel)) for f in part.local]
