@@ -1,15 +1,13 @@
-"""Muon and QK-Clip on flat partitions (ZeRO's layout): the ZeRO adapter of optim.distributed.
+"""Muon and QK-Clip on ZeRO's flat partitions: the ZeRO adapter of the owner-computes core.
 
-ZeRO keeps each rank's share of the fp32 master weights, and of the optimizer state, as ONE
-flat 1-D tensor per param group, a *partition*: stages 1/2 concatenate the group's parameters
-and cut the result into equal pieces, one per rank; stage 3 cuts every parameter into equal
-pieces and concatenates the rank's pieces. Either way a rank holds, of each parameter, at most
-one contiguous range of its flattened elements, starting and ending anywhere in its rows: a
-``Fragment``. This module only describes fragments to the shared machinery: each is up to three
-rectangles per matrix (optim.layout.flat_rectangles), the owner-computes core
-(optim.distributed) plans, exchanges and orthogonalises, and optim.Muon's own update, AdamW and
-QK-Clip decision run unchanged on the fragments. State: optim.Muon's keys, shaped like the
-partition, created with it.
+ZeRO keeps each rank's share of the fp32 master weights and of the optimizer state as ONE flat
+1-D *partition* per param group (stages 1/2: the group's parameters concatenated and cut into
+equal pieces; stage 3: every parameter cut into equal pieces, a rank's pieces concatenated). A
+rank holds, of each parameter, at most one run of its flattened elements, cut anywhere in a row:
+a ``Fragment``, up to three rectangles per matrix (optim.layout.flat_rectangles). This module
+only describes fragments: optim.distributed plans, exchanges and orthogonalises, and optim.Muon's
+update, AdamW and QK-Clip decision run unchanged on fragment views. State: optim.Muon's keys,
+shaped like the partition.
 """
 
 from __future__ import annotations
@@ -58,16 +56,12 @@ class Partition:
 
 
 class PartitionedMuonClip(MuonClip):
-    """optim.MuonClip whose parameters are flat partitions (see the module docstring).
-
-    Build it on the model's whole parameters, grouped by ``optim.muon_param_groups`` (which
-    names them); the engine that partitions them (e.g. DeepSpeed's ZeRO) replaces each group's
-    ``params`` by its flat partition and then calls ``set_partitions``. ``tau=None`` or no
-    attention layers: no QK-Clip. The engine runs ``prepare_qk_clip()`` (a collective; raises
-    ``NonFiniteMaxLogit`` before anything changes), its step (each partition's ``step`` writes
-    the decided row factors into its fragments after its update; ``skip_next_step`` drops it),
-    then ``finish_qk_clip(applied)``.
-    """
+    """optim.MuonClip on flat partitions. Build it on the model's named groups
+    (``optim.muon_param_groups``); the engine replaces each group's ``params`` by its partition and
+    calls ``set_partitions``. ``tau=None``: no QK-Clip. Per step the engine runs
+    ``prepare_qk_clip()`` (a collective; ``NonFiniteMaxLogit`` before anything changes), its step
+    (each partition's ``step`` writes the decided row factors after its update;
+    ``skip_next_step`` drops it), then ``finish_qk_clip(applied)``."""
 
     def __init__(self, params: Iterable[dict[str, Any]], attention_layers: Optional[Sequence[QKClipAttention]] = None,
                  tau: Optional[float] = None, process_group: Optional[Any] = None, **muon_kwargs: Any):
