@@ -56,7 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # peers
 import optim.distributed as od  # noqa: E402
 from optim import Muon  # noqa: E402
-from optim.muon import orthogonalize_local_  # noqa: E402
+from optim.newton_schulz import orthogonalize_local_  # noqa: E402
 
 LR, WD = 0.02, 0.1
 
@@ -205,7 +205,7 @@ def _variant_step(name, names, named, mesh):
 
     def gather_step():
         saved = od.orthogonalize_
-        od.orthogonalize_ = gather_orthogonalize_  # what Muon's DTensor branch imports
+        od.orthogonalize_ = gather_orthogonalize_  # what Muon calls for DTensors (read on every step)
         try:
             opt.step()
         finally:

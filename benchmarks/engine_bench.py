@@ -11,12 +11,14 @@ Variants, each in a fresh set of processes, the same model, global batch and Muo
                     Keller's lr scale, its default gradient_clipping 1.0 on the orthogonalised
                     update; ZeRO-3 needs "reduce_scatter": false), timed, not checked for maths
 
-Per variant, max over ranks: median step time (forward + backward + optimizer step) after warm-up,
+Per variant, max over ranks: median step time (forward + backward + optimizer step) after warm-up
+and the median process CPU time of a step (all of a rank's threads: less disturbed by a shared machine),
 peak resident memory growth of a rank since before the model was built (RSS: on CPU everything
 a rank holds; on CUDA also max_memory_allocated), and the bytes one rank receives per step in
 collectives, counted by wrapping torch.distributed (ring-equivalent: all-gather and reduce-scatter
-(N-1)/N of the full tensor, all-reduce twice that, all-to-all (N-1)/N of the input, broadcast the
-tensor). Prints a markdown table; --out writes the JSON.
+(N-1)/N of the full tensor, all-reduce twice that, all-to-all what its output splits say arrives
+from the other ranks, broadcast the tensor); of which the all-to-alls (the Muon exchange: no
+engine here uses them otherwise). Prints a markdown table; --out writes the JSON.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ VARIANTS = ["fsdp2", "zero1", "zero2", "zero3", "ds-muon-zero1", "ds-muon-zero2"
 
 # ---------------------------------------------------------------------------- byte counting
 _received = [0]
+_received_a2a = [0]  # of which all-to-all: the Muon owner-computes exchange (no engine here uses it otherwise)
 
 
 def _count_collectives() -> None:
@@ -53,6 +56,13 @@ def _count_collectives() -> None:
     def world(kwargs) -> int:
         return dist.get_world_size(kwargs.get("group"))
 
+    def _all_to_all_received(a, k) -> int:  # what arrives from the other ranks: the splits say (a self-split stays)
+        out = a[0] if a else k["output"]
+        splits = a[2] if len(a) > 2 else k.get("output_split_sizes")
+        if not splits:
+            return nbytes(out) * (world(k) - 1) // world(k)
+        return (sum(splits) - splits[dist.get_rank(k.get("group"))]) * out.element_size()
+
     rules = {
         "all_reduce": lambda a, k: 2 * nbytes(a[0] if a else k["tensor"]) * (world(k) - 1) // world(k),
         "all_gather_into_tensor": lambda a, k: nbytes(a[0] if a else k["output_tensor"]) * (world(k) - 1) // world(k),
@@ -62,7 +72,7 @@ def _count_collectives() -> None:
         "reduce_scatter_single": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
         "reduce_scatter_tensor": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
         "_reduce_scatter_base": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
-        "all_to_all_single": lambda a, k: nbytes(a[1] if len(a) > 1 else k["input"]) * (world(k) - 1) // world(k),
+        "all_to_all_single": _all_to_all_received,
         "broadcast": lambda a, k: nbytes(a[0] if a else k["tensor"]),
     }
     for name, rule in rules.items():
@@ -70,9 +80,11 @@ def _count_collectives() -> None:
         if original is None:  # not in this torch
             continue
 
-        def wrapped(*args, __original=original, __rule=rule, **kwargs):
+        def wrapped(*args, __original=original, __rule=rule, __name=name, **kwargs):
             try:
-                _received[0] += __rule(args, kwargs)
+                nbytes_ = __rule(args, kwargs)
+                _received[0] += nbytes_
+                _received_a2a[0] += nbytes_ if __name == "all_to_all_single" else 0
             except Exception:  # an unusual call form: count nothing rather than fail the run
                 pass
             return __original(*args, **kwargs)
@@ -143,21 +155,24 @@ def _worker(rank: int, world: int, args, variant: str) -> dict:
         rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         fwd_bwd, step = _build(cfg, variant, device)
         g = torch.Generator().manual_seed(rank)
-        times, received = [], []
+        times, cpu, received, received_a2a = [], [], [], []
         for i in range(args.warmup + args.steps):
             batch = torch.randint(0, cfg.model.vocab_size, (args.micro_batch, args.seq_len + 1), generator=g).to(device)
             dist.barrier()
-            _received[0] = 0
-            t0 = time.perf_counter()
+            _received[0] = _received_a2a[0] = 0
+            t0, c0 = time.perf_counter(), time.process_time()
             fwd_bwd(batch)
             step()
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if i >= args.warmup:
                 times.append(time.perf_counter() - t0)
+                cpu.append(time.process_time() - c0)
                 received.append(_received[0])
+                received_a2a.append(_received_a2a[0])
         rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024  # ru_maxrss: KiB on Linux
-        result.update(step_s=statistics.median(times), peak_rss_growth_bytes=rss, recv_bytes_per_step=max(received))
+        result.update(step_s=statistics.median(times), cpu_s=statistics.median(cpu), peak_rss_growth_bytes=rss,
+                      recv_bytes_per_step=max(received), muon_recv_bytes_per_step=max(received_a2a))
         if device.type == "cuda":
             result["max_memory_allocated_bytes"] = torch.cuda.max_memory_allocated()
     except Exception as e:  # a peer that does not run here is a result too
@@ -182,16 +197,21 @@ def _run_variant(args, variant: str) -> dict:
     return merged
 
 
-def table(results: list[dict], model: str, num_params: int) -> str:
-    lines = ["| engine | step (ms) | peak RSS growth / rank (MiB) | received / rank / step (MiB) | received / (P fp32) |",
-             "|---|---|---|---|---|"]
-    P = 4 * num_params
+def table(results: list[dict], model: str, num_params: int, num_muon: int, ranks: int) -> str:
+    """P: fp32 bytes of all parameters; P_muon: of the Muon matrices. The Muon exchange is the
+    all-to-all traffic (the owner-computes NS), in the bench's NS dtype (fp32)."""
+    lines = ["| engine | step (ms) | CPU (ms) | peak RSS growth / rank (MiB) | received / rank / step (MiB) | received / P "
+             "| of which Muon all-to-all (MiB) | Muon all-to-all / (P_muon / N) |", "|---|---|---|---|---|---|---|---|"]
+    P, P_muon = 4 * num_params, 4 * num_muon
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | did not run: {r['error']} | | | |")
+            lines.append(f"| {r['variant']} | did not run: {r['error']} | | | | | | |")
             continue
-        lines.append(f"| {r['variant']} | {1e3 * r['step_s']:.0f} | {r['peak_rss_growth_bytes'] / 2**20:.0f} | "
-                     f"{r['recv_bytes_per_step'] / 2**20:.2f} | {r['recv_bytes_per_step'] / P:.2f} |")
+        a2a = r.get("muon_recv_bytes_per_step", 0)
+        cpu = 1e3 * r.get("cpu_s", float("nan"))
+        lines.append(f"| {r['variant']} | {1e3 * r['step_s']:.0f} | {cpu:.0f} | {r['peak_rss_growth_bytes'] / 2**20:.0f} | "
+                     f"{r['recv_bytes_per_step'] / 2**20:.2f} | {r['recv_bytes_per_step'] / P:.2f} | "
+                     f"{a2a / 2**20:.2f} | {a2a / (P_muon / ranks):.2f} |")
     return "\n".join(lines)
 
 
@@ -211,17 +231,21 @@ def main(argv: list[str] | None = None) -> None:
 
     from kimi_train.model import KimiForCausalLM, load_model_config
 
-    num_params = sum(p.numel() for p in KimiForCausalLM(load_model_config(args.model)).parameters())
+    from optim import muon_param_groups
+
+    model = KimiForCausalLM(load_model_config(args.model))
+    num_params = sum(p.numel() for p in model.parameters())
+    num_muon = sum(p.numel() for g in muon_param_groups(model) if g["use_muon"] for p in g["params"])
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         args.tmp = tmp
         for variant in args.variants.split(","):
             results.append(_run_variant(args, variant))
             print(json.dumps(results[-1]), flush=True)
-    report = {"model": args.model, "num_params": num_params, "ranks": args.ranks, "micro_batch": args.micro_batch,
+    report = {"model": args.model, "num_params": num_params, "num_muon_params": num_muon, "ranks": args.ranks, "micro_batch": args.micro_batch,
               "seq_len": args.seq_len, "warmup": args.warmup, "steps": args.steps, "threads": args.threads,
               "device": "cuda" if torch.cuda.is_available() else "cpu", "results": results}
-    print(table(results, args.model, num_params))
+    print(table(results, args.model, num_params, num_muon, args.ranks))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
 

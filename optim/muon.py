@@ -38,9 +38,15 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import Tensor
 
-from .newton_schulz import NS_BACKENDS, NS_METHODS, newton_schulz_
+from .layout import block
+from .newton_schulz import NS_BACKENDS, NS_METHODS, ApplyFn, FillFn, newton_schulz_, orthogonalize_local_
 
-__all__ = ["Muon", "ADJUST_LR", "muon_scale"]
+try:  # DTensor parameters (FSDP2, EP) go through the owner-computes core; optional on torch builds without it
+    from . import distributed as _distributed
+except ImportError:  # pragma: no cover
+    _distributed = None  # type: ignore[assignment]
+
+__all__ = ["Muon", "ADJUST_LR", "muon_scale", "muon_update_"]
 
 ADJUST_LR = ("match_rms_adamw", "original", "none")
 # ns_dtype may be given as a string (config files): these names map to dtypes
@@ -154,16 +160,19 @@ class Muon(torch.optim.Optimizer):
         depend on which parameters have seen a gradient yet (same on every rank)."""
         for group in self.param_groups:
             for p in group["params"]:
-                state = self.state[p]
-                if state:
-                    continue
-                if group["use_muon"]:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                else:
-                    # step on CPU like torch's AdamW: bias corrections are computed on the host
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                self._init_param_state(p, group["use_muon"])
+
+    def _init_param_state(self, p: Tensor, use_muon: bool) -> None:
+        state = self.state[p]
+        if state:
+            return
+        if use_muon:
+            state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
+        else:
+            # step on CPU like torch's AdamW: bias corrections are computed on the host
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
@@ -188,13 +197,7 @@ class Muon(torch.optim.Optimizer):
         if self.check_finite:
             self._check_finite_grads()  # before any state changes
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            if group["use_muon"]:
-                self._muon_step(group, params)
-            else:
-                self._adamw_step(group, params)
+            self._step_group(group)
         return loss
 
     def _name(self, group: dict[str, Any], p: Tensor) -> str:
@@ -249,51 +252,34 @@ class Muon(torch.optim.Optimizer):
                 f"Muon: non-finite gradient (nan/inf) in parameter {self._name(group, p)}; step refused, state unchanged"
             )
 
-    def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Momentum, decay, then NS with no intermediate copies.
-
-        The Nesterov update U = G + mu M is never materialised: ``fill`` writes it, cast to the
-        NS dtype, straight into the NS batch buffer (or, sharded, the all-to-all send buffer),
-        and ``apply`` adds each orthogonalised block straight from the NS output (or the
-        receive buffer) into the weight. A tall matrix is written transposed into its wide slot.
-        """
-        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-        bufs = [_local(self.state[p]["momentum_buffer"]) for p in params]
-        grads = [_local(p.grad).float() for p in params]  # type: ignore[union-attr]
-        if bufs[0].device.type == "cpu":  # one pass over M; foreach on a CPU is a loop anyway
-            for M, G in zip(bufs, grads):
-                torch.add(G, M, alpha=mu, out=M)  # M <- mu M + G
-        else:  # two multi-tensor kernels beat a launch per parameter
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, grads)
-        locals_ = [_local(p) for p in params]
-        if wd != 0:
-            torch._foreach_mul_(locals_, 1.0 - lr * wd)  # W <- W (1 - lr wd), before the update lands
-        steps = [-lr * muon_scale(p.shape, group["adjust_lr"]) for p in params]
-
-        if group["nesterov"]:
-            def fill(i: int, key: Any, out: Tensor) -> None:
-                torch.add(grads[i][key], bufs[i][key], alpha=mu, out=out)  # U = G + mu M
+    def _step_group(self, group: dict[str, Any]) -> None:
+        """One param group's update: Muon or AdamW by ``use_muon`` (every engine's step comes here)."""
+        params = [p for p in group["params"] if p.grad is not None]
+        if not params:
+            return
+        if group["use_muon"]:
+            self._muon_step(group, params)
         else:
-            def fill(i: int, key: Any, out: Tensor) -> None:
-                out.copy_(bufs[i][key])
+            self._adamw_step(group, params)
 
-        def apply(i: int, key: Any, O: Tensor) -> None:
-            locals_[i][key].add_(O, alpha=steps[i])  # W <- W - lr scale O
-
-        def ns(X_Bnm: Tensor) -> Tensor:
-            return newton_schulz_(X_Bnm, group["ns_steps"], group["ns_method"], group["ns_backend"])
-
+    def _muon_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Muon on whole tensors or DTensor shards (optim.distributed owner computes)."""
+        W = [_local(p) for p in params]
+        G = [_local(p.grad).float() for p in params]  # type: ignore[union-attr]
+        M = [_local(self.state[p]["momentum_buffer"]) for p in params]
         if any(_is_dtensor(p) for p in params):
             if not all(_is_dtensor(p) for p in params):
                 raise ValueError("Muon: a Muon param group mixes DTensor and plain tensor parameters; shard all or none")
-            try:
-                from .distributed import orthogonalize_
-            except ImportError as e:
-                raise NotImplementedError(f"Muon: DTensor parameters need optim.distributed, which is not available ({e})") from e
-            orthogonalize_(params, ns, group["ns_dtype"], fill, apply)
+            if _distributed is None:
+                raise NotImplementedError("Muon: DTensor parameters need optim.distributed, which is not available")
+
+            def orthogonalize(ns, fill, apply):
+                _distributed.orthogonalize_(params, ns, group["ns_dtype"], fill, apply)
         else:
-            orthogonalize_local_([(i, p.shape, p.device) for i, p in enumerate(params)], ns, group["ns_dtype"], fill, apply)
+            def orthogonalize(ns, fill, apply):
+                orthogonalize_local_([(i, p.shape, p.device) for i, p in enumerate(params)], ns, group["ns_dtype"],
+                                     fill, apply)
+        muon_update_(group, W, G, M, [p.shape for p in params], orthogonalize)
 
     def _adamw_step(self, group: dict[str, Any], params: list[Tensor]) -> None:
         lr, wd = group["lr"], group["weight_decay"]
@@ -325,56 +311,56 @@ class Muon(torch.optim.Optimizer):
         torch._foreach_addcdiv_(locals_, exp_avgs, denom, step_sizes)
 
 
+def muon_update_(
+    group: dict[str, Any],
+    W: list[Tensor],
+    G: list[Tensor],
+    M: list[Tensor],
+    shapes: list[tuple[int, ...]],
+    orthogonalize: Callable[[Callable[[Tensor], Tensor], FillFn, ApplyFn], None],
+) -> None:
+    """Muon's update of one group, on whatever pieces of its matrices this rank stores.
+
+    ``W``, ``G``, ``M``: this rank's storage of each parameter, its fp32 gradient and momentum
+    (whole tensors, DTensor shards or flat fragments: the elementwise maths does not care);
+    ``shapes``: each parameter's FULL shape (for the update scale); ``orthogonalize(ns, fill,
+    apply)``: the storage's way to NS every whole matrix (optim.distributed). The Nesterov
+    update U = G + mu M is never materialised: ``fill`` writes it, cast to the NS dtype,
+    straight into the NS batch buffer or the all-to-all send buffer, and ``apply`` adds each
+    orthogonalised piece straight from the NS output or the receive buffer into the weight.
+    """
+    lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+    if M and M[0].device.type == "cpu":  # one pass over M; foreach on a CPU is a loop anyway
+        for M_, G_ in zip(M, G):
+            torch.add(G_, M_, alpha=mu, out=M_)  # M <- mu M + G
+    elif M:  # two multi-tensor kernels beat a launch per parameter
+        torch._foreach_mul_(M, mu)
+        torch._foreach_add_(M, G)
+    if wd != 0:
+        torch._foreach_mul_(W, 1.0 - lr * wd)  # W <- W (1 - lr wd), before the update lands
+    steps = [-lr * muon_scale(shape, group["adjust_lr"]) for shape in shapes]
+
+    if group["nesterov"]:
+        def fill(i: int, key: Any, out: Tensor) -> None:
+            torch.add(block(G[i], key), block(M[i], key), alpha=mu, out=out)  # U = G + mu M
+    else:
+        def fill(i: int, key: Any, out: Tensor) -> None:
+            out.copy_(block(M[i], key))
+
+    def apply(i: int, key: Any, O: Tensor) -> None:
+        block(W[i], key).add_(O, alpha=steps[i])  # W <- W - lr scale O
+
+    def ns(X_Bnm: Tensor) -> Tensor:
+        return newton_schulz_(X_Bnm, group["ns_steps"], group["ns_method"], group["ns_backend"])
+
+    orthogonalize(ns, fill, apply)
+
+
 def _fused_adamw_ok(tensors: list[Tensor]) -> bool:
     """torch's fused AdamW kernel for fp32 tensors on a CPU: ~2.4x faster than the foreach ops
     there (8.4M parameters, 2 threads), the same update (tested against torch's AdamW). On
     CUDA the foreach ops stay: the fused kernel wants the step counters on the device."""
     return all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-
-
-FillFn = Callable[[int, Any, Tensor], None]  # fill(i, key, out): write update i's block [key] into out
-ApplyFn = Callable[[int, Any, Tensor], None]  # apply(i, key, O): consume the orthogonalised block [key]
-
-
-def orthogonalize_local_(
-    items: list[tuple[int, torch.Size, torch.device]],
-    ns: Callable[[Tensor], Tensor],
-    ns_dtype: torch.dtype,
-    fill: FillFn,
-    apply: ApplyFn,
-) -> None:
-    """NS of whole local matrices in as few batched calls as possible, copy-free.
-
-    ``items``: (index, shape [n, m] or [E, n, m], device). Matrices are grouped by their wide
-    orientation: an [n, m] and an [m, n] matrix (an MLP's up and down projections) share one
-    batch buffer, the tall one filled and read through a transposed view of its slot.
-    ``fill(i, (), out)`` writes item i's update into ``out`` (its shape, the NS dtype);
-    ``ns(X)`` orthogonalises the buffer (which it may overwrite); ``apply(i, (), O)``
-    consumes the result through a view of the output, again in item i's shape.
-    """
-    by_shape: dict[tuple[Any, ...], list[tuple[int, torch.Size]]] = defaultdict(list)
-    for i, shape, device in items:
-        n, m = shape[-2:]
-        by_shape[(device, min(n, m), max(n, m))].append((i, shape))
-    for (device, n, m), members in by_shape.items():
-        counts = [math.prod(shape[:-2]) for _, shape in members]
-        X_Bnm = torch.empty(sum(counts), n, m, dtype=ns_dtype, device=device)
-        for (i, shape), v in zip(members, _slot_views(X_Bnm, members, counts)):
-            fill(i, (), v)
-        O_Bnm = ns(X_Bnm)
-        for (i, shape), v in zip(members, _slot_views(O_Bnm, members, counts)):
-            apply(i, (), v)
-
-
-def _slot_views(X_Bnm: Tensor, members: list[tuple[int, torch.Size]], counts: list[int]) -> list[Tensor]:
-    """Each member's slots of a wide batch buffer, viewed in the member's own shape."""
-    views, start = [], 0
-    for (_, shape), count in zip(members, counts):
-        v = X_Bnm[start : start + count]
-        v = v if shape[-2] == X_Bnm.shape[-2] else v.mT
-        views.append(v if len(shape) == 3 else v[0])
-        start += count
-    return views
 
 
 def _check_group(group: dict[str, Any], where: str) -> None:

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .layout import scale_rows_
 from .muon import Muon
 from .protocol import QKClipAttention
-from .qk_clip import _checked_logits, _where, clip_target_
+from .qk_clip import _checked_logits, _where, row_scales
 
 __all__ = ["MuonClip", "reduce_max_logits"]
 
@@ -71,26 +73,55 @@ class MuonClip(Muon):
         self.tau = float(tau)
         self.process_group = process_group
         self.last_stats: dict[str, Any] = _stats([], [])
+        self._decision: Optional[_Decision] = None  # phase 1's result, until finish_qk_clip()
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         """One Muon step, then QK-Clip with the max logits this step's forwards recorded.
 
-        All or nothing: the records are reduced and checked (finite, one value per head)
+        All or nothing: unless the caller ran ``prepare_qk_clip()`` already, step() runs it first,
         before any parameter or optimizer state changes, so a NaN/Inf record raises
-        ``NonFiniteMaxLogit`` (a ValueError naming the layer and head) and leaves the
-        model and the optimizer bit-identical; the records are kept for the caller to
-        inspect or reset.
+        ``NonFiniteMaxLogit`` (a ValueError naming the layer and head) and leaves the model and
+        the optimizer bit-identical; the records are kept for the caller to inspect or reset.
+        Then the update, the decided clip, and ``finish_qk_clip()``.
         """
         loss = None
         if closure is not None:  # the forward must run before the records are read
             with torch.enable_grad():
                 loss = closure()
-        S_L = self._reduced(None)
-        S64_L = self._checked(S_L)
-        super().step()
-        self.last_stats = self._clip(S_L, S64_L)
+        if self._decision is None:
+            self.prepare_qk_clip()
+        try:
+            super().step()
+        except BaseException:  # e.g. a refused non-finite gradient: nothing changed, nothing stays decided
+            self._decision = None
+            raise
+        self._apply_decision(self._decision.rows)
+        self.finish_qk_clip()
         return loss
+
+    # ------------------------------------------------------------------ QK-Clip, in two phases
+    @torch.no_grad()
+    def prepare_qk_clip(self, max_logits: Optional[Sequence[Optional[torch.Tensor]]] = None) -> None:
+        """Phase 1, nothing written: MAX-reduce this step's max logits over ``process_group`` (a
+        collective), check them (``NonFiniteMaxLogit`` naming the layer and head) and decide every
+        clipped row's factor. ``max_logits``: one [H] tensor (or None) per layer instead of the
+        layers' records. An engine that must agree on a skip before any rank steps calls it
+        first; ``step()`` (or, per partition, optim.flat's) then writes the decided factors."""
+        self._decision = None
+        self._decision = self._decide(max_logits)
+
+    def finish_qk_clip(self, applied: bool = True) -> dict[str, Any]:
+        """Phase 2's end: reset the layers' records and set ``last_stats`` to this step's clip
+        (``applied=False``: the step was dropped after prepare, nothing was clipped)."""
+        decision, self._decision = self._decision, None
+        for layer in self.attention_layers:
+            layer.reset_max_logits()
+        stats = decision.stats if decision is not None else _stats([], [])
+        if not applied:
+            stats = {**stats, "clipped_heads": 0, "clipped_heads_per_layer": [0] * len(stats["clipped_heads_per_layer"])}
+        self.last_stats = stats
+        return stats
 
     @torch.no_grad()
     def qk_clip_(self, max_logits: Optional[Sequence[Optional[torch.Tensor]]] = None) -> dict[str, Any]:
@@ -105,46 +136,58 @@ class MuonClip(Muon):
         """
         if not self.attention_layers:
             return _stats([], [])
-        if max_logits is not None and len(max_logits) != len(self.attention_layers):
-            raise ValueError(f"MuonClip.qk_clip_: {len(max_logits)} max-logit entries for "
-                             f"{len(self.attention_layers)} attention layers")
-        S_L = self._reduced(max_logits)
-        return self._clip(S_L, self._checked(S_L))
+        decision = self._decide(max_logits)
+        self._apply_decision(decision.rows)
+        for layer in self.attention_layers:
+            layer.reset_max_logits()
+        return decision.stats
 
-    def _reduced(self, records: Optional[Sequence[Optional[torch.Tensor]]]) -> list[Optional[torch.Tensor]]:
+    def _decide(self, records: Optional[Sequence[Optional[torch.Tensor]]]) -> "_Decision":
+        """Reduce, check every layer (all before any clip), and compute the row factors."""
+        if records is not None and len(records) != len(self.attention_layers):
+            raise ValueError(f"MuonClip: {len(records)} max-logit entries for {len(self.attention_layers)} attention layers")
+        if not self.attention_layers:
+            return _Decision([], _stats([], []))
         distributed = dist.is_available() and dist.is_initialized()
         if self.process_group is not None and not distributed:
             raise ValueError("MuonClip: process_group was given but torch.distributed is not initialised")
-        return reduce_max_logits(self.attention_layers, self.process_group, records)
-
-    def _clip(self, S_L: list[Optional[torch.Tensor]], S64_L: list[Optional[torch.Tensor]]) -> dict[str, Any]:
-        """Clip every layer with its reduced, checked max logits (None: no record), then reset."""
-        max_per_layer: list[float] = []
-        clipped_per_layer: list[int] = []
-        for i, (S_H, S64_H) in enumerate(zip(S_L, S64_L)):
+        S_L = reduce_max_logits(self.attention_layers, self.process_group, records)
+        targets = [self._target(i) for i in range(len(S_L))]
+        S64_L = [None if S_H is None else _checked_logits(S_H, t.num_heads, self.tau, _where(t.name))
+                 for S_H, t in zip(S_L, targets)]
+        rows, max_per_layer, clipped_per_layer = [], [], []
+        for S_H, S64_H, t in zip(S_L, S64_L, targets):
             if S_H is None:
                 max_per_layer.append(-math.inf)
                 clipped_per_layer.append(0)
                 continue
+            clipped, q_scale_R, k_scale_R = row_scales(t, S64_H, self.tau, self._full_shape(t.w_q), self._full_shape(t.w_k))
+            if clipped:
+                rows += [(t.w_q, q_scale_R), (t.w_k, k_scale_R)]
             max_per_layer.append(float(S_H.max()))
-            clipped_per_layer.append(clip_target_(self._target(i), S64_H, self.tau))
-        for layer in self.attention_layers:
-            layer.reset_max_logits()
-        return _stats(max_per_layer, clipped_per_layer)
+            clipped_per_layer.append(clipped)
+        return _Decision(rows, _stats(max_per_layer, clipped_per_layer))
 
-    def _checked(self, S_L: list[Optional[torch.Tensor]]) -> list[Optional[torch.Tensor]]:
-        """Every layer's max logits as fp64 [H] (None: no record), refused (NonFiniteMaxLogit,
-        naming the layer) if any is NaN/Inf or of the wrong shape: all layers before any clip."""
-        out = []
-        for i, S_H in enumerate(S_L):
-            target = None if S_H is None else self._target(i)
-            out.append(None if S_H is None else _checked_logits(S_H, target.num_heads, self.tau, _where(target.name)))
-        return out
+    def _full_shape(self, w: torch.Tensor) -> tuple[int, ...]:
+        return tuple(w.shape)
+
+    def _apply_decision(self, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Write the decided row factors into the weights, whatever their storage (optim.layout)."""
+        for w, scale_R in rows:
+            scale_rows_(w, scale_R)
 
     def _target(self, i: int):
         """Layer i's QKClipTarget, named so that an error can say which layer."""
         target = self.attention_layers[i].qk_clip_target()
         return target if target.name else dataclasses.replace(target, name=f"attention_layers[{i}]")
+
+
+@dataclass
+class _Decision:
+    """What phase 1 decided: (weight, per-row factor of the full weight) pairs, and the stats."""
+
+    rows: list[tuple[torch.Tensor, torch.Tensor]]
+    stats: dict[str, Any]
 
 
 @torch.no_grad()

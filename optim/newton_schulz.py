@@ -39,12 +39,14 @@ coefficients) so every backend sees the same input.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from collections import defaultdict
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["newton_schulz", "newton_schulz_", "ns_coefficients", "NS_METHODS", "NS_BACKENDS"]
+__all__ = ["newton_schulz", "newton_schulz_", "ns_coefficients", "ns_cost", "orthogonalize_local_", "NS_METHODS",
+           "NS_BACKENDS"]
 
 NS_METHODS = ("keller", "polar_express", "gram")
 NS_BACKENDS = ("auto", "torch", "triton")
@@ -82,8 +84,9 @@ def newton_schulz(
 
     Each matrix of the batch is normalised by its own Frobenius norm. Returns a
     tensor of G's shape in ``dtype`` (the compute dtype); G is not modified.
-    ``backend``: "torch" (reference), "triton" (optim.triton_ns kernel) or "auto"
-    (Triton on CUDA when it is importable, else torch).
+    ``backend``: "torch" (the default; also what "auto" means) or "triton" (optim.triton_ns
+    kernel, an explicit opt-in: on an H200 it measured 0.56-0.77x torch's speed on most shapes,
+    docs/kernels.md).
     """
     _check_args(G, steps, method, dtype, backend)
     G_Bnm = G if G.ndim == 3 else G.unsqueeze(0)
@@ -153,8 +156,6 @@ def _load_triton() -> Optional[IterateFn]:
 
 
 def _pick_iterate(X_Bnm: Tensor, backend: str) -> IterateFn:
-    if backend == "torch":
-        return _ns_iterate_torch
     if backend == "triton":
         fn = _load_triton()
         if fn is None:
@@ -163,10 +164,7 @@ def _pick_iterate(X_Bnm: Tensor, backend: str) -> IterateFn:
                 f"({type(_triton_import_error).__name__}: {_triton_import_error}); use backend='torch'"
             )
         return fn
-    # auto: the kernel only where it pays (CUDA) and where it computes correctly (not fp64)
-    if X_Bnm.is_cuda and X_Bnm.dtype != torch.float64 and _load_triton() is not None:
-        return _triton_iterate  # type: ignore[return-value]
-    return _ns_iterate_torch
+    return _ns_iterate_torch  # "torch", and "auto" until a GPU run shows a shape range where Triton wins
 
 
 def _ns_iterate_torch(
@@ -191,8 +189,8 @@ def _ns_iterate_torch(
         for j in range(Bt):
             x, y = X_Bnm[j], Y_Bnm[j]
             for a, b, c in coeffs:
-                _sym_addmm_(A_nn, x, None, 0.0, 1.0)  # A = X X^T
-                _sym_addmm_(B_nn, A_nn, A_nn, b, c)  # B = b A + c A A^T (A is symmetric)
+                torch.mm(x, x.mT, out=A_nn)  # A = X X^T
+                torch.addmm(A_nn, A_nn, A_nn, beta=b, alpha=c, out=B_nn)  # B = b A + c A A
                 torch.addmm(x, B_nn, x, beta=a, out=y)
                 x, y = y, x
         return X_Bnm if len(coeffs) % 2 == 0 else Y_Bnm
@@ -205,47 +203,11 @@ def _ns_iterate_torch(
     return X_Bnm
 
 
-SYM_BLOCK_ROWS = 256  # row blocks of the symmetric products on a CPU (128 when the inner dim is >= 2048)
-
-
-def _sym_addmm_(
-    out_nn: Tensor, X_nk: Tensor, C_nn: Optional[Tensor], beta: float, alpha: float, Y_nk: Optional[Tensor] = None
-) -> Tensor:
-    """out = beta C + alpha X Y^T (Y defaults to X) for a result known to be symmetric (C
-    symmetric or none), computing only the blocks on and above the diagonal and mirroring the
-    rest: with 2 x 2 blocks 3/4 of the FLOPs, with 4 x 4 blocks 5/8. On a 1-thread CPU (bf16,
-    AVX-512 BF16) 512 x 512 took 1.01 ms instead of 1.26 and 512 x 2048 3.5 instead of 4.8. The
-    result is exactly symmetric."""
-    Y_nk = X_nk if Y_nk is None else Y_nk
-    n, k = X_nk.shape
-    rows = SYM_BLOCK_ROWS // 2 if k >= 2048 else SYM_BLOCK_ROWS
-    parts = -(-n // rows)
-    if parts < 2:
-        if C_nn is None:
-            return torch.mm(X_nk, Y_nk.mT, out=out_nn)
-        return torch.addmm(C_nn, X_nk, Y_nk.mT, beta=beta, alpha=alpha, out=out_nn)
-    bounds = [(i * n // parts, (i + 1) * n // parts) for i in range(parts)]
-    for i, (r0, r1) in enumerate(bounds):
-        for c0, c1 in bounds[i:]:
-            blk = out_nn[r0:r1, c0:c1]
-            if C_nn is None:
-                torch.mm(X_nk[r0:r1], Y_nk[c0:c1].mT, out=blk)
-            else:
-                torch.addmm(C_nn[r0:r1, c0:c1], X_nk[r0:r1], Y_nk[c0:c1].mT, beta=beta, alpha=alpha, out=blk)
-    for i, (r0, r1) in enumerate(bounds):
-        for c0, c1 in bounds[:i]:
-            out_nn[r0:r1, c0:c1] = out_nn[c0:c1, r0:r1].mT
-    return out_nn
-
-
 def _gram_iterate(X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -> Tensor:
     """Same result as _ns_iterate_torch, iterating on R = X X^T (n x n) instead of X.
     On a CPU matrix by matrix, for the reason given there."""
-    if X_Bnm.device.type == "cpu":
-        out = torch.empty_like(X_Bnm)
-        for j in range(X_Bnm.shape[0]):
-            torch.mm(*_gram_factors_cpu(X_Bnm[j], coeffs), out=out[j])
-        return out
+    if X_Bnm.device.type == "cpu" and X_Bnm.shape[0] > 1:
+        return torch.cat([_gram_iterate(X_Bnm[j : j + 1], coeffs) for j in range(X_Bnm.shape[0])])
     R_Bnn = X_Bnm @ X_Bnm.mT
     Q_Bnn: Optional[Tensor] = None  # None stands for the identity
     for i, (a, b, c) in enumerate(coeffs):
@@ -261,32 +223,54 @@ def _gram_iterate(X_Bnm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -
     return Q_Bnn @ X_Bnm  # type: ignore[operator]
 
 
-def _gram_factors_cpu(X_nm: Tensor, coeffs: Sequence[tuple[float, float, float]]) -> tuple[Tensor, Tensor]:
-    """_gram_iterate for one matrix on a CPU, returning (Q, X) with the result Q X. Every n x n
-    product here is symmetric (R, P, R^2, P Q and P R P are all polynomials in the first R),
-    so each is computed by _sym_addmm_: block by block above the diagonal."""
-    n = X_nm.shape[0]
-
-    def sym(L: Tensor, Y: Optional[Tensor] = None, C: Optional[Tensor] = None, beta: float = 0.0, alpha: float = 1.0):
-        return _sym_addmm_(L.new_empty(n, n), L, C, beta, alpha, Y)  # beta C + alpha L Y^T
-
-    R_nn = sym(X_nm)
-    Q_nn: Optional[Tensor] = None  # None stands for the identity
-    for i, (a, b, c) in enumerate(coeffs):
-        if i == GRAM_RESTART_AFTER and Q_nn is not None:
-            X_nm = Q_nn @ X_nm
-            R_nn = sym(X_nm)
-            Q_nn = None
-        P_nn = sym(R_nn, C=R_nn, beta=b, alpha=c)
-        P_nn.diagonal().add_(a)  # P = a I + b R + c R^2
-        Q_nn = P_nn if Q_nn is None else sym(P_nn, Y=Q_nn)  # P Q = P Q^T: Q is symmetric
-        if i + 1 < len(coeffs):
-            R_nn = sym(P_nn @ R_nn, Y=P_nn)  # P R P = (P R) P^T
-    return Q_nn, X_nm  # type: ignore[return-value]
-
-
-def ns_flops(n: int, m: int, steps: int = 5) -> float:
-    """Matmul FLOPs of the standard iteration on one n x m matrix (for load balancing)."""
+def ns_cost(n: int, m: int) -> int:
+    """Relative cost of Newton-Schulz on one n x m matrix: s^2 (2l + s), s the short side and l
+    the long one (one iteration's matmul FLOPs up to a constant). The one cost the owner plans
+    of optim.distributed balance."""
     s, l = min(n, m), max(n, m)
-    return steps * (2.0 * s * s * (2 * l + s))
+    return s * s * (2 * l + s)
 
+
+FillFn = Callable[[int, Any, Tensor], None]  # fill(i, key, out): write update i's block [key] into out
+ApplyFn = Callable[[int, Any, Tensor], None]  # apply(i, key, O): consume the orthogonalised block [key]
+
+
+def orthogonalize_local_(
+    items: list[tuple[int, torch.Size, torch.device]],
+    ns: Callable[[Tensor], Tensor],
+    ns_dtype: torch.dtype,
+    fill: FillFn,
+    apply: ApplyFn,
+) -> None:
+    """NS of whole local matrices in as few batched calls as possible, copy-free.
+
+    ``items``: (index, shape [n, m] or [E, n, m], device). Matrices are grouped by their wide
+    orientation: an [n, m] and an [m, n] matrix (an MLP's up and down projections) share one
+    batch buffer, the tall one filled and read through a transposed view of its slot.
+    ``fill(i, (), out)`` writes item i's update into ``out`` (its shape, the NS dtype);
+    ``ns(X)`` orthogonalises the buffer (which it may overwrite); ``apply(i, (), O)``
+    consumes the result through a view of the output, again in item i's shape.
+    """
+    by_shape: dict[tuple[Any, ...], list[tuple[int, torch.Size]]] = defaultdict(list)
+    for i, shape, device in items:
+        n, m = shape[-2:]
+        by_shape[(device, min(n, m), max(n, m))].append((i, shape))
+    for (device, n, m), members in by_shape.items():
+        counts = [math.prod(shape[:-2]) for _, shape in members]
+        X_Bnm = torch.empty(sum(counts), n, m, dtype=ns_dtype, device=device)
+        for (i, shape), v in zip(members, _slot_views(X_Bnm, members, counts)):
+            fill(i, (), v)
+        O_Bnm = ns(X_Bnm)
+        for (i, shape), v in zip(members, _slot_views(O_Bnm, members, counts)):
+            apply(i, (), v)
+
+
+def _slot_views(X_Bnm: Tensor, members: list[tuple[int, torch.Size]], counts: list[int]) -> list[Tensor]:
+    """Each member's slots of a wide batch buffer, viewed in the member's own shape."""
+    views, start = [], 0
+    for (_, shape), count in zip(members, counts):
+        v = X_Bnm[start : start + count]
+        v = v if shape[-2] == X_Bnm.shape[-2] else v.mT
+        views.append(v if len(shape) == 3 else v[0])
+        start += count
+    return views

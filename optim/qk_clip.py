@@ -33,19 +33,15 @@ max logit was over tau.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from .layout import scale_rows_
 from .protocol import QKClipTarget
 
-try:  # keep QK-Clip importable on torch builds without torch.distributed
-    from torch.distributed.tensor import DTensor
-except Exception:  # pragma: no cover
-    DTensor = None  # type: ignore[assignment,misc]
-
-__all__ = ["clip_mha_", "clip_gqa_", "clip_mla_", "clip_target_", "NonFiniteMaxLogit"]
+__all__ = ["clip_mha_", "clip_gqa_", "clip_mla_", "clip_target_", "row_scales", "NonFiniteMaxLogit"]
 
 
 class NonFiniteMaxLogit(ValueError):
@@ -71,27 +67,8 @@ def clip_gqa_(
     name: str = "",
 ) -> int:
     """Grouped-query attention: w_q [H*d, in], w_k [G*d, in]; query head h is in group h // (H/G)."""
-    where = _where(name)
-    if num_kv_heads < 1 or num_heads % num_kv_heads:
-        raise ValueError(f"QK-Clip{where}: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"QK-Clip{where}: alpha={alpha} must be in [0, 1]")
-    _check_rows(w_q, num_heads, "w_q", where)
-    _check_rows(w_k, num_kv_heads, "w_k", where)
-    if w_q.shape[0] // num_heads != w_k.shape[0] // num_kv_heads:
-        raise ValueError(
-            f"QK-Clip{where}: q head dim {w_q.shape[0] // num_heads} != k head dim {w_k.shape[0] // num_kv_heads}"
-        )
-    S_H = _checked_logits(max_logits, num_heads, tau, where)
-    clipped = int((S_H > tau).sum())
-    if clipped == 0:
-        return 0
-    S_G = S_H.view(num_kv_heads, num_heads // num_kv_heads).amax(dim=1)
-    gamma_G = torch.where(S_G > tau, tau / S_G, torch.ones_like(S_G))
-    gamma_H = gamma_G.repeat_interleave(num_heads // num_kv_heads)
-    _scale_rows_(w_q, _per_row(gamma_H**alpha, w_q.shape[0] // num_heads))
-    _scale_rows_(w_k, _per_row(gamma_G ** (1.0 - alpha), w_k.shape[0] // num_kv_heads))
-    return clipped
+    target = QKClipTarget("gqa", w_q, w_k, num_heads, num_kv_heads=num_kv_heads, alpha=alpha, name=name)
+    return clip_target_(target, max_logits, tau)
 
 
 def clip_mla_(
@@ -111,81 +88,104 @@ def clip_mla_(
     kv_b_weight: kv_b_proj.weight [H*(d_nope+d_v), r_kv]. Per head h, with g = gamma_h:
     q rows [h, :d_nope] *= sqrt(g), q rows [h, d_nope:] *= g, kv rows [h, :d_nope] *= sqrt(g).
     """
-    where = _where(name)
+    target = QKClipTarget("mla", q_b_weight, kv_b_weight, num_heads, qk_nope_head_dim=qk_nope_head_dim,
+                          qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, name=name)
+    return clip_target_(target, max_logits, tau)
+
+
+def clip_target_(target: QKClipTarget, max_logits: Tensor, tau: float) -> int:
+    """Clip one layer described by a QKClipTarget (what attention modules hand to MuonClip):
+    ``row_scales`` decides, ``optim.layout.scale_rows_`` writes (plain tensors and DTensors)."""
+    clipped, q_scale_R, k_scale_R = row_scales(target, max_logits, tau)
+    if clipped:
+        scale_rows_(target.w_q, q_scale_R)
+        scale_rows_(target.w_k, k_scale_R)
+    return clipped
+
+
+def row_scales(target: QKClipTarget, max_logits: Tensor, tau: float, q_shape: Optional[Sequence[int]] = None,
+               k_shape: Optional[Sequence[int]] = None) -> tuple[int, Optional[Tensor], Optional[Tensor]]:
+    """QK-Clip's decision for one layer: (clipped query heads, per-row factor of W_q, of W_k).
+
+    The factors (fp64, one per row of the FULL weights; None when no head is over tau) are what
+    every storage of the weights applies to the rows it holds: whole tensors and DTensor shards
+    (``optim.layout.scale_rows_``), ZeRO flat fragments (optim.flat). ``q_shape`` / ``k_shape``:
+    the full weights' shapes where the tensors do not show them (ZeRO-3's empty placeholders).
+    Errors (one line, naming the layer): bad layouts, shapes, tau, and NaN/Inf max logits
+    (``NonFiniteMaxLogit``).
+    """
+    t, where = target, _where(target.name)
+    q_shape = tuple(t.w_q.shape if q_shape is None else q_shape)
+    k_shape = tuple(t.w_k.shape if k_shape is None else k_shape)
+    if t.kind in ("mha", "gqa"):
+        num_kv = t.num_heads if t.kind == "mha" or t.num_kv_heads is None else t.num_kv_heads
+        return _gqa_row_scales(q_shape, k_shape, max_logits, tau, t.num_heads, num_kv, t.alpha, where)
+    if t.kind == "mla":
+        dims = (t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim)
+        if any(d is None for d in dims):
+            raise ValueError(f"QK-Clip{where}: kind='mla' needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
+        return _mla_row_scales(q_shape, k_shape, max_logits, tau, t.num_heads, *dims, where)  # type: ignore[arg-type]
+    raise ValueError(f"QK-Clip{where}: kind={t.kind!r}; valid: 'mha', 'gqa', 'mla'")
+
+
+def _gqa_row_scales(q_shape, k_shape, max_logits, tau, num_heads, num_kv_heads, alpha, where):
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"QK-Clip{where}: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"QK-Clip{where}: alpha={alpha} must be in [0, 1]")
+    _check_rows(q_shape, num_heads, "w_q", where)
+    _check_rows(k_shape, num_kv_heads, "w_k", where)
+    if q_shape[0] // num_heads != k_shape[0] // num_kv_heads:
+        raise ValueError(
+            f"QK-Clip{where}: q head dim {q_shape[0] // num_heads} != k head dim {k_shape[0] // num_kv_heads}"
+        )
+    S_H = _checked_logits(max_logits, num_heads, tau, where)
+    clipped = int((S_H > tau).sum())
+    if clipped == 0:
+        return 0, None, None
+    S_G = S_H.view(num_kv_heads, num_heads // num_kv_heads).amax(dim=1)
+    gamma_G = torch.where(S_G > tau, tau / S_G, torch.ones_like(S_G))
+    gamma_H = gamma_G.repeat_interleave(num_heads // num_kv_heads)
+    return (clipped, (gamma_H**alpha).repeat_interleave(q_shape[0] // num_heads),
+            (gamma_G ** (1.0 - alpha)).repeat_interleave(k_shape[0] // num_kv_heads))
+
+
+def _mla_row_scales(q_shape, k_shape, max_logits, tau, num_heads, qk_nope_head_dim, qk_rope_head_dim, v_head_dim, where):
     for key, value in (("qk_nope_head_dim", qk_nope_head_dim), ("qk_rope_head_dim", qk_rope_head_dim), ("v_head_dim", v_head_dim)):
         if value < 0:
             raise ValueError(f"QK-Clip{where}: {key}={value} must be >= 0")
-    _check_rows(q_b_weight, num_heads, "q_b_weight", where, per_head=qk_nope_head_dim + qk_rope_head_dim)
-    _check_rows(kv_b_weight, num_heads, "kv_b_weight", where, per_head=qk_nope_head_dim + v_head_dim)
+    _check_rows(q_shape, num_heads, "q_b_weight", where, per_head=qk_nope_head_dim + qk_rope_head_dim)
+    _check_rows(k_shape, num_heads, "kv_b_weight", where, per_head=qk_nope_head_dim + v_head_dim)
     S_H = _checked_logits(max_logits, num_heads, tau, where)
     over_H = S_H > tau
     clipped = int(over_H.sum())
     if clipped == 0:
-        return 0
+        return 0, None, None
     gamma_H = torch.where(over_H, tau / S_H, torch.ones_like(S_H))
     sqrt_H1 = gamma_H.sqrt()[:, None]
     q_scale_HD = torch.cat([sqrt_H1.expand(-1, qk_nope_head_dim), gamma_H[:, None].expand(-1, qk_rope_head_dim)], dim=1)
     kv_scale_HD = torch.cat([sqrt_H1.expand(-1, qk_nope_head_dim), torch.ones_like(sqrt_H1).expand(-1, v_head_dim)], dim=1)
-    _scale_rows_(q_b_weight, q_scale_HD.reshape(-1))
-    _scale_rows_(kv_b_weight, kv_scale_HD.reshape(-1))
-    return clipped
-
-
-def clip_target_(target: QKClipTarget, max_logits: Tensor, tau: float) -> int:
-    """Clip one layer described by a QKClipTarget (what attention modules hand to MuonClip)."""
-    t = target
-    if t.kind == "mha":
-        return clip_mha_(t.w_q, t.w_k, max_logits, tau, t.num_heads, alpha=t.alpha, name=t.name)
-    if t.kind == "gqa":
-        num_kv = t.num_kv_heads if t.num_kv_heads is not None else t.num_heads
-        return clip_gqa_(t.w_q, t.w_k, max_logits, tau, t.num_heads, num_kv, alpha=t.alpha, name=t.name)
-    if t.kind == "mla":
-        dims = (t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim)
-        if any(d is None for d in dims):
-            raise ValueError(f"QK-Clip{_where(t.name)}: kind='mla' needs qk_nope_head_dim, qk_rope_head_dim and v_head_dim")
-        return clip_mla_(t.w_q, t.w_k, max_logits, tau, t.num_heads, *dims, name=t.name)  # type: ignore[arg-type]
-    raise ValueError(f"QK-Clip{_where(t.name)}: kind={t.kind!r}; valid: 'mha', 'gqa', 'mla'")
+    return clipped, q_scale_HD.reshape(-1), kv_scale_HD.reshape(-1)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _scale_rows_(w: Tensor, row_scale_R: Tensor) -> None:
-    """w[r, :] *= row_scale_R[r], in place. The ONE place QK-Clip writes weights.
-
-    The scale is applied at fp32 or better, whatever w's dtype; rows with scale
-    exactly 1.0 come out bit-identical. DTensor weights (FSDP shards) go to
-    optim.distributed.scale_rows_, which picks the rows of the local shard.
-    """
-    if DTensor is not None and isinstance(w, DTensor):
-        from .distributed import scale_rows_
-
-        scale_rows_(w, row_scale_R)
-        return
-    compute_dtype = torch.promote_types(w.dtype, torch.float32)
-    with torch.no_grad():
-        w.mul_(row_scale_R.to(device=w.device, dtype=compute_dtype)[:, None])
-
-
-def _per_row(scale_H: Tensor, rows_per_head: int) -> Tensor:
-    return scale_H.repeat_interleave(rows_per_head)
 
 
 def _where(name: str) -> str:
     return f" [{name}]" if name else ""
 
 
-def _check_rows(w: Tensor, heads: int, what: str, where: str, per_head: Optional[int] = None) -> None:
-    if w.ndim != 2:
-        raise ValueError(f"QK-Clip{where}: {what} must be a 2-D [out, in] weight, got shape {tuple(w.shape)}")
+def _check_rows(shape: Sequence[int], heads: int, what: str, where: str, per_head: Optional[int] = None) -> None:
+    if len(shape) != 2:
+        raise ValueError(f"QK-Clip{where}: {what} must be a 2-D [out, in] weight, got shape {tuple(shape)}")
     if heads < 1:
         raise ValueError(f"QK-Clip{where}: number of heads {heads} must be >= 1")
     if per_head is None:
-        if w.shape[0] % heads:
-            raise ValueError(f"QK-Clip{where}: {what} has {w.shape[0]} rows, not a multiple of {heads} heads")
-    elif w.shape[0] != heads * per_head:
+        if shape[0] % heads:
+            raise ValueError(f"QK-Clip{where}: {what} has {shape[0]} rows, not a multiple of {heads} heads")
+    elif shape[0] != heads * per_head:
         raise ValueError(
-            f"QK-Clip{where}: {what} has {w.shape[0]} rows; expected {heads} heads x {per_head} = {heads * per_head}"
+            f"QK-Clip{where}: {what} has {shape[0]} rows; expected {heads} heads x {per_head} = {heads * per_head}"
         )
 
 

@@ -12,7 +12,8 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from optim.distributed import comm_stats, orthogonalize_dtensors, scale_rows_
+from optim.distributed import comm_stats, orthogonalize_dtensors
+from optim.layout import scale_rows_
 from optim.newton_schulz import newton_schulz
 
 from _spawn import spawn
@@ -152,7 +153,8 @@ def _worker_scale_rows(rank: int, world: int) -> None:
 
 
 def _worker_muon_step(rank: int, world: int) -> None:
-    """Muon (Muon + AdamW groups) on DTensor params == Muon on the full tensors, 3 steps (1e-6 abs)."""
+    """Muon (Muon + AdamW groups) on DTensor params == Muon on the full tensors, 3 steps (1e-6 abs);
+    the AdamW group == torch.optim.AdamW."""
     from optim import Muon
 
     torch.manual_seed(4)
@@ -166,13 +168,19 @@ def _worker_muon_step(rank: int, world: int) -> None:
     kw = dict(lr=0.05, weight_decay=0.1, ns_dtype=torch.float32, ns_backend="torch")
     k = len(specs)
     opts = [Muon([{"params": ps[:k]}, {"params": ps[k:], "use_muon": False}], **kw) for ps in (ref_params, dist_params)]
+    torch_params = [torch.nn.Parameter(t.clone()) for t in full[k:]]  # the AdamW side's own oracle
+    torch_adamw = torch.optim.AdamW(torch_params, lr=0.05, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8)
     for _ in range(3):
         for rp, dp_, (_, pl) in zip(ref_params, dist_params, specs + adamw_specs):
             g = torch.randn(rp.shape)
             rp.grad = g.clone()
             dp_.grad = distribute_tensor(g.clone(), mesh, pl)
-        for opt in opts:
+        for tp, rp in zip(torch_params, ref_params[k:]):
+            tp.grad = rp.grad.clone()
+        for opt in opts + [torch_adamw]:
             opt.step()
+        for tp, rp in zip(torch_params, ref_params[k:]):
+            torch.testing.assert_close(rp.detach(), tp.detach(), atol=1e-6, rtol=0, msg=lambda m: f"AdamW side: {m}")
         for i, (rp, dp_) in enumerate(zip(ref_params, dist_params)):
             expected = distribute_tensor(rp.detach().clone(), mesh, dp_.placements).to_local()
             torch.testing.assert_close(dp_.to_local(), expected, atol=1e-6, rtol=0, msg=lambda m: f"param {i}: {m}")

@@ -257,3 +257,35 @@ def test_max_reduced_across_ranks():
     ref = Attention(8, 2)
     expected_q = ref.q_proj.weight.detach().view(2, 4, 8) * torch.tensor([0.25, 0.5]).sqrt()[:, None, None]
     torch.testing.assert_close(q0, expected_q.reshape(8, 8))
+
+
+def test_prepare_then_step_then_finish_is_step():
+    """The two phases an engine drives: prepare (reduce, check, decide; nothing written), the
+    step (which writes the decision), finish. Equal to step() alone; a prepared decision is the
+    one applied (step does not read the records again); finish(applied=False) clips nothing."""
+    torch.manual_seed(0)
+    models = [TinyLM(), TinyLM()]
+    models[1].load_state_dict(models[0].state_dict())
+    opts = [MuonClip(muon_param_groups(m), attention_layers=list(m.layers), tau=0.3, lr=0.02, ns_dtype=torch.float32,
+                     ns_backend="torch") for m in models]
+    ids = torch.randint(0, 32, (4, 16))
+    for m in models:
+        _loss(m, ids).backward()
+    opts[0].step()
+    before = [p.detach().clone() for p in models[1].parameters()]
+    opts[1].prepare_qk_clip()
+    assert all(torch.equal(a, p) for a, p in zip(before, models[1].parameters()))  # nothing written
+    for layer in models[1].layers:
+        layer.max_logits = torch.full_like(layer.max_logits, 1e6)  # after prepare: must not be used
+    opts[1].step()
+    assert opts[1].last_stats == opts[0].last_stats and opts[0].last_stats["clipped_heads"] > 0
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        assert torch.equal(a, b)
+    # dropped after prepare: the records are reset, nothing is clipped, the stats say so
+    _loss(models[1], ids).backward()
+    opts[1].prepare_qk_clip()
+    before = [p.detach().clone() for p in models[1].parameters()]
+    stats = opts[1].finish_qk_clip(applied=False)
+    assert stats["clipped_heads"] == 0 and stats["max_logit"] > 0.3
+    assert all(layer.max_logits is None for layer in models[1].layers)
+    assert all(torch.equal(a, p) for a, p in zip(before, models[1].parameters()))
