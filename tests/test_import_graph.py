@@ -16,8 +16,6 @@ import ast
 import sys
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("kimi_train", "optim")
 
@@ -43,26 +41,32 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
+def imported_names(module: str, path: Path) -> list[str]:
+    """Every name ``module`` (at ``path``) imports anywhere in its AST, made absolute
+    (``from .x import y`` in package ``p`` -> ``p.x.y``; ``import a.b`` -> ``a.b``)."""
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join(anchor + ([base] if base else []))
+            names += [f"{base}.{alias.name}" for alias in node.names]
+    return names
+
+
 def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """module -> the modules of kimi_train/optim it imports (anywhere in its AST)."""
     modules = _modules(root)
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for module, path in modules.items():
-        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = []
-            if isinstance(node, ast.Import):
-                names = [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
-                    base = ".".join(anchor + ([base] if base else []))
-                names = [f"{base}.{alias.name}" for alias in node.names]
-            for name in names:
-                target = _resolve(name, modules)
-                if target is not None and target != module:
-                    graph[module].add(target)
+        for name in imported_names(module, path):
+            target = _resolve(name, modules)
+            if target is not None and target != module:
+                graph[module].add(target)
     return graph
 
 
@@ -124,12 +128,21 @@ def test_no_import_circle_in_kimi_train():
     assert not found, f"import circles: {found}"
 
 
-# The optim/ helper of issue 23 moves Muon's NS helpers to a leaf module, which removes
-# optim.muon <-> optim.distributed. Strict: once that is merged this XPASSes and fails; drop the mark.
-@pytest.mark.xfail(strict=True, reason="optim.muon <-> optim.distributed: removed on the optim branch (issue 23)")
 def test_no_import_circle_in_optim():
     found = [c for c in cycles(import_graph()) if _in("optim", c)]
     assert not found, f"import circles: {found}"
+
+
+def test_optim_stands_alone_on_torch_and_triton():
+    """optim/ is a library of its own: beyond itself, only torch, triton and the standard library."""
+    allowed = {"torch", "triton", "optim", *sys.stdlib_module_names}
+    outside = {m: sorted({n for n in imported_names(m, p) if n.split(".")[0] not in allowed})
+               for m, p in _modules().items() if m.split(".")[0] == "optim"}
+    assert not any(outside.values()), {m: n for m, n in outside.items() if n}
+
+
+def test_qk_clip_does_not_reach_into_the_distributed_core():
+    assert "optim.distributed" not in import_graph()["optim.qk_clip"]
 
 
 def test_optim_never_imports_kimi_train():

@@ -9,7 +9,6 @@ records), and the train / held-out split at a document boundary.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -18,7 +17,7 @@ import numpy as np
 
 from kimi_train.data.errors import DataError
 from kimi_train.data.indexed import TokenFile, open_indexed, open_raw
-from kimi_train.data.prepare import FORMAT, MANIFEST, TOKENIZER, entropy_of_counts, seal
+from kimi_train.data.manifest import MANIFEST, TOKENIZER, entropy_of_counts, read_manifest
 from kimi_train.data.tokenizer import ByteTokenizer, HFTokenizer, load_hf_tokenizer, tokenizer_id
 
 ENTROPY_SAMPLE = 1 << 24  # tokens read to estimate a foreign dataset's unigram entropy
@@ -61,21 +60,6 @@ class TokenDataset:
         k = int(np.searchsorted(self.starts, at, side="right")) - 1
         cut = int(self.starts[k]) + self.parts[k].doc_start_at_or_before(at - int(self.starts[k]))
         return cut if cut > 0 else self.num_tokens
-
-
-def read_manifest(path: Path) -> dict:
-    """A prepared dataset's manifest, its seal checked (a changed manifest is refused)."""
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DataError(f"{str(path)!r}: unreadable {MANIFEST} ({e}); prepare it again") from None
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"{str(path / MANIFEST)!r} is not a kimi-train prepared dataset "
-                        f"(format {manifest.get('format')!r}, expected {FORMAT!r})")
-    if seal(manifest)["manifest_sha256"] != manifest.get("manifest_sha256"):
-        raise DataError(f"{str(path / MANIFEST)!r} was changed after prepare (its manifest_sha256 does not "
-                        "match); prepare the dataset again")
-    return manifest
 
 
 def _prepared(path: Path) -> TokenDataset:

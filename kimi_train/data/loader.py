@@ -45,7 +45,7 @@ def default_cache_dir() -> Path:
 
 def unigram_entropy(tokens: np.ndarray, vocab_size: int) -> float:
     """Entropy in nats of the empirical token distribution: H = -sum_v p_v ln p_v."""
-    from kimi_train.data.prepare import entropy_of_counts
+    from kimi_train.data.manifest import entropy_of_counts
 
     return entropy_of_counts(np.bincount(tokens.astype(np.int64), minlength=vocab_size))
 

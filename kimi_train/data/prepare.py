@@ -15,7 +15,6 @@ the same command after a stop skips those blocks and continues.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -28,11 +27,12 @@ import numpy as np
 
 from kimi_train.data.errors import DataError
 from kimi_train.data.indexed import IndexWriter, token_dtype
+from kimi_train.data.manifest import (FORMAT, MANIFEST, TOKENIZER, entropy_of_counts, read_manifest, seal,
+                                      sha256_file)
 from kimi_train.data.sources import block_documents, describe_source, iter_blocks, iter_documents
 from kimi_train.data.tokenizer import ByteTokenizer, save_pretrained, tokenizer_id
 
-MANIFEST, PROGRESS, TOKENIZER = "manifest.json", "progress.json", "tokenizer"
-FORMAT = "kimi-train-prepared-v1"
+PROGRESS = "progress.json"
 SHARD_BYTES = 1 << 28  # source text per shard
 
 
@@ -74,31 +74,10 @@ def _tokenize(block) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # ------------------------------------------------------------------------------------------ helpers
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def seal(manifest: dict) -> dict:
-    """The manifest with "manifest_sha256": the hash of everything else in it (its content key)."""
-    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
-    return {**body, "manifest_sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
-
-
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(obj, indent=1) + "\n")
     tmp.replace(path)
-
-
-def entropy_of_counts(counts: np.ndarray) -> float:
-    """Entropy in nats of a token histogram: H = -sum_v p_v ln p_v (the loss of the best unigram model)."""
-    counts = np.asarray(counts, dtype=np.float64)
-    p = counts[counts > 0] / max(counts.sum(), 1.0)
-    return float(-(p * np.log(p)).sum())
 
 
 def _identity(data_cfg, tokenizer) -> dict:
@@ -252,7 +231,6 @@ def _tokenized(blocks, worker_args, workers: int):
 # ------------------------------------------------------------------------------------------ verify
 def verify(path: str | Path) -> dict:
     """Check every file of a prepared dataset against its manifest (sizes and sha256); the manifest."""
-    from kimi_train.data.dataset import read_manifest
 
     out = Path(path)
     manifest = read_manifest(out)
