@@ -87,16 +87,19 @@ class FSDP2Engine:
         grad_norm = float(clip_grad_norm_(self.model.parameters(), self.max_norm))
         if drop is None and not math.isfinite(grad_norm):
             drop = f"non-finite grad_norm={grad_norm}"
-        if drop is None:
-            try:
-                self.optimizer.step()
+        clips = isinstance(self.optimizer, MuonClip)
+        if drop is None and clips:
+            try:  # QK-Clip's phase 1: reduce + check, before anything changes (a collective)
+                self.optimizer.prepare_qk_clip()
             except NonFiniteMaxLogit as e:  # every rank sees it (the MAX reduce keeps it as +inf)
                 drop = f"non-finite max logit ({e})"
+        if drop is None:
+            self.optimizer.step()  # the update, then the clip decided above
         self.optimizer.zero_grad(set_to_none=True)
         if drop is not None:
             forget_step(self.module)
             return StepOutcome(grad_norm, drop)
-        clip = dict(self.optimizer.last_stats) if isinstance(self.optimizer, MuonClip) else self.read_max_logits()
+        clip = dict(self.optimizer.last_stats) if clips else self.read_max_logits()
         return StepOutcome(grad_norm, None, clip)
 
     def balance_experts(self, rate: float) -> dict[str, Any]:
