@@ -185,7 +185,7 @@ def instrument(model, opt, phases: Phases, capture_hooks: bool) -> None:
         for layer in model.attention_layers():
             layer._record = timed(layer._record, "max_logit_capture")
     if isinstance(opt, MuonClip):
-        for part in ("_reduced", "_checked", "_clip"):
+        for part in ("prepare_qk_clip", "_apply_decision", "finish_qk_clip"):  # QK-Clip: decide, apply, reset
             setattr(opt, part, timed(getattr(opt, part), "clip"))
 
 
