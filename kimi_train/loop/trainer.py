@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import random
 import shutil
 import sys
@@ -42,7 +41,7 @@ from kimi_train.config import TrainConfig, grad_accum_steps
 from kimi_train.errors import TrainingError, UserError
 from kimi_train.data import build_data
 from kimi_train.data.tokenizer import TOKENIZER_DIR, save_pretrained
-from kimi_train.loop.debug import debug_dump_grads
+from kimi_train.loop.debug import debug_dump_grads, debug_slow_prepare
 from kimi_train.loop.interrupt import StopOnSignal, debug_signal_at
 from kimi_train.loop import run_record
 from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
@@ -56,15 +55,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def _slowed(prepare: Callable[[], Any]) -> Any:
-    """prepare(); KIMI_TRAIN_DEBUG_SLOW_PREPARE=<seconds> makes global rank 0's take that much longer
-    (a test hook: the other ranks' wait must not be a collective that times out)."""
-    delay = float(os.environ.get("KIMI_TRAIN_DEBUG_SLOW_PREPARE", "0") or 0)
-    if delay and dist.is_initialized() and dist.get_rank() == 0:
-        time.sleep(delay)
-    return prepare()
 
 
 class Trainer:
@@ -129,7 +119,7 @@ class Trainer:
         # Data: memory-mapped token datasets; data=stdlib/files/hub are prepared into the cache once
         # (rank 0 first, then each node's first rank), the other ranks waiting outside any collective.
         self.data = build_data(self.cfg, self.dims.dp_rank, self.dims.dp_size, self.accum, self.is_main,
-                               once=lambda fn: once_per_node(lambda: _slowed(fn), "data"))
+                               once=lambda fn: once_per_node(lambda: debug_slow_prepare(fn), "data"))
         self.train_loader, self.val_set = self.data.loader, self.data.val_set
 
     def _build_engine(self, engine_factory: Callable[..., TrainEngine], mesh: Any) -> None:
