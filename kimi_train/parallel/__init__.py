@@ -52,12 +52,13 @@ _STORE: Any = None  # the rendezvous store of this process's group: once_per_nod
 
 
 def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0,
-                     init_timeout_s: float = 1800.0) -> tuple[int, int, int, torch.device]:
-    """Initialise torch.distributed when launched by torchrun (also with one rank) or with
-    WORLD_SIZE > 1; return (rank, world, local_rank, device).
+                     init_timeout_s: float = 1800.0, store: Any = None) -> tuple[int, int, int, torch.device]:
+    """Initialise torch.distributed when launched by torchrun (also with one rank), with
+    WORLD_SIZE > 1, or with a ``store`` given; return (rank, world, local_rank, device).
 
     ``init_timeout_s`` bounds the rendezvous (every rank joining), ``timeout_s`` every collective
-    after it. Raises UserError (one line) for a launch that cannot work: several SLURM tasks without
+    after it. ``store``: a store already shared by the ranks (the spawner's FileStore, a one-rank
+    HashStore) instead of the env:// rendezvous; RANK and WORLD_SIZE come from the environment. Raises UserError (one line) for a launch that cannot work: several SLURM tasks without
     a launcher that sets WORLD_SIZE, or a LOCAL_RANK with no GPU of its own."""
     global _STORE
     if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
@@ -77,8 +78,11 @@ def init_distributed(backend: Optional[str] = None, timeout_s: float = 1800.0,
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    if (world_size > 1 or launched_by_torchrun()) and not dist.is_initialized():
-        store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=init_timeout_s)))
+    if (world_size > 1 or launched_by_torchrun() or store is not None) and not dist.is_initialized():
+        if store is None:
+            store, rank, size = next(dist.rendezvous("env://", timeout=timedelta(seconds=init_timeout_s)))
+        else:
+            rank, size = int(os.environ.get("RANK", "0")), world_size
         store.set_timeout(timedelta(seconds=timeout_s))
         # What init_process_group(init_method="env://") does, with the two timeouts apart.
         dist.init_process_group(backend or ("nccl" if device.type == "cuda" else "gloo"),
@@ -96,19 +100,13 @@ def once_per_node(fn: Callable[[], T], what: str) -> T:
     So a cache is built once on a shared filesystem, once per node on node-local disks, and never
     by two ranks of a node at once. The others wait on the rendezvous store, not in a collective, so
     a preparation longer than parallel.timeout_s does not time the job out. An error in a leader's
-    ``fn`` is raised on every rank that waits for it (as UserError when it was one). In a process group
-    that init_distributed did not make (no store of ours), global rank 0 goes first, the others wait in
-    a barrier."""
+    ``fn`` is raised on every rank that waits for it (as UserError when it was one). The process
+    group must be init_distributed's (its store is where the ranks wait)."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         return fn()
+    if _STORE is None:
+        raise RuntimeError("once_per_node: the process group was not made by kimi_train.parallel.init_distributed")
     rank = dist.get_rank()
-    if _STORE is None:  # a group made elsewhere (a test's spawner): rank 0 first, ordered by barriers
-        if rank:
-            dist.barrier()
-        result = fn()
-        if not rank:
-            dist.barrier()
-        return result
     node_leader = rank - int(os.environ.get("LOCAL_RANK", "0"))
     if rank == 0:
         waits_for = []

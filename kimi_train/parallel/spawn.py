@@ -26,7 +26,6 @@ import os
 import pickle
 import shutil
 import tempfile
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -39,17 +38,13 @@ __all__ = ["spawn"]
 
 def _entry(rank: int, world_size: int, workdir: str, backend: str, timeout_s: float, threads: Optional[int],
            fn: Callable, args: tuple) -> None:
-    from kimi_train.parallel import destroy_distributed
+    from kimi_train.parallel import destroy_distributed, init_distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     if threads is not None:
         torch.set_num_threads(threads)
-    if backend == "nccl":
-        torch.cuda.set_device(rank)
-    store = dist.FileStore(os.path.join(workdir, "store"), world_size)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout_s))
-    del store  # the default group holds it
+    # The trainer's own initialisation (rank r on cuda:r where there is a GPU), on a FileStore.
+    init_distributed(backend, timeout_s=timeout_s, store=dist.FileStore(os.path.join(workdir, "store"), world_size))
     try:
         result = fn(rank, world_size, *args)
     except BaseException:
