@@ -107,7 +107,7 @@ def count_activations(fn: Callable[..., Any], *args: Any, module: Optional[nn.Mo
     recorder = _StorageRecorder(_state_ptrs([module]) if module is not None else set())
     with recorder:
         args, kwargs = tree_map_only(
-            torch.Tensor, lambda t: t.clone() if t.is_floating_point() else t, (args, kwargs))  # fmt: skip
+            torch.Tensor, lambda t: t.clone() if t.is_floating_point() and not t.requires_grad else t, (args, kwargs))  # fmt: skip
         out = fn(*args, **kwargs)
         del args, kwargs
     graph = [t.grad_fn for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.grad_fn is not None]
