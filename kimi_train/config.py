@@ -29,6 +29,7 @@ OPTIMIZERS = ("muonclip", "muon", "adamw")
 ENGINES = ("fsdp2", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
 TRAIN_DTYPES = ("auto", "fp32", "bf16")
+ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("offline", "online", "disabled")
 SCHEDULE_TYPES = ("wsd", "cosine", "constant")  # kimi_train.loop.schedule implements them
@@ -138,6 +139,10 @@ class TrainLoopConfig:
     val_batches: int = 8
     max_skipped_steps: int = 10  # non-finite loss/grad steps tolerated before stopping
     compile: bool = False  # torch.compile the model
+    # Recompute activations in the backward (docs/training.md "Memory"): none | selective (K2's set:
+    # norms, SwiGLU, RoPE, MLA up-projections) | full (each decoder layer from its input)
+    activation_checkpointing: str = "none"
+    recompute_moe_down_proj: bool = False  # selective: also recompute the routed experts' down projection
     dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
     # torch intra-op threads per process. 1 vs 2 on 2 cores: 7-14x faster when other jobs run, ~1.5x
     # slower when idle (docs/training.md). The count changes CPU results: a resume must keep it.
@@ -257,6 +262,9 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(t.val_batches >= 0, "train.val_batches", t.val_batches, "must be >= 0 (0 = no validation)")
     _check(t.max_skipped_steps >= 0, "train.max_skipped_steps", t.max_skipped_steps, "must be >= 0")
     _one_of("train.dtype", t.dtype, TRAIN_DTYPES)
+    _one_of("train.activation_checkpointing", t.activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    _check(not t.recompute_moe_down_proj or t.activation_checkpointing == "selective", "train.recompute_moe_down_proj",
+           t.recompute_moe_down_proj, "needs train.activation_checkpointing=selective (full recomputes it already)")
     _check(t.cpu_threads >= 1, "train.cpu_threads", t.cpu_threads, "must be >= 1")
     _check(t.peak_flops is None or t.peak_flops > 0, "train.peak_flops", t.peak_flops, "must be > 0 or null")
     _check(t.expert_bias_rate >= 0, "train.expert_bias_rate", t.expert_bias_rate, "must be >= 0")

@@ -13,9 +13,11 @@ MLA (arXiv 2405.04434, SPEC section 3):
     attention  = softmax(scale * [q_n|q_r] . [k_n|k_r]) v,   scale = Q^-0.5 (* YaRN mscale^2)
 
 Both modules implement optim's QKClipAttention protocol: while `record_max_logits` is on
-and the module is in training mode, every forward folds the exact per-head max logit into
-`max_logits` ([H] fp32), which `optim.MuonClip` reads and resets after each step.
-Eval-mode forwards are not recorded, so evaluation never influences the clip.
+and the module is in training mode, every forward records the exact per-head max logit, and
+`max_logits` ([H] fp32) is the max over the records, which `optim.MuonClip` reads and resets
+after each step. Eval-mode forwards are not recorded, so evaluation never influences the clip,
+and neither is a recomputation under activation checkpointing (model.recompute): the maximum is
+one op (`kimi_train::per_head_max_logits`) that checkpointing stores rather than recomputes.
 """
 
 from __future__ import annotations
@@ -30,32 +32,44 @@ from torch import nn
 from optim.protocol import QKClipTarget
 
 from .config import ModelConfig
-from .max_logits import per_head_max_logits
+from .max_logits import per_head_max_logits_op
 from .norm import RMSNorm
+from .recompute import is_recomputing
 from .rope import apply_rope, yarn_softmax_scale_multiplier
 
 
 class _MaxLogitRecorder(nn.Module):
     """The QKClipAttention bookkeeping shared by MLA and GQA."""
 
-    max_logits: Optional[torch.Tensor]
-
     def __init__(self, cfg: ModelConfig, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
         self.record_max_logits = cfg.record_max_logits
         self.max_logits_chunk = cfg.max_logits_chunk
-        self.max_logits = None
+        self._records: list[torch.Tensor] = []  # one [H] per recorded forward since the last reset
         self.name = ""  # set by the model ("layers.3.self_attn") for MuonClip's logs
 
+    @property
+    def max_logits(self) -> Optional[torch.Tensor]:
+        """[H] fp32: the max over the forwards recorded since the last reset (None: none)."""
+        if len(self._records) > 1:
+            self._records = [torch.stack(self._records).amax(dim=0)]
+        return self._records[0] if self._records else None
+
+    @max_logits.setter
+    def max_logits(self, value: Optional[torch.Tensor]) -> None:
+        self._records = [] if value is None else [value]
+
     def reset_max_logits(self) -> None:
-        self.max_logits = None
+        self._records = []
 
     def _record(self, q_BHTQ: torch.Tensor, k_BKTQ: torch.Tensor, softmax_scale: float) -> None:
         if not (self.record_max_logits and self.training):
             return
-        m_H = per_head_max_logits(q_BHTQ.detach(), k_BKTQ.detach(), softmax_scale, self.max_logits_chunk)
-        self.max_logits = m_H if self.max_logits is None else torch.maximum(self.max_logits, m_H)
+        # Computed in a recomputation too (it must replay the forward's ops), recorded once.
+        m_H = per_head_max_logits_op(q_BHTQ.detach(), k_BKTQ.detach(), softmax_scale, self.max_logits_chunk)
+        if not is_recomputing():
+            self._records.append(m_H)
 
 
 class MLAttention(_MaxLogitRecorder):

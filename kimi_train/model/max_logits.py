@@ -90,3 +90,17 @@ def _triton_kernel():
             max_logits_triton = None
         _TRITON_KERNEL.append(max_logits_triton)
     return _TRITON_KERNEL[0]
+
+
+@torch.library.custom_op("kimi_train::per_head_max_logits", mutates_args=())
+def per_head_max_logits_op(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float, chunk_size: int) -> torch.Tensor:
+    """``per_head_max_logits`` as one opaque op, as the attention layers record it: activation
+    checkpointing stores its [H] output instead of recomputing the O(T^2) scores (and replays the
+    forward's ops one for one, which the chunked loop's data-dependent op count would not allow
+    once the record is skipped in a recomputation), and torch.compile calls it as it is."""
+    return per_head_max_logits(q_BHTD, k_BHTD, softmax_scale, chunk_size)
+
+
+@per_head_max_logits_op.register_fake
+def _(q_BHTD: torch.Tensor, k_BHTD: torch.Tensor, softmax_scale: float, chunk_size: int) -> torch.Tensor:
+    return q_BHTD.new_empty(q_BHTD.shape[1], dtype=torch.float32)

@@ -19,8 +19,9 @@ parallelism can wrap it with all-to-all dispatch/combine), and the outputs are w
 summed back per token, plus the shared experts applied to every token.
 
 Load balancing without an auxiliary loss: each MoE layer counts the tokens routed to each
-expert in `tokens_per_expert` (training forwards only); after every optimizer step
-`update_expert_bias` moves the bias by rate * sign(mean_load - load_e) and resets the counts.
+expert (training forwards only, once per forward: not in an activation-checkpointing
+recomputation, model.recompute); after every optimizer step `update_expert_bias` moves the bias
+by rate * sign(mean_load - load_e) and resets the counts.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from torch import nn
 from kimi_train.kernels.grouped_gemm import grouped_gemm
 
 from .config import ModelConfig
+from .recompute import is_recomputing
 
 
 class FeedForward(nn.Module):
@@ -154,15 +156,30 @@ class MoE(_Fp32Buffers):
         if cfg.n_shared_experts > 0:
             self.shared_experts = FeedForward(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
         # Routed-token counts since the last bias update; fp32 so an all_reduce can sum them directly.
+        # Read them through routed_counts(): each training forward appends its counts to _pending
+        # (no op in the forward; see model.recompute) and the read folds them in.
         self.register_buffer("tokens_per_expert", torch.zeros(E, dtype=torch.float32))
+        self._pending: list[torch.Tensor] = []
 
     def init_weights(self, std: float, out_std: float) -> None:
         self.gate.init_weights(std)
         self.experts.init_weights(std, out_std)
         if self.shared_experts is not None:
             self.shared_experts.init_weights(std, out_std)
-        with torch.no_grad():
-            self.tokens_per_expert.zero_()
+        self.reset_counts()
+
+    @torch.no_grad()
+    def routed_counts(self) -> torch.Tensor:
+        """counts_E fp32: the tokens routed to each expert by the training forwards since the last reset."""
+        if self._pending:
+            self.tokens_per_expert += torch.stack(self._pending).sum(dim=0).float()
+            self._pending = []
+        return self.tokens_per_expert
+
+    @torch.no_grad()
+    def reset_counts(self) -> None:
+        self._pending = []
+        self.tokens_per_expert.zero_()
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
         shape = x_BTD.shape
@@ -174,8 +191,8 @@ class MoE(_Fp32Buffers):
             idx_S = rearrange(idx_TK, "t k -> (t k)")  # slot s = t * K + k: token t's k-th choice
             # scatter_add, not bincount: bincount syncs with the host on CUDA.
             num_tokens_per_expert_E = idx_S.new_zeros(self.num_experts).scatter_add_(0, idx_S, torch.ones_like(idx_S))
-            if self.training:
-                self.tokens_per_expert += num_tokens_per_expert_E.float()
+            if self.training and not is_recomputing():
+                self._pending.append(num_tokens_per_expert_E)
             order_S = torch.argsort(idx_S, stable=True)  # the slots sorted by expert
             token_S = order_S // K
 
@@ -197,7 +214,7 @@ class MoE(_Fp32Buffers):
 def expert_counts(moe_layers: Sequence[MoE]) -> torch.Tensor:
     """counts_LE: every MoE layer's routed-token counts since the last bias update (this process's;
     a data-parallel caller sums them over its ranks before ``update_expert_bias``)."""
-    return torch.stack([layer.tokens_per_expert for layer in moe_layers])
+    return torch.stack([layer.routed_counts() for layer in moe_layers])
 
 
 @torch.no_grad()
@@ -207,8 +224,7 @@ def update_expert_bias(moe_layers: Sequence[MoE], rate: float = 1e-3, counts_LE:
     counts_LE: the counts to balance, [num layers, E] (None: ``expert_counts(moe_layers)``, this
     process's). Under data parallelism every replica must apply the same update: pass the counts
     summed over the data-parallel ranks (the training engine does). Counts are reset.
-    The sign rule ignores the count scale, so counting a recomputed forward twice (activation
-    checkpointing) changes nothing. Returns {"imbalance_per_layer": [max/mean load],
+    Returns {"imbalance_per_layer": [max/mean load],
     "max_imbalance", "mean_imbalance"} (1.0 = perfectly balanced; 0.0 for a layer with no tokens).
     """
     if not moe_layers:
@@ -222,7 +238,7 @@ def update_expert_bias(moe_layers: Sequence[MoE], rate: float = 1e-3, counts_LE:
         bias_E = layer.gate.e_score_correction_bias
         bias_E += rate * torch.sign(mean - counts_E).to(bias_E.device, bias_E.dtype)
         bias_E -= bias_E.mean()
-        layer.tokens_per_expert.zero_()
+        layer.reset_counts()
     return {
         "imbalance_per_layer": imbalance,
         "max_imbalance": max(imbalance),

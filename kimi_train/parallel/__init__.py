@@ -187,7 +187,13 @@ def _release_deepspeed_groups() -> None:
 def build_engine(cfg: Any, model: torch.nn.Module, dims: ParallelDims, mesh: Any, device: torch.device,
                  accum: int, mixed_precision: bool):
     """The training engine (``engine.TrainEngine``) that parallel.engine names, wrapped around
-    ``model``: FSDP2 (with EP; in one process the plain model) or DeepSpeed ZeRO."""
+    ``model``: FSDP2 (with EP; in one process the plain model) or DeepSpeed ZeRO. Activation
+    checkpointing (train.activation_checkpointing) is applied first, the same for both."""
+    t = cfg.train
+    if t.activation_checkpointing != "none":
+        from .activation_checkpoint import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model, t.activation_checkpointing, t.recompute_moe_down_proj)
     if cfg.parallel.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 

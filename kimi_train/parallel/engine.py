@@ -116,7 +116,7 @@ def forget_step(module: nn.Module) -> None:
     for layer in module.attention_layers():
         layer.reset_max_logits()
     for moe in module.moe_layers():
-        moe.tokens_per_expert.zero_()
+        moe.reset_counts()
 
 
 def all_finite(*objects: Any) -> bool:

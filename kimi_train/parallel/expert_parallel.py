@@ -14,7 +14,8 @@ The model's MoE sorts its slots by expert and calls ``experts(x_SD, num_tokens_p
    and run the model's own grouped GEMM on the L local experts (local shards of the weights);
 4. un-permute and combine: the reverse all_to_all returns every slot's output to its token.
 
-Host syncs: one per MoE layer, the copy of the 2R split sizes (what I send to / receive from
+Host syncs: one per MoE layer (in the forward; a recomputation under activation checkpointing
+replays the collectives' stored outputs and the host copy, parallel.activation_checkpoint), the copy of the 2R split sizes (what I send to / receive from
 each rank), because NCCL's all_to_all takes its splits as host integers and the counts are
 only known after routing on the device. Everything else (the regrouping permutation, the
 local counts) is computed on the device from the device counts, with the one size it needs
@@ -87,8 +88,9 @@ class ExpertParallelGroupedExperts(GroupedExperts):
         with torch.no_grad():
             # Global expert e = r * L + l lives on rank r as its local expert l.
             counts_send_RL = rearrange(num_tokens_per_expert_E.to(torch.int64), "(r l) -> r l", r=R)
-            counts_recv_RL = torch.empty_like(counts_send_RL)
-            dist.all_to_all_single(counts_recv_RL, counts_send_RL, group=self.ep_group)
+            # Functional (out of place), so activation checkpointing can store its output: a
+            # recomputed layer must not exchange again (parallel.activation_checkpoint).
+            counts_recv_RL = funcol.wait_tensor(funcol.all_to_all_single(counts_send_RL, None, None, self.ep_group))
             # The one host sync (see the module doc): slots I send to / receive from each rank.
             splits_2R = torch.stack([reduce(counts_send_RL, "r l -> r", "sum"),
                                      reduce(counts_recv_RL, "r l -> r", "sum")]).cpu()

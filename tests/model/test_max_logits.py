@@ -152,11 +152,11 @@ def test_measure_max_logits_records_and_nothing_else(variant):
     for a in layers:
         a.reset_max_logits()
     for m in model.moe_layers():
-        m.tokens_per_expert.zero_()
+        m.reset_counts()
     assert model.measure_max_logits(ids) is None
     assert torch.equal(torch.stack([a.max_logits for a in layers]), want)
     assert all(m.training for m in model.modules())
-    assert all(m.tokens_per_expert.sum() == 0 for m in model.moe_layers())
+    assert all(m.routed_counts().sum() == 0 for m in model.moe_layers())
     for a in layers:
         a.reset_max_logits()
     model.eval().measure_max_logits(ids)

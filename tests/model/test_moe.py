@@ -98,9 +98,9 @@ def test_moe_layer_equals_dense_reference_and_counts_tokens():
             h = torch.nn.functional.silu(x.view(-1, 32)[t] @ E.gate_proj[e].T) * (x.view(-1, 32)[t] @ E.up_proj[e].T)
             ref = ref.index_add(0, torch.tensor([t]), (w[t, j] * (h @ E.down_proj[e].T))[None])
     torch.testing.assert_close(y.view(-1, 32), ref, rtol=1e-5, atol=1e-5)
-    assert torch.equal(moe.tokens_per_expert, torch.bincount(idx.flatten(), minlength=8).float())
+    assert torch.equal(moe.routed_counts(), torch.bincount(idx.flatten(), minlength=8).float())
     moe.eval()(x)  # eval forwards are not counted
-    assert moe.tokens_per_expert.sum() == 28
+    assert moe.routed_counts().sum() == 28
 
 
 def test_update_expert_bias_sign_rule_mean_zero_and_reset():

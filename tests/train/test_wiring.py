@@ -187,7 +187,7 @@ def test_expert_bias_rate_sets_the_bias_step(tmp_path):
     rate = 0.037
     trainer = _trainer(tmp_path, **{"train.expert_bias_rate": rate})
     counts = []
-    _spy_on_step(trainer, lambda t: counts.extend(m.tokens_per_expert.clone() for m in t.model.moe_layers()))
+    _spy_on_step(trainer, lambda t: counts.extend(m.routed_counts().clone() for m in t.model.moe_layers()))
     trainer.train_step()
     assert counts and all(c.sum() > 0 for c in counts)
     for moe, counts_E in zip(trainer.model.moe_layers(), counts):

@@ -1,0 +1,144 @@
+"""Activation checkpointing applied from outside the model: ``train.activation_checkpointing``.
+
+Each decoder layer's forward runs under torch's non-reentrant checkpoint with a selective policy
+(``torch.utils.checkpoint.create_selective_checkpoint_contexts``): the forward stores the outputs
+of the ops the policy names and frees everything else; the backward runs the layer's forward again,
+taking the stored outputs instead of recomputing those ops. What each mode stores per layer:
+
+    none        what autograd saves (no checkpoint)
+    full        the layer's input, the router's top-k, and every collective's output (expert
+                parallelism's count exchange, dispatch and combine) and device-to-host copy
+    selective   full's, plus every matmul and attention output (nn.Linear, grouped GEMMs, SDPA's
+                output and logsumexp) except K2's set: the MLA up-projections (q_b_proj,
+                kv_b_proj), and with ``train.recompute_moe_down_proj`` the routed experts' down
+                projection. So the RMSNorms, SwiGLU activations, RoPE, casts and the other
+                elementwise work are recomputed (K2 report 2.4.3; Megatron's
+                ``recompute_modules`` layernorm / moe_act / mla_up_proj)
+
+Statistics are recorded once per forward: the recomputation runs inside
+``kimi_train.model.recompute.recomputing()`` (no max-logit record, no routed-token count) and
+the per-head max logit is one stored op. Because the collectives and the top-k are stored, a
+recomputed layer routes exactly as its forward did and issues no collective and no host sync.
+
+The layer's ``forward`` is replaced on the instance; no wrapper module is inserted, so parameter
+names (Muon's groups, checkpoints, the transformers export) stay the same. It is applied before
+expert parallelism, torch.compile and FSDP2 or DeepSpeed (parallel.build_engine, for either engine).
+
+Under torch.compile the policy's module-awareness is lost (compile calls the policy while
+tracing, without the module hooks): ``selective`` then stores the up-projections' outputs too.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from kimi_train.model.moe import GroupedExperts
+from kimi_train.model.recompute import recomputing
+
+MODES = ("none", "selective", "full")
+
+_aten = torch.ops.aten
+# Outputs every mode stores: replaying them keeps routing fixed and issues no collective.
+_ALWAYS_STORED = {_aten.topk.default, torch.ops.kimi_train.per_head_max_logits.default}
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d")
+# Outputs selective stores unless K2's set recomputes them.
+_MATMULS = {
+    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten._grouped_mm.default,
+    _aten._scaled_dot_product_flash_attention.default, _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_efficient_attention.default, _aten._scaled_dot_product_cudnn_attention.default,
+}  # fmt: skip
+_MLA_UP_PROJECTIONS = ("q_b_proj", "kv_b_proj")
+
+
+class _Where:
+    """Which of K2's recomputed modules the forward is inside (module hooks keep it current)."""
+
+    def __init__(self) -> None:
+        self.up_projection = 0  # depth inside an MLA up-projection
+        self.experts = 0  # depth inside a GroupedExperts
+        self.after_activation = False  # inside the experts, past the SwiGLU: the down projection
+
+    def policy(self, selective: bool, recompute_down: bool) -> Callable:
+        def policy_fn(ctx, op, *args, **kwargs):
+            if op == _aten.silu.default and self.experts:
+                self.after_activation = True
+            if op in _ALWAYS_STORED or op.namespace in _COLLECTIVE_NAMESPACES or _is_device_to_host(op, args, kwargs):
+                return CheckpointPolicy.MUST_SAVE
+            if not selective or op not in _MATMULS or not torch.is_grad_enabled():
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            if self.up_projection or (recompute_down and self.experts and self.after_activation):
+                return CheckpointPolicy.PREFER_RECOMPUTE
+            return CheckpointPolicy.MUST_SAVE
+
+        return policy_fn
+
+    def track(self, module: nn.Module, attr: str) -> None:
+        def enter(*_):
+            setattr(self, attr, getattr(self, attr) + 1)
+            self.after_activation = False
+
+        def leave(*_):
+            setattr(self, attr, getattr(self, attr) - 1)
+
+        module.register_forward_pre_hook(enter)
+        module.register_forward_hook(leave)
+
+
+def _is_device_to_host(op, args, kwargs) -> bool:
+    """A copy to the host (expert parallelism's split sizes on CUDA): stored, so no sync again."""
+    if op not in (_aten._to_copy.default, _aten.copy_.default) or not args:
+        return False
+    src = args[-1] if op == _aten.copy_.default else args[0]
+    dst_device = kwargs.get("device") if op == _aten._to_copy.default else args[0].device
+    return isinstance(src, torch.Tensor) and src.device.type != "cpu" and dst_device is not None \
+        and torch.device(dst_device).type == "cpu"
+
+
+def _checkpointed(forward: Callable, context_fn: Callable) -> Callable:
+    """``forward`` under checkpoint; its second run (the backward's recomputation) records nothing."""
+
+    @functools.wraps(forward)
+    def run_checkpointed(*args, **kwargs):
+        if not torch.is_grad_enabled():  # evaluation, the max-logit diagnostic: nothing to save
+            return forward(*args, **kwargs)
+        runs = 0
+
+        def run(*a, **k):
+            nonlocal runs
+            runs += 1
+            if runs == 1:
+                return forward(*a, **k)
+            with recomputing():
+                return forward(*a, **k)
+
+        return checkpoint(run, *args, use_reentrant=False, context_fn=context_fn, **kwargs)
+
+    return run_checkpointed
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, recompute_moe_down_proj: bool = False) -> nn.Module:
+    """Checkpoint every decoder layer of ``model`` (a KimiForCausalLM) as ``mode`` says (module doc)."""
+    if mode not in MODES:
+        raise ValueError(f"train.activation_checkpointing={mode!r}; valid: {', '.join(MODES)}")
+    if mode == "none":
+        return model
+    where = _Where()
+    if mode == "selective":
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in _MLA_UP_PROJECTIONS:
+                where.track(module, "up_projection")
+            elif isinstance(module, GroupedExperts) and recompute_moe_down_proj:
+                where.track(module, "experts")
+    policy = where.policy(selective=mode == "selective", recompute_down=recompute_moe_down_proj)
+    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    for layer in model.model.layers:
+        layer.forward = _checkpointed(layer.forward, context_fn)
+    return model
+
+
+__all__ = ["MODES", "apply_activation_checkpointing"]
