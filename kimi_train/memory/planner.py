@@ -189,8 +189,14 @@ def _layer_none(c: ModelConfig, moe: bool, B: int, T: int, p: Precision, ep: int
     else:
         out += _rmsnorm("post_attention_layernorm", (N, D), p.resid, p, linears=("mlp.gate_proj", "mlp.up_proj"))
         out += _swiglu("mlp", N, c.intermediate_size, p.act)
-    if c.record_max_logits:  # QK-Clip's record, held by the module (not an activation; constant)
-        out.append(Saved("max_logits record (QK-Clip)", (c.num_attention_heads,), "fp32"))
+    return out + _records(c, moe)
+
+
+def _records(c: ModelConfig, moe: bool) -> list[Saved]:
+    """Statistics the modules hold from each training forward, in every mode (constant, not activations)."""
+    out = [Saved("max_logits record (QK-Clip)", (c.num_attention_heads,), "fp32")] if c.record_max_logits else []
+    if moe:
+        out.append(Saved("routed-token counts record (expert bias)", (c.n_routed_experts,), "int64"))
     return out
 
 
@@ -214,8 +220,7 @@ def _layer_stored(c: ModelConfig, moe: bool, B: int, T: int, p: Precision, mode:
             out += [Saved("EP count exchange", (ep, c.n_routed_experts // ep), "int64"),
                     Saved("EP dispatch all-to-all output", (Q, D), a),
                     Saved("EP combine all-to-all output", (S, D), a)]
-    if c.record_max_logits:
-        out.append(Saved("max_logits record (QK-Clip)", (c.num_attention_heads,), "fp32"))
+    out += _records(c, moe)
     if mode == "full":
         return out
     H = c.num_attention_heads
