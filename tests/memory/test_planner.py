@@ -57,7 +57,7 @@ def _config(name: str, overrides: tuple = ()):
 
 
 @functools.lru_cache(maxsize=1)
-def _layer(name: str, overrides: tuple, moe: bool, bf16_params: bool, mode: str) -> DecoderLayer:
+def _layer(name: str, overrides: tuple, moe: bool, bf16_params: bool, mode: str, down: bool) -> DecoderLayer:
     """One decoder layer in training mode, checkpointed as ``mode`` says by the trainer's own code."""
     cfg = _config(name, overrides)
     torch.manual_seed(0)
@@ -73,7 +73,7 @@ def _layer(name: str, overrides: tuple, moe: bool, bf16_params: bool, mode: str)
     holder = nn.Module()  # apply_activation_checkpointing walks model.model.layers
     holder.model = nn.Module()
     holder.model.layers = nn.ModuleList([layer])
-    apply_activation_checkpointing(holder, mode)
+    apply_activation_checkpointing(holder, mode, recompute_moe_down_proj=down)
     return layer
 
 
@@ -93,10 +93,10 @@ def _diff(measured, planned: list[Saved]) -> str:
     return "" if m == p else f"counter only: {only_m}; planner only: {only_p}"
 
 
-def _count_layer(name, overrides, moe, T, precision, mode, B=1):
+def _count_layer(name, overrides, moe, T, precision, mode, B=1, down=False):
     cfg = _config(name, overrides)
     dtype, bf16_params = PRECISIONS[precision]
-    layer = _layer(name, overrides, moe, bf16_params, mode)
+    layer = _layer(name, overrides, moe, bf16_params, mode, down)
     rope_dim = cfg.qk_rope_head_dim if cfg.attention_type == "mla" else cfg.gqa_head_dim
     x_dtype = torch.bfloat16 if bf16_params else torch.float32
     x = torch.randn(B, T, cfg.hidden_size, dtype=x_dtype, requires_grad=True)
@@ -109,7 +109,7 @@ def _count_layer(name, overrides, moe, T, precision, mode, B=1):
         count = count_activations(lambda x: forward(x.clone(), cos, sin), x, module=layer)
     params = {tuple(p.shape) for p in layer.parameters()}
     measured = [s for s in count.storages if not _weight_cast(s, params)]
-    planned = layer_inventory(cfg, moe, (B, T), mode, dtype, bf16_params)
+    planned = layer_inventory(cfg, moe, (B, T), mode, dtype, bf16_params, recompute_moe_down_proj=down)
     return measured, planned
 
 
@@ -124,6 +124,12 @@ def test_layer_matches_the_counter(name, moe, mode):
         assert abs(total_p - total_m) <= 0.1 * total_m  # the acceptance line, implied by the equality above
 
 
+def test_recompute_moe_down_proj_matches_the_counter():
+    for T in (64, 256):
+        measured, planned = _count_layer("k2_mini", (), True, T, "fp32", "selective", down=True)
+        assert not _diff(measured, planned), f"T={T}: {_diff(measured, planned)}"
+
+
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("precision", ["bf16", "bf16_params"])
 @pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
@@ -132,21 +138,23 @@ def test_bf16_layer_matches_the_counter(moe, precision, mode):
     assert not _diff(measured, planned), _diff(measured, planned)
 
 
-# Shapes the named configs do not exercise: GQA, v as wide as q/k (no padding), q without LoRA
-# beside a MoE without shared experts, group-limited routing and unnormalised gate weights.
-VARIANTS = [
-    (("attention_type", "gqa"), ("num_key_value_heads", 2)),
-    (("v_head_dim", 48),),
-    (("n_shared_experts", 0), ("n_group", 2), ("topk_group", 1), ("norm_topk_prob", False)),
-]
+# Shapes the named configs do not exercise, each in the layer kind it changes: GQA and v as wide as
+# q/k (no padding) in attention, beside q without LoRA (tiny's); group-limited routing, unnormalised
+# gate weights and no shared experts in the MoE.
+VARIANTS = {
+    "gqa": ((("attention_type", "gqa"), ("num_key_value_heads", 2)), False),
+    "v_unpadded": ((("v_head_dim", 48),), False),
+    "groups_no_shared": ((("n_shared_experts", 0), ("n_group", 2), ("topk_group", 1), ("norm_topk_prob", False)), True),
+}
+VARIANT_CASES = [(m, "fp32") for m in MODES] + [("none", "bf16"), ("none", "bf16_params")]
 
 
-@pytest.mark.parametrize("precision", list(PRECISIONS))
-@pytest.mark.parametrize("overrides", VARIANTS, ids=["gqa", "v_unpadded", "groups_no_shared"])
-def test_variant_layers_match_the_counter(overrides, precision):
-    for moe in (False, True):
-        measured, planned = _count_layer("tiny", overrides, moe, 64, precision, "none")
-        assert not _diff(measured, planned), _diff(measured, planned)
+@pytest.mark.parametrize("mode,precision", VARIANT_CASES)
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_layers_match_the_counter(variant, mode, precision):
+    overrides, moe = VARIANTS[variant]
+    measured, planned = _count_layer("tiny", overrides, moe, 64, precision, mode)
+    assert not _diff(measured, planned), _diff(measured, planned)
 
 
 def _loss_fn(chunk: int):

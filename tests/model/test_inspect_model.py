@@ -64,3 +64,91 @@ def test_bad_input_exits_2_with_one_line(capsys, args, needle):
     assert info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err
+
+
+# --- activations (kimi_train.memory.planner) ------------------------------------------------
+
+
+def test_activations_are_the_planners_and_the_old_keys_stay(capsys):
+    from kimi_train.memory.planner import plan_activations
+
+    args = ["model=k2_mini", "parallel.dp_shard=4", "parallel.ep=4", "dtype=bf16", "train.seq_len=512",
+            "train.micro_batch_size=2", "train.activation_checkpointing=selective", "train.recompute_moe_down_proj=true",
+            "moe_imbalance=0.25"]  # fmt: skip
+    report = _run(capsys, *args)
+    assert {"total_params", "activated_params", "components", "router_bias_buffers", "layout", "per_rank"} <= set(report)
+    act = report["activations"]
+    plan = plan_activations(load_model_config("k2_mini"), 512, 2, "selective", dtype="bf16", bf16_params=True, ep=4,
+                            imbalance=0.25, recompute_moe_down_proj=True)  # fmt: skip
+    assert (act["kept_bytes"], act["peak_bytes"]) == (plan.kept_bytes, plan.peak_bytes)
+    assert act["layers"] == {"dense": 1, "moe": 11}
+    assert (act["seq_len"], act["micro_batch_size"], act["activation_checkpointing"]) == (512, 2, "selective")
+
+
+def test_imbalance_loads_the_busiest_ep_rank_only():
+    from kimi_train.memory.planner import plan_activations
+
+    cfg = load_model_config("k2_mini")
+    moe = lambda **kw: plan_activations(cfg, 256, 1, **kw).per_layer["moe"]  # noqa: E731
+    assert moe(ep=1, imbalance=0.5) == moe(ep=1)  # one rank's experts receive its own slots, however spread
+    S, D, I = 256 * 2, 1024, 288  # slots, hidden, expert width
+    # none: the received slots' grouped-GEMM input [Q, D], four [Q, I] SwiGLU tensors (bf16), the permutation int64
+    assert moe(ep=4, imbalance=0.5, dtype="bf16") - moe(ep=4, dtype="bf16") == S // 2 * (2 * D + 4 * 2 * I + 8)
+    # full: the dispatch all-to-all output [Q, D]
+    assert moe(ep=4, imbalance=0.5, mode="full") - moe(ep=4, mode="full") == S // 2 * 4 * D
+
+
+def _fit(capsys, *args):
+    main([*args, "json=true"])
+    return json.loads(capsys.readouterr().out)
+
+
+def test_gpu_mem_gives_the_largest_micro_batch_that_fits(capsys):
+    from kimi_train.memory.planner import plan_activations
+
+    cfg = load_model_config("small")
+    args = ["model=small", "train.seq_len=2048", "dtype=bf16"]
+    out = _fit(capsys, *args, "--gpu-mem", "12GiB")
+    assert out["gpu_mem_bytes"] == 12 * 2**30
+    state = out["per_rank"]["memory_bytes"]["total"]
+    best = {}
+    for row in out["fit"]:
+        b = best[row["mode"]] = row["max_micro_batch"]
+        peak = lambda n: plan_activations(cfg, 2048, n, row["mode"], dtype="bf16").peak_bytes  # noqa: E731
+        assert b >= 1 and state + peak(b) <= 12 * 2**30 < state + peak(b + 1)
+    assert best["none"] < best["selective"] < best["full"]
+    # The text table: one row per mode with the same numbers; --gpu-mem=SIZE and gpu_mem=SIZE are the same flag.
+    main([*args, "--gpu-mem=12GiB"])
+    text = capsys.readouterr().out
+    rows = {line.split()[0]: line.split() for line in text.splitlines() if line.split()[:1] in (["none"], ["selective"], ["full"])}
+    assert {mode: int(r[-1]) for mode, r in rows.items()} == best
+    main([*args, "gpu_mem=12GiB"])
+    assert capsys.readouterr().out == text
+
+
+def test_k2_table_at_its_expert_parallel_layout(capsys):
+    out = _fit(capsys, "model=k2", "parallel.dp_shard=256", "parallel.ep=16", "dtype=bf16", "train.seq_len=4096",
+               "train.micro_batch_size=1", "--gpu-mem", "80GiB")  # fmt: skip
+    rows = {r["mode"]: r for r in out["fit"]}
+    assert rows["full"]["layers"] == {"dense": 1, "moe": 60}
+    assert rows["none"]["kept_bytes"] > rows["selective"]["kept_bytes"] > rows["full"]["kept_bytes"]
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["train.seq_len=0"], "train.seq_len=0"),
+    (["train.seq_len=x"], "train.seq_len='x'"),
+    (["train.micro_batch_size=-1"], "train.micro_batch_size=-1"),
+    (["train.activation_checkpointing=some"], "train.activation_checkpointing='some'"),
+    (["train.recompute_moe_down_proj=maybe"], "train.recompute_moe_down_proj='maybe'"),
+    (["moe_imbalance=-0.1"], "moe_imbalance='-0.1'"),
+    (["moe_imbalance=lots"], "moe_imbalance='lots'"),
+    (["--gpu-mem", "80"], "--gpu-mem='80'"),
+    (["--gpu-mem=80XB"], "--gpu-mem='80XB'"),
+    (["--gpu-mem"], "--gpu-mem needs a size"),
+])  # fmt: skip
+def test_bad_activation_input_exits_2_with_one_line(capsys, args, needle):
+    with pytest.raises(SystemExit) as info:
+        main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and "\n" not in err
