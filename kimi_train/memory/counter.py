@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten, tree_map_only
 
 
@@ -66,7 +66,7 @@ class _StorageRecorder(TorchDispatchMode):
         self.seen: dict[int, tuple[weakref.ref, SavedStorage]] = {}
 
     def note(self, t: torch.Tensor, op: str) -> None:
-        st = t.untyped_storage()
+        st = _inner(t).untyped_storage()
         ptr = st.data_ptr()
         if ptr in self.excluded or st.nbytes() == 0:
             return
@@ -87,11 +87,19 @@ class _StorageRecorder(TorchDispatchMode):
         return sorted((rec for ref, rec in self.seen.values() if ref() is not None), key=lambda s: -s.nbytes)
 
 
+def _inner(t: torch.Tensor) -> torch.Tensor:
+    """The tensor holding the storage: a wrapper subclass (a DTensor parameter under expert
+    parallelism, funcol's AsyncCollectiveTensor) has none of its own."""
+    while is_traceable_wrapper_subclass(t):
+        t = getattr(t, t.__tensor_flatten__()[0][0])
+    return t
+
+
 def _state_ptrs(modules: Iterable[nn.Module]) -> set[int]:
     ptrs = set()
     for m in modules:
         for t in list(m.parameters()) + list(m.buffers()):
-            ptrs.add(t.untyped_storage().data_ptr())
+            ptrs.add(_inner(t).untyped_storage().data_ptr())
     return ptrs
 
 

@@ -169,6 +169,8 @@ def _moe(c: ModelConfig, N: int, p: Precision, ep: int, imbalance: float) -> lis
         out += [Saved("expert offsets", (X,), "int32")]
     out += [Saved("routed slots x (grouped GEMM input)", (Q, c.hidden_size), a)]
     out += _swiglu("experts", Q, c.moe_intermediate_size, a)
+    if ep > 1:  # the un-permute's index_copy keeps its source, the down projection's output
+        out += [Saved("experts down output (EP un-permute's index_copy source)", (Q, c.hidden_size), a)]
     out += [Saved("routed outputs in slot order (combine input)", (S, c.hidden_size), a)]
     if c.n_shared_experts:
         out += _swiglu("shared_experts", N, c.moe_intermediate_size * c.n_shared_experts, a)
@@ -218,7 +220,7 @@ def _layer_stored(c: ModelConfig, moe: bool, B: int, T: int, p: Precision, mode:
                     Saved("router group top-k indices", (N, c.topk_group), "int64")]
         if ep > 1:
             out += [Saved("EP count exchange", (ep, c.n_routed_experts // ep), "int64"),
-                    Saved("EP dispatch all-to-all output", (Q, D), a),
+                    Saved("EP dispatch all-to-all output (the norm output's dtype)", (Q, D), p.resid),
                     Saved("EP combine all-to-all output", (S, D), a)]
     out += _records(c, moe)
     if mode == "full":

@@ -97,20 +97,27 @@ def _count_layer(name, overrides, moe, T, precision, mode, B=1, down=False):
     cfg = _config(name, overrides)
     dtype, bf16_params = PRECISIONS[precision]
     layer = _layer(name, overrides, moe, bf16_params, mode, down)
+    measured, planned_at = _count_layer_with(layer, cfg, T, dtype, bf16_params, mode, B)
+    return measured, planned_at(recompute_moe_down_proj=down)
+
+
+def _count_layer_with(layer, cfg, T, dtype, bf16_params, mode, B=1):
+    """(what the counter sees, the planner's inventory as a function of its EP/recompute keywords)."""
     rope_dim = cfg.qk_rope_head_dim if cfg.attention_type == "mla" else cfg.gqa_head_dim
     x_dtype = torch.bfloat16 if bf16_params else torch.float32
     x = torch.randn(B, T, cfg.hidden_size, dtype=x_dtype, requires_grad=True)
     cos, sin = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)(T, x.device, x_dtype)
-    forward = layer
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     with autocast:
         if dtype == "bf16":
-            forward(x, cos, sin)  # fills autocast's weight-cast cache outside the counter
-        count = count_activations(lambda x: forward(x.clone(), cos, sin), x, module=layer)
+            layer(x, cos, sin)  # fills autocast's weight-cast cache outside the counter
+        if hasattr(layer.mlp, "reset_counts"):
+            layer.mlp.reset_counts()
+        count = count_activations(lambda x: layer(x.clone(), cos, sin), x, module=layer)
     params = {tuple(p.shape) for p in layer.parameters()}
     measured = [s for s in count.storages if not _weight_cast(s, params)]
-    planned = layer_inventory(cfg, moe, (B, T), mode, dtype, bf16_params, recompute_moe_down_proj=down)
-    return measured, planned
+    moe = hasattr(layer.mlp, "gate")
+    return measured, functools.partial(layer_inventory, cfg, moe, (B, T), mode, dtype, bf16_params)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -195,3 +202,43 @@ def test_logits_path_matches_the_counter(name, T, precision, chunk):
     measured = [s for s in count.storages if not _weight_cast(s, set())]
     planned = logits_inventory(cfg, (1, T), dtype, bf16_params, loss_chunk_tokens=chunk)
     assert not _diff(measured, planned), _diff(measured, planned)
+
+
+def _ep_rank(rank: int, world: int, cases: list) -> list[str]:
+    """On one of ``world`` gloo ranks: an MoE layer under expert parallelism, counted in each case's
+    mode and precision, against the planner at this rank's real received slots Q (its imbalance)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from kimi_train.parallel.expert_parallel import apply_ep
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("ep",))
+    gc.collect()
+    gc.freeze()  # as _fast_counts does in the parent
+    problems = []
+    for mode, precision in cases:
+        cfg, (dtype, bf16_params) = _config("tiny"), PRECISIONS[precision]
+        _layer.cache_clear()  # a fresh layer: apply_ep shards it in place
+        layer = apply_ep(_layer("tiny", (), True, bf16_params, mode, False), mesh["ep"])
+        torch.manual_seed(rank)  # each rank routes its own tokens
+        measured, planned_at = _count_layer_with(layer, cfg, 64, dtype, bf16_params, mode)
+        counts_E = layer.mlp.routed_counts()
+        all_counts = [torch.empty_like(counts_E) for _ in range(world)]
+        torch.distributed.all_gather(all_counts, counts_E)
+        L = cfg.n_routed_experts // world
+        Q = int(sum(c[rank * L:(rank + 1) * L].sum() for c in all_counts))
+        S = 64 * cfg.num_experts_per_tok
+        planned = planned_at(ep=world, imbalance=(Q - 0.5) / S - 1)  # ceil(S * (1 + imbalance)) == Q
+        if _diff(measured, planned) or Q == S:
+            problems.append(f"rank {rank} {mode} {precision} S={S} Q={Q}: {_diff(measured, planned)}")
+    return problems
+
+
+@pytest.mark.slow  # two processes: ~7 s of the ~10 s are their start
+def test_expert_parallel_layer_matches_the_counter():
+    """Two gloo ranks, EP 2: the received slots Q differ from the sent S, and the planner at that
+    imbalance keeps what the counter sees, collectives' outputs included."""
+    from kimi_train.parallel.spawn import spawn
+
+    cases = [("none", "fp32"), ("selective", "fp32"), ("full", "bf16_params")]
+    problems = [p for rank_problems in spawn(_ep_rank, 2, cases) for p in rank_problems]
+    assert not problems, problems
