@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from kimi_train.tools.inspect_model import inspect, main
+from kimi_train.tools.inspect_model import inspect, main, parse_size
 from kimi_train.model import KimiForCausalLM, load_model_config
 
 
@@ -111,6 +111,7 @@ def test_gpu_mem_gives_the_largest_micro_batch_that_fits(capsys):
     args = ["model=small", "train.seq_len=2048", "dtype=bf16"]
     out = _fit(capsys, *args, "--gpu-mem", "12GiB")
     assert out["gpu_mem_bytes"] == 12 * 2**30
+    assert (parse_size("80GB"), parse_size("0.5TiB"), parse_size("512MiB")) == (80 * 10**9, 2**39, 2**29)
     state = out["per_rank"]["memory_bytes"]["total"]
     best = {}
     for row in out["fit"]:
