@@ -26,7 +26,7 @@ from kimi_train.memory.counter import count_activations
 from kimi_train.memory.planner import Saved, layer_inventory, logits_inventory
 from kimi_train.model import load_model_config
 from kimi_train.model.norm import RMSNorm
-from kimi_train.model.rope import RotaryEmbedding
+from kimi_train.model.rope import rope_frequencies
 from kimi_train.model.transformer import DecoderLayer
 from kimi_train.parallel.activation_checkpoint import apply_activation_checkpointing
 
@@ -106,7 +106,9 @@ def _count_layer_with(layer, cfg, T, dtype, bf16_params, mode, B=1):
     rope_dim = cfg.qk_rope_head_dim if cfg.attention_type == "mla" else cfg.gqa_head_dim
     x_dtype = torch.bfloat16 if bf16_params else torch.float32
     x = torch.randn(B, T, cfg.hidden_size, dtype=x_dtype, requires_grad=True)
-    cos, sin = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)(T, x.device, x_dtype)
+    inv_freq_D2, scale = rope_frequencies(rope_dim, cfg.rope_theta, cfg.rope_scaling)
+    angles_TD2 = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq_D2  # as RotaryEmbedding makes them
+    cos, sin = ((f(angles_TD2) * scale).to(x_dtype) for f in (torch.cos, torch.sin))
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
     with autocast:
         if dtype == "bf16":
