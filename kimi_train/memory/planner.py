@@ -294,12 +294,18 @@ def logits_inventory(c: ModelConfig, tokens: tuple[int, int], dtype: str = "fp32
     return out + [Saved("log-softmax of the fp32 logits", (N, V), "fp32"), Saved("nll_loss total weight", (), "fp32")]
 
 
-def logits_transient_bytes(c: ModelConfig, tokens: int, dtype: str, loss_chunk_tokens: int) -> int:
-    """What the loss's backward allocates on top of what is kept: plain, the [N, V] gradients of the
-    log-probabilities and logits in fp32 (and the logits' bf16 gradient); chunked, one chunk's."""
-    rows = tokens if not loss_chunk_tokens else min(loss_chunk_tokens, tokens)
-    per_row = c.vocab_size * ((8 if not loss_chunk_tokens else 4) + (2 if dtype == "bf16" else 0))
-    return rows * per_row
+def logits_transient_bytes(c: ModelConfig, tokens: int, dtype: str, loss_chunk_tokens: int,
+                           bf16_params: bool = False) -> int:
+    """What the loss's backward allocates on top of what is kept. Plain: the fp32 gradients of the
+    log-probabilities and of the logits, [N, V] each (and the logits' bf16 gradient under bf16).
+    Chunked: two chunks of fp32 logits (the next one is computed while the last is still bound),
+    the bf16 matmul output under bf16, and the [N, D] gradient of the loss input."""
+    bf16 = 2 if dtype == "bf16" else 0
+    if not loss_chunk_tokens:
+        return tokens * c.vocab_size * (8 + bf16)
+    rows = min(loss_chunk_tokens, tokens)
+    h_bytes = 4 if Precision.of(dtype, bf16_params).resid == "fp32" else 2
+    return rows * c.vocab_size * (8 + bf16) + tokens * c.hidden_size * h_bytes
 
 
 def total_bytes(items: list[Saved]) -> int:
@@ -370,7 +376,7 @@ def plan_activations(c: ModelConfig, seq_len: int, micro_batch_size: int = 1, mo
     per_part.update({kind: per_layer[kind] * layers[kind] for kind in ("dense", "moe") if layers[kind]})
     per_part["logits"] = per_layer["logits"]
     return ActivationPlan(per_part, per_layer, layers, seq_len * micro_batch_size, recompute,
-                          logits_transient_bytes(c, seq_len * micro_batch_size, dtype, loss_chunk_tokens))
+                          logits_transient_bytes(c, seq_len * micro_batch_size, dtype, loss_chunk_tokens, bf16_params))
 
 
 __all__ = ["ActivationPlan", "MODES", "Saved", "embedding_inventory", "layer_inventory", "logits_inventory",
