@@ -227,7 +227,7 @@ def format_fit_table(report: dict[str, Any], rows: list[dict[str, Any]], gpu_mem
              f"{lay['dp_replicate']} x dp_shard {lay['dp_shard']}, ep {lay['ep']}, {lay['dtype']}, {lay['optimizer']}): "
              f"params + grads + master + optimizer state {mem['total']} GiB",
              f"activations per rank for micro-batch {act['micro_batch_size']} x seq {act['seq_len']} "
-             f"(moe_imbalance {act['moe_imbalance']}; KB per token per layer; GiB per rank):",
+             f"(moe_imbalance {act['moe_imbalance']}; KB per token: one layer of each kind, and the logits path):",
              "mode        dense KB/tok  moe KB/tok  logits KB/tok    kept GiB    peak GiB   max micro-batch in "
              f"{gpu_mem / 2**30:g} GiB"]
     for r in rows:
