@@ -51,8 +51,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from kimi_train.model.config import ModelConfig
+from kimi_train.parallel.activation_checkpoint import MODES
 
-MODES = ("none", "selective", "full")
 DTYPES = ("fp32", "bf16")
 BYTES = {"fp32": 4, "bf16": 2, "int64": 8, "int32": 4, "bool": 1}
 
@@ -286,8 +286,7 @@ def logits_inventory(c: ModelConfig, tokens: tuple[int, int], dtype: str = "fp32
     N, V, p = B * T, c.vocab_size, Precision.of(dtype, bf16_params)
     if loss_chunk_tokens:  # the chunked loss reads the norm output as it is, autocast off
         out = _rmsnorm("final norm", (N, c.hidden_size), p.resid, p, fp32_reader=None)
-        out.append(Saved("final norm output (loss input)", (N, c.hidden_size),
-                         "fp32" if p.resid == "fp32" else p.act))
+        out.append(Saved("final norm output (loss input)", (N, c.hidden_size), p.resid))
         return out + [Saved("loss targets", (N,), "int64"), Saved("loss target mask", (N,), "bool"),
                       Saved("loss logsumexp", (N,), "fp32"), Saved("loss valid-target count", (), "int64")]
     out = _rmsnorm("final norm", (N, c.hidden_size), p.resid, p, linears=("lm_head",))
@@ -346,22 +345,21 @@ class ActivationPlan:
 
 def plan_activations(c: ModelConfig, seq_len: int, micro_batch_size: int = 1, mode: str = "none",
                      dtype: str = "fp32", bf16_params: bool = False, ep: int = 1, imbalance: float = 0.0,
-                     recompute_moe_down_proj: bool = False, loss_chunk_tokens: Optional[int] = None,
-                     num_layers: Optional[int] = None) -> ActivationPlan:
-    """Activation bytes per rank for one micro-batch of ``micro_batch_size`` x ``seq_len`` tokens.
+                     recompute_moe_down_proj: bool = False, loss_chunk_tokens: Optional[int] = None) -> ActivationPlan:
+    """Activation bytes per rank for one micro-batch of ``micro_batch_size`` x ``seq_len`` tokens,
+    every decoder layer on the rank (no pipeline stages).
 
     loss_chunk_tokens: None reads ``model.loss_chunk_tokens`` (0, the plain loss, where the config
-    has no such field). num_layers: the decoder layers on this rank (default all; a pipeline stage
-    holds fewer). imbalance: the MoE margin, see `routed_slots`.
+    has no such field). imbalance: the MoE margin, see `routed_slots`. bf16_params: FSDP2's bf16
+    mixed precision (more than one rank), see `Precision`.
     """
     if imbalance < 0:
         raise ValueError(f"moe_imbalance={imbalance!r}: must be >= 0")
     if loss_chunk_tokens is None:
         loss_chunk_tokens = int(getattr(c, "loss_chunk_tokens", 0) or 0)
     tokens = (micro_batch_size, seq_len)
-    n_layers = c.num_hidden_layers if num_layers is None else num_layers
-    n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers)) * n_layers // c.num_hidden_layers
-    layers = {"dense": n_layers - n_moe, "moe": n_moe}
+    n_moe = sum(c.is_moe_layer(i) for i in range(c.num_hidden_layers))
+    layers = {"dense": c.num_hidden_layers - n_moe, "moe": n_moe}
     kw = dict(dtype=dtype, bf16_params=bf16_params, ep=ep, imbalance=imbalance)
     per_layer, recompute = {}, 0
     for kind in ("dense", "moe"):

@@ -171,6 +171,9 @@ def activations_per_rank(cfg: ModelConfig, seq_len: Optional[int], micro_batch_s
             raise ValueError(f"{key}={v!r}: must be a positive integer")
     if mode not in MODES:
         raise ValueError(f"train.activation_checkpointing={mode!r}; valid: {', '.join(MODES)}")
+    if kwargs.get("recompute_moe_down_proj") and mode != "selective":  # as the training config's check
+        raise ValueError("train.recompute_moe_down_proj=True needs train.activation_checkpointing=selective "
+                         "(full recomputes it already)")
     plan = plan_activations(cfg, seq_len, micro_batch_size, mode, **kwargs)
     return {"seq_len": seq_len, "micro_batch_size": micro_batch_size, "activation_checkpointing": mode,
             "recompute_moe_down_proj": kwargs.get("recompute_moe_down_proj", False),
@@ -227,7 +230,8 @@ def format_fit_table(report: dict[str, Any], rows: list[dict[str, Any]], gpu_mem
              f"{lay['dp_replicate']} x dp_shard {lay['dp_shard']}, ep {lay['ep']}, {lay['dtype']}, {lay['optimizer']}): "
              f"params + grads + master + optimizer state {mem['total']} GiB",
              f"activations per rank for micro-batch {act['micro_batch_size']} x seq {act['seq_len']} "
-             f"(moe_imbalance {act['moe_imbalance']}; KB per token: one layer of each kind, and the logits path):",
+             f"(moe_imbalance {act['moe_imbalance']}{', selective recomputes the MoE down projection' if act['recompute_moe_down_proj'] else ''}; "
+             "KB per token: one layer of each kind, and the logits path):",
              "mode        dense KB/tok  moe KB/tok  logits KB/tok    kept GiB    peak GiB   max micro-batch in "
              f"{gpu_mem / 2**30:g} GiB"]
     for r in rows:

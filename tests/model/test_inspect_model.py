@@ -142,6 +142,7 @@ def test_k2_table_at_its_expert_parallel_layout(capsys):
     (["train.micro_batch_size=-1"], "train.micro_batch_size=-1"),
     (["train.activation_checkpointing=some"], "train.activation_checkpointing='some'"),
     (["train.recompute_moe_down_proj=maybe"], "train.recompute_moe_down_proj='maybe'"),
+    (["train.recompute_moe_down_proj=true"], "needs train.activation_checkpointing=selective"),
     (["moe_imbalance=-0.1"], "moe_imbalance='-0.1'"),
     (["moe_imbalance=lots"], "moe_imbalance='lots'"),
     (["--gpu-mem", "80"], "--gpu-mem='80'"),
