@@ -31,11 +31,14 @@ tracing, without the module hooks): ``selective`` then stores the up-projections
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.distributed.fsdp import FSDPModule
+from torch.utils.checkpoint import (CheckpointPolicy, _CachedTorchDispatchMode, _CachingTorchDispatchMode,
+                                    checkpoint)  # fmt: skip
 
 from kimi_train.model.moe import GroupedExperts
 from kimi_train.model.recompute import recomputing
@@ -45,7 +48,7 @@ MODES = ("none", "selective", "full")
 _aten = torch.ops.aten
 # Outputs every mode stores: replaying them keeps routing fixed and issues no collective.
 _ALWAYS_STORED = {_aten.topk.default, torch.ops.kimi_train.per_head_max_logits.default}
-_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d")
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
 # Outputs selective stores unless K2's set recomputes them.
 _MATMULS = {
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten._grouped_mm.default,
@@ -59,6 +62,7 @@ class _Where:
     """Which of K2's recomputed modules the forward is inside (module hooks keep it current)."""
 
     def __init__(self) -> None:
+        self.sharding_hooks = 0  # inside a nested FSDP2 unit's forward hooks (not the layer's maths)
         self.up_projection = 0  # depth inside an MLA up-projection
         self.experts = 0  # depth inside a GroupedExperts
         self.after_activation = False  # inside the experts, past the SwiGLU: the down projection
@@ -88,6 +92,51 @@ class _Where:
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(leave)
 
+    def bracket_sharding_hooks(self, layer: nn.Module) -> None:
+        """Mark the forward hooks of FSDP2 units nested in ``layer`` (the routed experts under EP, the
+        router under bf16): their all-gathers and frees are sharding, not the layer's maths, and
+        differ between a forward and its recomputation, so the checkpoint must not replay them.
+        Called after fully_shard: these hooks go around FSDP2's (its pre-hook is prepended)."""
+        for module in layer.modules():
+            if module is layer or not isinstance(module, FSDPModule) or getattr(module, "_ac_bracketed", False):
+                continue
+            module._ac_bracketed = True
+            module.register_forward_pre_hook(lambda *_: self._sharding(+1), prepend=True)  # before FSDP2's
+            module.register_forward_pre_hook(lambda *_: self._sharding(-1))  # after it
+            module.register_forward_hook(lambda *_: self._sharding(+1), prepend=True)
+            module.register_forward_hook(lambda *_: self._sharding(-1), always_call=True)
+
+    def _sharding(self, delta: int) -> None:
+        self.sharding_hooks += delta
+
+    def context_fn(self, policy_fn: Callable):
+        """torch's selective-checkpoint modes (create_selective_checkpoint_contexts), passing the
+        sharding hooks' ops through unrecorded."""
+        storage: dict = defaultdict(dict)
+        return _PassCaching(self, policy_fn, storage), _PassCached(self, None, storage)
+
+
+class _PassCaching(_CachingTorchDispatchMode):
+    def __init__(self, where: _Where, *args) -> None:
+        super().__init__(*args)
+        self.where = where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.where.sharding_hooks:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _PassCached(_CachedTorchDispatchMode):
+    def __init__(self, where: _Where, *args) -> None:
+        super().__init__(*args)
+        self.where = where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.where.sharding_hooks:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
 
 def _is_device_to_host(op, args, kwargs) -> bool:
     """A copy to the host (expert parallelism's split sizes on CUDA): stored, so no sync again."""
@@ -99,13 +148,15 @@ def _is_device_to_host(op, args, kwargs) -> bool:
         and torch.device(dst_device).type == "cpu"
 
 
-def _checkpointed(forward: Callable, context_fn: Callable) -> Callable:
-    """``forward`` under checkpoint; its second run (the backward's recomputation) records nothing."""
+def _checkpointed(layer: nn.Module, where: _Where, context_fn: Callable) -> Callable:
+    """The layer's forward under checkpoint; its second run (the backward's recomputation) records nothing."""
+    forward = layer.forward
 
     @functools.wraps(forward)
     def run_checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation, the max-logit diagnostic: nothing to save
             return forward(*args, **kwargs)
+        where.bracket_sharding_hooks(layer)  # once per nested unit; FSDP2 is applied after this wrapper
         runs = 0
 
         def run(*a, **k):
@@ -135,9 +186,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, recompute_moe_do
             elif isinstance(module, GroupedExperts) and recompute_moe_down_proj:
                 where.track(module, "experts")
     policy = where.policy(selective=mode == "selective", recompute_down=recompute_moe_down_proj)
-    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    context_fn = functools.partial(where.context_fn, policy)
     for layer in model.model.layers:
-        layer.forward = _checkpointed(layer.forward, context_fn)
+        layer.forward = _checkpointed(layer, where, context_fn)
     return model
 
 
