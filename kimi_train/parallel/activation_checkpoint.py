@@ -24,18 +24,20 @@ The layer's ``forward`` is replaced on the instance; no wrapper module is insert
 names (Muon's groups, checkpoints, the transformers export) stay the same. It is applied before
 expert parallelism, torch.compile and FSDP2 or DeepSpeed (parallel.build_engine, for either engine).
 
-Under torch.compile the policy's module-awareness is lost (compile calls the policy while
-tracing, without the module hooks): ``selective`` then stores the up-projections' outputs too.
+Under torch.compile the recomputation is compiled into the backward (the policy tags the traced
+ops; the forward's statistics are recorded once, as in eager).
 """
 
 from __future__ import annotations
 
 import functools
+from collections import defaultdict
 from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+from torch.utils.checkpoint import (CheckpointPolicy, _CachedTorchDispatchMode, _CachingTorchDispatchMode,
+                                    checkpoint)  # fmt: skip
 
 from kimi_train.model.moe import GroupedExperts
 from kimi_train.model.recompute import recomputing
@@ -45,7 +47,7 @@ MODES = ("none", "selective", "full")
 _aten = torch.ops.aten
 # Outputs every mode stores: replaying them keeps routing fixed and issues no collective.
 _ALWAYS_STORED = {_aten.topk.default, torch.ops.kimi_train.per_head_max_logits.default}
-_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd", "c10d")
+_COLLECTIVE_NAMESPACES = ("_c10d_functional", "_c10d_functional_autograd")
 # Outputs selective stores unless K2's set recomputes them.
 _MATMULS = {
     _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten._grouped_mm.default,
@@ -59,8 +61,16 @@ class _Where:
     """Which of K2's recomputed modules the forward is inside (module hooks keep it current)."""
 
     def __init__(self) -> None:
-        self.up_projection = 0  # depth inside an MLA up-projection
-        self.experts = 0  # depth inside a GroupedExperts
+        self.own_hooks: set[int] = set()  # ids of the hooks registered here
+        self.bracketed: set[nn.Module] = set()
+        self.reset()
+
+    def reset(self) -> None:
+        """At the start of every checkpointed run: a recomputation stops early (torch raises out of it
+        once it has what the backward needs), in the middle of a module, without its closing hooks."""
+        self.sharding_hooks = False  # inside an engine's forward hooks on a module in the layer (not its maths)
+        self.up_projection = False  # inside an MLA up-projection
+        self.experts = False  # inside a GroupedExperts
         self.after_activation = False  # inside the experts, past the SwiGLU: the down projection
 
     def policy(self, selective: bool, recompute_down: bool) -> Callable:
@@ -79,14 +89,61 @@ class _Where:
 
     def track(self, module: nn.Module, attr: str) -> None:
         def enter(*_):
-            setattr(self, attr, getattr(self, attr) + 1)
+            setattr(self, attr, True)
             self.after_activation = False
 
         def leave(*_):
-            setattr(self, attr, getattr(self, attr) - 1)
+            setattr(self, attr, False)
 
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave)
+        self.own_hooks |= {module.register_forward_pre_hook(enter).id, module.register_forward_hook(leave).id}
+
+    def bracket_sharding_hooks(self, layer: nn.Module) -> None:
+        """Mark the forward hooks that an engine put on modules inside ``layer``: FSDP2's on nested
+        units (the routed experts under EP, the router under bf16), DeepSpeed ZeRO-3's on every
+        module. Their all-gathers and frees are sharding, not the layer's maths, and differ between a
+        forward and its recomputation, so the checkpoint must not replay them. Called at the first
+        checkpointed forward, after the engine wrapped the model: these hooks go around the engine's."""
+        for module in layer.modules():
+            foreign = (set(module._forward_pre_hooks) | set(module._forward_hooks)) - self.own_hooks
+            if module is layer or not foreign or module in self.bracketed:
+                continue
+            self.bracketed.add(module)
+            handles = (module.register_forward_pre_hook(lambda *_: self._sharding(True), prepend=True),  # before the engine's
+                       module.register_forward_pre_hook(lambda *_: self._sharding(False)),  # after them
+                       module.register_forward_hook(lambda *_: self._sharding(True), prepend=True),
+                       module.register_forward_hook(lambda *_: self._sharding(False), always_call=True))
+            self.own_hooks |= {h.id for h in handles}
+
+    def _sharding(self, inside: bool) -> None:
+        self.sharding_hooks = inside
+
+    def context_fn(self, policy_fn: Callable):
+        """torch's selective-checkpoint modes (create_selective_checkpoint_contexts), passing the
+        sharding hooks' ops through unrecorded."""
+        storage: dict = defaultdict(dict)
+        return _PassCaching(self, policy_fn, storage), _PassCached(self, None, storage)
+
+
+class _PassCaching(_CachingTorchDispatchMode):
+    def __init__(self, where: _Where, *args) -> None:
+        super().__init__(*args)
+        self.where = where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.where.sharding_hooks:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _PassCached(_CachedTorchDispatchMode):
+    def __init__(self, where: _Where, *args) -> None:
+        super().__init__(*args)
+        self.where = where
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.where.sharding_hooks:
+            return func(*args, **(kwargs or {}))
+        return super().__torch_dispatch__(func, types, args, kwargs)
 
 
 def _is_device_to_host(op, args, kwargs) -> bool:
@@ -99,18 +156,21 @@ def _is_device_to_host(op, args, kwargs) -> bool:
         and torch.device(dst_device).type == "cpu"
 
 
-def _checkpointed(forward: Callable, context_fn: Callable) -> Callable:
-    """``forward`` under checkpoint; its second run (the backward's recomputation) records nothing."""
+def _checkpointed(layer: nn.Module, where: _Where, context_fn: Callable) -> Callable:
+    """The layer's forward under checkpoint; its second run (the backward's recomputation) records nothing."""
+    forward = layer.forward
 
     @functools.wraps(forward)
     def run_checkpointed(*args, **kwargs):
         if not torch.is_grad_enabled():  # evaluation, the max-logit diagnostic: nothing to save
             return forward(*args, **kwargs)
+        where.bracket_sharding_hooks(layer)  # once per nested unit; FSDP2 is applied after this wrapper
         runs = 0
 
         def run(*a, **k):
             nonlocal runs
             runs += 1
+            where.reset()
             if runs == 1:
                 return forward(*a, **k)
             with recomputing():
@@ -127,6 +187,10 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, recompute_moe_do
         raise ValueError(f"train.activation_checkpointing={mode!r}; valid: {', '.join(MODES)}")
     if mode == "none":
         return model
+    # Under torch.compile the recomputation is part of the compiled backward, not a Python rerun: the
+    # forward's side effects (the statistics records, this module's run count) must happen once,
+    # which this setting allows inside a checkpoint (else each layer falls back to eager).
+    torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     where = _Where()
     if mode == "selective":
         for name, module in model.named_modules():
@@ -135,9 +199,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, recompute_moe_do
             elif isinstance(module, GroupedExperts) and recompute_moe_down_proj:
                 where.track(module, "experts")
     policy = where.policy(selective=mode == "selective", recompute_down=recompute_moe_down_proj)
-    context_fn = functools.partial(create_selective_checkpoint_contexts, policy)
+    context_fn = functools.partial(where.context_fn, policy)
     for layer in model.model.layers:
-        layer.forward = _checkpointed(layer.forward, context_fn)
+        layer.forward = _checkpointed(layer, where, context_fn)
     return model
 
 

@@ -10,7 +10,7 @@ division by its accumulation steps is in play, and a checkpoint every 4 steps. C
 same command on FSDP2: every step's loss (1e-4 relative; measured: equal to the last digit), grad
 norm, clipped-head counts per layer (QK-Clip fires: tiny starts near 0.17 > tau), and every
 parameter's whole step-1 gradient (1e-5; Muon and AdamW are scale-invariant, so losses alone
-would not see a gradient divided twice); also with ZeRO-Offload (stage 2, optimizer on the CPU). Then: SIGKILL and resume reproduce the uninterrupted run
+would not see a gradient divided twice); ZeRO-3 with selective activation checkpointing; also with ZeRO-Offload (stage 2, optimizer on the CPU). Then: SIGKILL and resume reproduce the uninterrupted run
 exactly; a resume on the other ZeRO path (stages 1/2 copy the masters into all-gathered working
 weights, stage 3 into its partitions) does too; DeepSpeed checkpoints carry the same manifest and
 verification as FSDP2's; a change of engine on resume is one line, exit 2; kimi-train-export
@@ -44,6 +44,9 @@ COMMON = [
 ENGINES = {"fsdp2": ["parallel.engine=fsdp2"], **{f"zero{s}": ["parallel.engine=deepspeed", f"parallel.zero_stage={s}"]
                                                     for s in (1, 2, 3)}}
 ENGINES["zero2-offload"] = [*ENGINES["zero2"], "parallel.deepspeed.offload_optimizer=true"]  # ZeRO-Offload
+# ZeRO-3 (weights empty outside DeepSpeed's hooks) runs with selective activation checkpointing: the
+# recomputation inside the backward gathers its weights again, and the steps still equal FSDP2's.
+ENGINES["zero3"].append("train.activation_checkpointing=selective")
 
 
 def _command(run_dir: Path, engine: str) -> list[str]:

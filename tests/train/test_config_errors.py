@@ -21,6 +21,8 @@ BAD = [
     ("resume=sometimes", "resume='sometimes' is not valid; valid values: auto, never"),
     ("checkpoint.every=-1", "checkpoint.every=-1 is not valid"),
     ("train.dtype=fp8", "train.dtype='fp8' is not valid; valid values: auto, fp32, bf16"),
+    ("train.activation_checkpointing=some", "train.activation_checkpointing='some' is not valid; valid values: none, selective, full"),
+    ("train.recompute_moe_down_proj=true", "train.recompute_moe_down_proj=True is not valid; needs train.activation_checkpointing=selective"),
     ("schedule.type=step", "schedule.type='step' is not valid; valid values: wsd, cosine, constant"),
     ("train.global_batch_size=6", "train.global_batch_size=6 is not valid; must be a positive multiple of"),
     ("train.seq_len=100000", "train.seq_len=100000 is not valid; must be <= model.max_position_embeddings"),

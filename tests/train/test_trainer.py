@@ -324,18 +324,24 @@ def test_multirun_names_jobs_by_the_sweeps_a_config_declares(tmp_path, small_ove
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_model_trains_like_eager(tmp_path):
-    """train.compile=true: the same losses as eager (fp32, CPU) over a few steps. Regression: the
-    MoE's grouped GEMM used to hand fp32 to torch's grouped_mm, which compile rejects (bf16 only)."""
+    """train.compile=true: the same losses and max logits as eager (fp32, CPU) over a few steps, also
+    with selective activation checkpointing (compiled into the backward; the statistics' records
+    are side effects taken once). Regression: the MoE's grouped GEMM used to hand fp32 to torch's
+    grouped_mm, which compile rejects (bf16 only); a checkpointed layer fell back to eager."""
     from torch._dynamo.utils import counters
 
-    losses, graphs = {}, {}
-    for compiled in (False, True):
+    steps, graphs = {}, {}
+    for compiled, ac in ((False, "none"), (True, "none"), (True, "selective")):
         counters.clear()
-        trainer = Trainer(small_cfg(steps=3, compile=compiled), tmp_path / str(compiled))
-        losses[compiled] = [trainer.train_step()["loss"] for _ in range(3)]
-        graphs[compiled] = counters["stats"]["unique_graphs"]
-    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
-    assert graphs == {False: 0, True: graphs[True]} and graphs[True] > 0  # the compiled run really is
+        trainer = Trainer(small_cfg(steps=3, compile=compiled, activation_checkpointing=ac), tmp_path / f"{compiled}{ac}")
+        steps[compiled, ac] = [trainer.train_step() for _ in range(3)]
+        graphs[compiled, ac] = counters["stats"]["unique_graphs"]
+    eager = steps[False, "none"]
+    for key in ((True, "none"), (True, "selective")):
+        assert [r["loss"] for r in steps[key]] == pytest.approx([r["loss"] for r in eager], rel=1e-4), key
+        assert [r["max_logit"] for r in steps[key]] == pytest.approx([r["max_logit"] for r in eager], rel=1e-4), key
+        assert graphs[key] > 0, key  # the compiled run really is
+    assert graphs[False, "none"] == 0
 
 
 @pytest.mark.gpu
