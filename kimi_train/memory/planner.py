@@ -377,5 +377,23 @@ def plan_activations(c: ModelConfig, seq_len: int, micro_batch_size: int = 1, mo
                           logits_transient_bytes(c, seq_len * micro_batch_size, dtype, loss_chunk_tokens, bf16_params))
 
 
-__all__ = ["ActivationPlan", "MODES", "Saved", "embedding_inventory", "layer_inventory", "logits_inventory",
+def per_token_table(c: ModelConfig, seq_len: int, dtype: str = "fp32") -> dict[str, dict[str, float]]:
+    """Bytes per token of one sequence, by part and mode, for benchmarks/activation_memory_bench.py:
+    {"dense layer" | "MoE layer": {"none" | "selective" | "selective+down" | "full": bytes},
+     "logits path": {"plain": bytes, "chunked": bytes (model.loss_chunk_tokens, 1024 where unset)}}.
+    A layer is charged for its input, as in a model (where the input requires grad)."""
+    modes = {"none": ("none", False), "selective": ("selective", False), "selective+down": ("selective", True),
+             "full": ("full", False)}
+    out: dict[str, dict[str, float]] = {}
+    for kind, moe in (("dense layer", False), ("MoE layer", True)):
+        out[kind] = {name: total_bytes(layer_inventory(c, moe, (1, seq_len), mode, dtype,
+                                                       recompute_moe_down_proj=down)) / seq_len
+                     for name, (mode, down) in modes.items()}
+    chunk = int(getattr(c, "loss_chunk_tokens", 0) or 1024)
+    out["logits path"] = {name: total_bytes(logits_inventory(c, (1, seq_len), dtype, loss_chunk_tokens=n)) / seq_len
+                          for name, n in (("plain", 0), ("chunked", chunk))}
+    return out
+
+
+__all__ = ["ActivationPlan", "MODES", "Saved", "embedding_inventory", "layer_inventory", "logits_inventory", "per_token_table",
            "plan_activations", "routed_slots", "total_bytes"]
