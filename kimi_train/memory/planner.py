@@ -164,13 +164,12 @@ def _moe(c: ModelConfig, N: int, p: Precision, ep: int, imbalance: float) -> lis
     out += [Saved(f"gate weights ({a}, the combine's)", (N, K), a),
             Saved("slot order (argsort by expert)", (S,), "int64"), Saved("token of each sorted slot", (S,), "int64")]
     if ep > 1:
-        out += [Saved("received-slot permutation (EP)", (Q,), "int64"), Saved("local expert offsets", (X // ep,), "int32")]
+        out += [Saved("received-slot permutation (EP)", (Q,), "int64"), Saved("its inverse (the un-permute)", (Q,), "int64"),
+                Saved("local expert offsets", (X // ep,), "int32")]
     else:
         out += [Saved("expert offsets", (X,), "int32")]
     out += [Saved("routed slots x (grouped GEMM input)", (Q, c.hidden_size), a)]
     out += _swiglu("experts", Q, c.moe_intermediate_size, a)
-    if ep > 1:  # the un-permute's index_copy keeps its source, the down projection's output
-        out += [Saved("experts down output (EP un-permute's index_copy source)", (Q, c.hidden_size), a)]
     out += [Saved("routed outputs in slot order (combine input)", (S, c.hidden_size), a)]
     if c.n_shared_experts:
         out += _swiglu("shared_experts", N, c.moe_intermediate_size * c.n_shared_experts, a)

@@ -39,10 +39,11 @@ from torch import nn
 from torch.utils.checkpoint import (CheckpointPolicy, _CachedTorchDispatchMode, _CachingTorchDispatchMode,
                                     checkpoint)  # fmt: skip
 
+from kimi_train.config import ACTIVATION_CHECKPOINTING
 from kimi_train.model.moe import GroupedExperts
 from kimi_train.model.recompute import recomputing
 
-MODES = ("none", "selective", "full")
+MODES = ACTIVATION_CHECKPOINTING  # none | selective | full
 
 _aten = torch.ops.aten
 # Outputs every mode stores: replaying them keeps routing fixed and issues no collective.

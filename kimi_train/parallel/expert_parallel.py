@@ -96,6 +96,7 @@ class ExpertParallelGroupedExperts(GroupedExperts):
                                      reduce(counts_recv_RL, "r l -> r", "sum")]).cpu()
             in_splits, out_splits = splits_2R.tolist()
             perm_Q = regroup_permutation(counts_recv_RL, sum(out_splits))
+            unperm_Q = torch.empty_like(perm_Q).index_put_((perm_Q,), torch.arange(len(perm_Q), device=perm_Q.device))
             local_counts_L = reduce(counts_recv_RL, "r l -> l", "sum").to(num_tokens_per_expert_E.dtype)
 
         x_QD = _all_to_all(x_SD, out_splits, in_splits, self.ep_group)[perm_Q]
@@ -106,8 +107,9 @@ class ExpertParallelGroupedExperts(GroupedExperts):
             setattr(local, name, w.to_local() if isinstance(w, DTensor) else w)
         local.num_experts = L
         y_QD = GroupedExperts.forward(local, x_QD, local_counts_L, backend)
-        y_back_QD = torch.empty_like(y_QD)
-        y_back_QD = y_back_QD.index_copy(0, perm_Q, y_QD)  # differentiable un-permute
+        # Un-permute by gathering with the inverse permutation: its backward keeps only the indices
+        # (an index_copy into a new tensor would keep the whole [Q, D] expert output for backward).
+        y_back_QD = y_QD[unperm_Q]
         # In flight on return (module doc): the MoE computes its shared experts before reading it.
         return _all_to_all(y_back_QD, in_splits, out_splits, self.ep_group, wait=False)
 
