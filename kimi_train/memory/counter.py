@@ -78,8 +78,12 @@ class _StorageRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        # A view or an in-place result shares an input's storage: it is that storage, noted when it
+        # was made (or made before counting began, and then not an activation of this forward).
+        inputs = {_inner(t).untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor) and not t.is_meta}
         for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and not t.is_meta:
+            if isinstance(t, torch.Tensor) and not t.is_meta and _inner(t).untyped_storage().data_ptr() not in inputs:
                 self.note(t, str(func.overloadpacket.__name__))
         return out
 

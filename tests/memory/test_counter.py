@@ -37,3 +37,10 @@ def test_sees_what_checkpoint_keeps():
     block, x = _Block(), torch.randn(8, 16)
     count = count_activations(lambda x: checkpoint(block, x, use_reentrant=False), x, module=block)
     assert count.bytes == 4 * 8 * 16  # only the region's input
+
+
+def test_a_view_of_a_storage_from_before_the_forward_is_not_counted():
+    """Index's backward keeps its indices: here a view of the caller's (integer, uncloned) tensor."""
+    block, ids = _Block(), torch.randint(0, 64, (4, 8))
+    count = count_activations(lambda w, i: w[i.flatten()].sum(), block.lin.weight, ids, module=block)
+    assert count.bytes == 0, count.storages
