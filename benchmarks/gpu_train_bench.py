@@ -28,7 +28,7 @@ optimizer's master weights) under bf16 autocast, for both models; transformers' 
 experts then cast their inputs up to the fp32 weights (its code, not ours), so its experts
 run fp32 GEMMs. The /bf16 variants pin both models to bf16 parameters and bf16 compute, which
 is transformers' fastest setting. Loss: cross-entropy in fp32 over the logits; ours as the trainer
-computes it, ``model(x, labels=y)`` (chunked over model.loss_chunk_tokens tokens, in the forward).
+computes it, ``model(x, labels=y)`` (over chunks of model.loss_chunk_tokens tokens when > 0).
 
 One step = A micro-batches of forward + backward (gradient accumulation), the global gradient
 norm, the optimizer step (MuonClip: then QK-Clip), the expert-bias update, zero_grad. Reported

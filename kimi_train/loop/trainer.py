@@ -179,7 +179,7 @@ class Trainer:
     def _loss(self, batch_BT1: torch.Tensor) -> torch.Tensor:
         batch_BT1 = batch_BT1.to(self.device, non_blocking=True)
         x_BT, y_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-        with self.autocast():  # the loss is fp32 (model/loss.py), the logits never whole (model.loss_chunk_tokens)
+        with self.autocast():  # an fp32 loss; over chunks of model.loss_chunk_tokens tokens when > 0
             return self.model(x_BT, labels=y_BT)
 
     def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:

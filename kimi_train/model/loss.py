@@ -8,9 +8,10 @@ Legend: N tokens (batch x sequence, flattened), D hidden size, V vocabulary, C t
 keeps the N x V fp32 log-softmax for the backward (and the backward makes an N x V gradient).
 ``chunk_tokens = C > 0`` computes the same loss C tokens at a time and keeps only h, the weight
 and one fp32 logsumexp per token; the backward recomputes each chunk's logits and forms its
-gradient ``(softmax - onehot) * grad / n_valid`` in place, so at most one C x V block of logits
-(plus its fp32 copy) exists at any time, in the forward or the backward. The extra cost is one
-more N x D x V matmul (the backward's recompute) on top of the usual three.
+gradient ``(softmax - onehot) * grad / n_valid`` (the per-token factor applied to the C x D
+products), so at most one C x V block of logits (plus its fp32 copy) exists at any time, in the
+forward or the backward. The extra cost is one more N x D x V matmul (the backward's recompute)
+on top of the usual three: 1.1-1.2x the step time on CPU where lm_head dominates (docs/model.md).
 
 Precision: the matmuls run in the autocast dtype when autocast is on (else in h's dtype), the
 logsumexp, the loss and the weight-gradient accumulation in fp32, as the plain path does under
@@ -84,8 +85,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         h_ND, weight_VD, target_N, valid_N, lse_N, n_valid = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         N, C, dtype = h_ND.shape[0], ctx.chunk_tokens, ctx.dtype
-        # d loss / d logit[n, v] = (softmax[n, v] - onehot[n, v]) * grad_loss / n_valid for valid n, else 0
-        row_scale_N = valid_N.float() * (grad_loss.float() / n_valid)
+        # d loss / d logit[n, v] = (softmax[n, v] - onehot[n, v]) * s[n], s[n] = grad_loss / n_valid for a
+        # valid n, else 0. s is a per-row factor, so it scales the C x D products, not the C x V block.
+        row_scale_N1 = (valid_N.float() * (grad_loss.float() / n_valid))[:, None]
         grad_h_ND = torch.empty_like(h_ND) if need_h else None
         grad_w_VD = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if need_w else None
         with torch.autocast(h_ND.device.type, enabled=False):
@@ -93,15 +95,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, N, C):
                 end = min(start + C, N)
                 h_CD = h_ND[start:end].to(dtype)
-                grad_CV = _chunk_logits(h_CD, w_VD, dtype).sub_(lse_N[start:end, None]).exp_()
+                grad_CV = _chunk_logits(h_CD, w_VD, dtype).sub_(lse_N[start:end, None]).exp_()  # softmax
                 grad_CV.scatter_add_(1, target_N[start:end, None], grad_CV.new_full((end - start, 1), -1.0))
-                grad_CV = grad_CV.mul_(row_scale_N[start:end, None]).to(dtype)
+                grad_CV = grad_CV.to(dtype)
+                scale_C1 = row_scale_N1[start:end]
                 if need_h:
-                    grad_h_ND[start:end] = grad_CV @ w_VD
+                    grad_h_ND[start:end] = (grad_CV @ w_VD) * scale_C1
                 if need_w and dtype == torch.float32:
-                    grad_w_VD.addmm_(grad_CV.T, h_CD)
+                    grad_w_VD.addmm_(grad_CV.T, h_CD * scale_C1)
                 elif need_w:  # a low-precision product, accumulated in fp32
-                    grad_w_VD += grad_CV.T @ h_CD
+                    grad_w_VD += grad_CV.T @ (h_CD * scale_C1).to(dtype)
         if need_w:
             grad_w_VD = grad_w_VD.to(weight_VD.dtype)
         return grad_h_ND, grad_w_VD, None, None, None, None

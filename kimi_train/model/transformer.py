@@ -15,9 +15,9 @@ Forward (``KimiForCausalLM.forward(input_ids, labels=None, position_ids=None)``)
 
 ``labels`` are already shifted (labels[:, t] is the target of position t: the trainer passes
 ``x = batch[:, :-1], y = batch[:, 1:]``); positions labelled -100 are ignored (the mean is over
-the others). With labels the loss is computed inside ``lm_head``'s call (`LMHead`), in chunks of
-``loss_chunk_tokens`` tokens (kimi_train/model/loss.py), so the B x T x V logits never exist, and
-the FSDP2 / ZeRO-3 hooks around lm_head gather its weight for the chunked forward and backward.
+the others). With labels the loss is computed inside ``lm_head``'s call (`LMHead`), so the FSDP2 /
+ZeRO-3 hooks around lm_head gather its weight for it; with ``loss_chunk_tokens`` > 0 it goes over
+chunks of that many tokens (kimi_train/model/loss.py) and the B x T x V logits never exist.
 ``position_ids`` ([T] or [B, T], default arange(T)) are the positions RoPE rotates by.
 
 Initialisation (`init_weights`, deterministic under torch.manual_seed):

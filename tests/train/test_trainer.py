@@ -342,14 +342,17 @@ def test_multirun_names_jobs_by_the_sweeps_a_config_declares(tmp_path, small_ove
 @pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
                     reason="torch.compile's CPU backend needs a C++ compiler")
 def test_compiled_model_trains_like_eager(tmp_path):
-    """train.compile=true: the same losses as eager (fp32, CPU) over a few steps. Regression: the
-    MoE's grouped GEMM used to hand fp32 to torch's grouped_mm, which compile rejects (bf16 only)."""
+    """train.compile=true: the same losses as eager (fp32, CPU) over a few steps, with the chunked
+    loss (model.loss_chunk_tokens=50) in the compiled forward. Regression: the MoE's grouped GEMM
+    used to hand fp32 to torch's grouped_mm, which compile rejects (bf16 only)."""
     from torch._dynamo.utils import counters
 
     losses, graphs = {}, {}
     for compiled in (False, True):
         counters.clear()
-        trainer = Trainer(small_cfg(steps=3, compile=compiled), tmp_path / str(compiled))
+        cfg = small_cfg(steps=3, compile=compiled)
+        cfg.model.loss_chunk_tokens = 50
+        trainer = Trainer(validate(cfg), tmp_path / str(compiled))
         losses[compiled] = [trainer.train_step()["loss"] for _ in range(3)]
         graphs[compiled] = counters["stats"]["unique_graphs"]
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
