@@ -50,7 +50,7 @@ def count_layers(name: str, seq: int) -> dict[str, dict[str, float]]:
         model.to_empty(device="cpu")
         model.init_weights()
         apply_activation_checkpointing(model, mode, down).train()
-        cos, sin = model.model.rotary_emb(seq, torch.device("cpu"), torch.float32)
+        cos, sin = model.model.rotary_emb(torch.arange(seq), torch.float32)
         for kind, layer in zip(out, model.model.layers):
             x = torch.randn(1, seq, cfg.hidden_size)
             out[kind][mode_name(mode, down)] = count_activations(layer, x, cos, sin, module=model).bytes / seq

@@ -27,7 +27,8 @@ Dtype policies: the plain variants are the trainer's single-GPU policy, fp32 par
 optimizer's master weights) under bf16 autocast, for both models; transformers' grouped_mm
 experts then cast their inputs up to the fp32 weights (its code, not ours), so its experts
 run fp32 GEMMs. The /bf16 variants pin both models to bf16 parameters and bf16 compute, which
-is transformers' fastest setting. Loss: cross-entropy in fp32 over the logits, as the trainer.
+is transformers' fastest setting. Loss: cross-entropy in fp32 over the logits; ours as the trainer
+computes it, ``model(x, labels=y)`` (over chunks of model.loss_chunk_tokens tokens when > 0).
 
 One step = A micro-batches of forward + backward (gradient accumulation), the global gradient
 norm, the optimizer step (MuonClip: then QK-Clip), the expert-bias update, zero_grad. Reported
@@ -192,7 +193,6 @@ def instrument(model, opt, phases: Phases, capture_hooks: bool) -> None:
 def train_step(model, forward, opt, micro_batches, device, phases: Phases, ours: bool) -> float:
     """One optimizer step as kimi_train.loop.trainer.Trainer.train_step takes it; its mean loss."""
     import torch
-    import torch.nn.functional as F
 
     from kimi_train.model import update_expert_bias
     from kimi_train.parallel import clip_grad_norm_
@@ -203,8 +203,7 @@ def train_step(model, forward, opt, micro_batches, device, phases: Phases, ours:
         x, y = batch[:, :-1], batch[:, 1:]
         token = phases.start("forward")
         with amp:
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = forward(x, y)  # ours: model(x, labels=y), the trainer's chunked loss
         phases.stop(token)
         token = phases.start("backward")
         (loss / len(micro_batches)).backward()
@@ -310,6 +309,7 @@ def bench_training(name, args, deadline, progress=None):
 
 def run_variant(variant, ours_cpu, exported, batches, steps, args, device, deadline) -> dict:
     import torch
+    import torch.nn.functional as F
 
     impl, optim_name, capture, compiled, pdtype = VARIANTS[variant]
     if compiled and args.cpu_smoke:
@@ -339,11 +339,11 @@ def run_variant(variant, ours_cpu, exported, batches, steps, args, device, deadl
         if pdtype == "fp32" and device.type == "cuda":
             row["note"] = "transformers' grouped_mm experts cast their inputs to the fp32 weights: fp32 expert GEMMs"
         model.to(device).train()
-        forward = lambda x: model(input_ids=x).logits  # noqa: E731
+        forward = lambda x, y: F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())  # noqa: E731
     else:
         model = copy.deepcopy(ours_cpu).to(device=device, dtype=dtype).train()
         model.set_record_max_logits(capture)
-        forward = model
+        forward = lambda x, y: model(x, labels=y)  # noqa: E731
         if compiled:
             model.compile(backend=args.compile_backend)
     opt = build_optimizer(optim_name, model)

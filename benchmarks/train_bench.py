@@ -3,14 +3,20 @@
     python benchmarks/train_bench.py                       # CPU, 2 threads, the reference config
     python benchmarks/train_bench.py --quick               # smoke run (seconds)
     python benchmarks/train_bench.py --device cuda --batch 32 --seq 1024 --json out.json
+    python benchmarks/train_bench.py --variants ours+adamw --loss-chunk-tokens 0,1024 --vocab 32768
+                                                           # the chunked loss against the full logits
 
 Variants, each in its own subprocess (so peak memory is per variant), same weights, same
-batch, same loss (cross-entropy in fp32 over the logits):
+batch, same loss (cross-entropy in fp32 over the logits; ours computes it as training does,
+``model(x, labels=y)``, in chunks of model.loss_chunk_tokens tokens, 0: the full logits):
 
     ours+adamw      KimiForCausalLM + torch.optim.AdamW
     hf+adamw        transformers DeepseekV3ForCausalLM built from our export's config.json
                     (kimi_train.tools.hf.export) with the same weights + torch.optim.AdamW
     ours+muonclip   KimiForCausalLM + optim.MuonClip (Muon + AdamW groups + QK-Clip)
+
+``--loss-chunk-tokens 0,1024`` runs each of our variants once per value (``ours+adamw chunk=0``,
+``ours+adamw chunk=1024``) and reports each value's step time relative to the first one.
 
 One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
 over --steps timed steps after --warmup (best of --rounds interleaved rounds), tokens/s = batch * seq / median, and peak memory
@@ -18,8 +24,8 @@ over --steps timed steps after --warmup (best of --rounds interleaved rounds), t
 its per-head max logits in every variant (as in training); the HF model does not.
 
 Reference config (the issue's): hidden 256, 4 layers (first dense), 16 routed experts top-4
-plus 1 shared, MLA kv_lora_rank 64, 4 heads (nope 32, rope 16, v 32), byte vocab 256,
-batch 8 x 256 tokens, fp32 on CPU (bf16 autocast on CUDA).
+plus 1 shared, MLA kv_lora_rank 64, 4 heads (nope 32, rope 16, v 32), byte vocab 256
+(``--vocab``), batch 8 x 256 tokens, fp32 on CPU (bf16 autocast on CUDA).
 """
 
 from __future__ import annotations
@@ -41,11 +47,12 @@ VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip")
 def model_config(args):
     from kimi_train.model import ModelConfig
 
+    chunk = {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": int(args.loss_chunk_tokens)}
     return ModelConfig(
-        vocab_size=256, hidden_size=args.hidden, intermediate_size=4 * args.hidden, moe_intermediate_size=args.hidden // 2,
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden, moe_intermediate_size=args.hidden // 2,
         num_hidden_layers=args.layers, num_attention_heads=4, n_routed_experts=args.experts, num_experts_per_tok=4,
         n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=64, qk_nope_head_dim=32,
-        qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=max(4096, args.seq),
+        qk_rope_head_dim=16, v_head_dim=32, max_position_embeddings=max(4096, args.seq), **chunk,
     ).validate()
 
 
@@ -74,10 +81,12 @@ def run_variant(args) -> dict:
         with tempfile.TemporaryDirectory() as d:
             model = hf_model_from_export(export(ours, d), dtype=torch.float32)
         del ours
-        forward = lambda x: model(input_ids=x).logits  # noqa: E731
+
+        def forward_loss(x, y):
+            return F.cross_entropy(model(input_ids=x).logits.float().flatten(0, 1), y.flatten())
     else:
         model = ours
-        forward = model
+        forward_loss = lambda x, y: model(x, labels=y)  # noqa: E731
     model.to(device).train()
     if "muonclip" in args.variant:
         from optim import MuonClip, muon_param_groups
@@ -90,7 +99,7 @@ def run_variant(args) -> dict:
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     g = torch.Generator().manual_seed(1)
-    batch = torch.randint(0, 256, (args.batch, args.seq + 1), generator=g).to(device)
+    batch = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=g).to(device)
     x, y = batch[:, :-1], batch[:, 1:]
 
     def sync():
@@ -104,8 +113,7 @@ def run_variant(args) -> dict:
         sync()
         t0 = time.perf_counter()
         with amp:
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            loss = forward_loss(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -118,7 +126,9 @@ def run_variant(args) -> dict:
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {"variant": args.variant, "step_ms": 1000 * median, "tokens_per_s": args.batch * args.seq / median,
+    return {"variant": args.variant,
+            "loss_chunk_tokens": model.config.loss_chunk_tokens if args.variant.startswith("ours") else None,
+            "step_ms": 1000 * median, "tokens_per_s": args.batch * args.seq / median,
             "peak_mem_mb": peak_mb, "first_loss": losses[0], "last_loss": losses[-1],
             "num_params": sum(p.numel() for p in model.parameters())}
 
@@ -132,6 +142,9 @@ def main(argv=None) -> None:
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=256)
+    p.add_argument("--loss-chunk-tokens", dest="loss_chunk_tokens", default=None,
+                   help="model.loss_chunk_tokens for our variants (default: ModelConfig's); a comma list runs each")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ns-dtype", dest="ns_dtype", default="bf16", choices=("bf16", "fp32"),
@@ -150,22 +163,29 @@ def main(argv=None) -> None:
         return
 
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("device", "threads", "hidden", "layers", "experts", "batch",
-                                                        "seq", "warmup", "steps")] + [f"--ns-dtype={args.ns_dtype}"]
-    variants = args.variants.split(",")
-    for variant in variants:
+                                                        "seq", "vocab", "warmup", "steps")] + [f"--ns-dtype={args.ns_dtype}"]
+    for variant in args.variants.split(","):
         if variant not in VARIANTS:
             sys.exit(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
+    chunks = args.loss_chunk_tokens.split(",") if args.loss_chunk_tokens is not None else []
+    runs: dict[str, list[str]] = {}  # name -> the subprocess's arguments
+    for variant in args.variants.split(","):
+        if not variant.startswith("ours") or len(chunks) < 2:
+            runs[variant] = ["--variant", variant, *[f"--loss-chunk-tokens={c}" for c in chunks[:1]]]
+        else:
+            runs.update({f"{variant} chunk={c}": ["--variant", variant, f"--loss-chunk-tokens={c}"] for c in chunks})
+    variants = list(runs)
     # Rounds interleave the variants (A B C A B C ...) and keep each one's best median, so a
     # burst of load from other processes does not land on one variant only.
     best: dict[str, dict] = {}
     for _ in range(args.rounds):
         for variant in variants:
             env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, "--variant", variant],
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), *passthrough, *runs[variant]],
                                   capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            r = {**json.loads(proc.stdout.strip().splitlines()[-1]), "variant": variant}
             if variant not in best or r["step_ms"] < best[variant]["step_ms"]:
                 r["peak_mem_mb"] = max(r["peak_mem_mb"], best.get(variant, {}).get("peak_mem_mb", 0.0))
                 best[variant] = r
@@ -177,9 +197,14 @@ def main(argv=None) -> None:
         ratios["ours_vs_hf_tokens_per_s"] = by["ours+adamw"]["tokens_per_s"] / by["hf+adamw"]["tokens_per_s"]
     if "ours+adamw" in by and "ours+muonclip" in by:
         ratios["muonclip_vs_adamw_step_time"] = by["ours+muonclip"]["step_ms"] / by["ours+adamw"]["step_ms"]
+    for name in variants:  # each loss chunk size against the first one given
+        base = name.split(" chunk=")[0] + f" chunk={chunks[0]}" if " chunk=" in name else None
+        if base is not None and base != name:
+            ratios[f"{name} vs chunk={chunks[0]} step_time"] = by[name]["step_ms"] / by[base]["step_ms"]
     report = {
         "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
-                                                  "warmup", "steps", "rounds", "ns_dtype")},
+                                                  "vocab", "warmup", "steps", "rounds", "ns_dtype",
+                                                  "loss_chunk_tokens")},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
         "results": results,
         "ratios": ratios,

@@ -15,7 +15,7 @@ asks which):
 The step index is the batch index: a skipped step still consumes its batch and its
 schedule slot, so a run always ends after train.steps batches.
 
-Legend: B micro-batch size, T sequence length, V vocab size, A accumulation steps.
+Legend: B micro-batch size, T sequence length, A accumulation steps.
 """
 
 from __future__ import annotations
@@ -34,7 +34,6 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from kimi_train.loop import checkpoint as ckpt
 from kimi_train.config import TrainConfig, grad_accum_steps
@@ -180,9 +179,8 @@ class Trainer:
     def _loss(self, batch_BT1: torch.Tensor) -> torch.Tensor:
         batch_BT1 = batch_BT1.to(self.device, non_blocking=True)
         x_BT, y_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-        with self.autocast():
-            logits_BTV = self.model(x_BT)
-        return F.cross_entropy(logits_BTV.float().flatten(0, 1), y_BT.flatten())
+        with self.autocast():  # an fp32 loss; over chunks of model.loss_chunk_tokens tokens when > 0
+            return self.model(x_BT, labels=y_BT)
 
     def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
         if dist.is_initialized() and self.dims.dp_size > 1:

@@ -4,6 +4,7 @@
     cfg = load_model_config("tiny")                 # configs/model/tiny.yaml
     model = KimiForCausalLM(cfg)
     logits_BTV = model(input_ids_BT)
+    loss = model(input_ids_BT, labels=labels_BT)    # labels already shifted, -100 ignored (model/loss.py)
     model.attention_layers()                        # -> optim.MuonClip(attention_layers=...)
     model.moe_layers()                              # -> update_expert_bias(...) after each step
                                                     #    (counts summed over data-parallel ranks by the caller)

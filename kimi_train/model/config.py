@@ -52,6 +52,7 @@ class ModelConfig:
     attention_type: str = "mla"  # "mla" (Kimi K2 / DeepSeek-V3) or "gqa" (dense baselines; MHA when kv heads == heads)
     record_max_logits: bool = True  # record per-head max logits for QK-Clip during training forwards
     max_logits_chunk: int = 128  # query chunk of the no_grad max-logit computation (memory O(chunk * T))
+    loss_chunk_tokens: int = 0  # > 0: lm_head + cross-entropy in chunks of this many tokens (model/loss.py); 0: full logits
     init_std: float = 0.02  # normal(0, init_std); output projections also / sqrt(2 * num_hidden_layers)
 
     # ---------------------------------------------------------------------------------------
@@ -82,6 +83,8 @@ class ModelConfig:
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 bad(name, "must be a positive integer")
+        if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 0:
+            bad("loss_chunk_tokens", "must be an integer >= 0 (0: the unchunked loss)")
         if self.attention_type not in ATTENTION_TYPES:
             bad("attention_type", f"valid values: {', '.join(ATTENTION_TYPES)}")
         if self.attention_type == "mla":

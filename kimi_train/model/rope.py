@@ -66,7 +66,12 @@ def rope_frequencies(dim: int, theta: float, rope_scaling: Optional[dict[str, An
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """Computes cos/sin [T, D2] for positions 0..T-1 (cheap: no cache to keep in sync)."""
+    """Computes cos/sin for token positions (cheap: no cache to keep in sync).
+
+    Positions [T] (one set for every sequence, e.g. arange(T)) give cos/sin [T, D2]; positions
+    [B, T] (per sequence, e.g. restarting at each packed document) give [B, 1, T, D2], which
+    broadcast over the heads of x_BHTD in `apply_rope`.
+    """
 
     def __init__(self, dim: int, theta: float, rope_scaling: Optional[dict[str, Any]] = None):
         super().__init__()
@@ -80,12 +85,14 @@ class RotaryEmbedding(torch.nn.Module):
         with torch.no_grad():
             self.inv_freq.copy_(inv_freq_D2.to(self.inv_freq.device))
 
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        pos_T = torch.arange(seq_len, device=device, dtype=torch.float32)
-        angles_TD2 = pos_T[:, None] * self.inv_freq.to(device=device, dtype=torch.float32)[None, :]
-        cos_TD2 = (angles_TD2.cos() * self.attention_factor).to(dtype)
-        sin_TD2 = (angles_TD2.sin() * self.attention_factor).to(dtype)
-        return cos_TD2, sin_TD2
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = position_ids.to(torch.float32)  # [T] or [B, T]; exact up to 2^24
+        angles = pos[..., None] * self.inv_freq.to(device=pos.device, dtype=torch.float32)
+        cos = (angles.cos() * self.attention_factor).to(dtype)
+        sin = (angles.sin() * self.attention_factor).to(dtype)
+        if position_ids.dim() == 2:  # [B, T, D2] -> [B, 1, T, D2]: one angle per token, every head
+            return cos.unsqueeze(1), sin.unsqueeze(1)
+        return cos, sin
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos_TD2: torch.Tensor, sin_TD2: torch.Tensor) -> torch.Tensor:

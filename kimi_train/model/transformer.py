@@ -8,6 +8,18 @@ DeepseekV3ForCausalLM:
 
 Legend: B batch, T sequence, D hidden size, V vocabulary, D2 rotary pairs.
 
+Forward (``KimiForCausalLM.forward(input_ids, labels=None, position_ids=None)``):
+
+    logits_BTV = model(input_ids_BT)                      # no labels: the logits
+    loss = model(input_ids_BT, labels=labels_BT)          # labels: the mean cross-entropy, fp32 scalar
+
+``labels`` are already shifted (labels[:, t] is the target of position t: the trainer passes
+``x = batch[:, :-1], y = batch[:, 1:]``); positions labelled -100 are ignored (the mean is over
+the others). With labels the loss is computed inside ``lm_head``'s call (`LMHead`), so the FSDP2 /
+ZeRO-3 hooks around lm_head gather its weight for it; with ``loss_chunk_tokens`` > 0 it goes over
+chunks of that many tokens (kimi_train/model/loss.py) and the B x T x V logits never exist.
+``position_ids`` ([T] or [B, T], default arange(T)) are the positions RoPE rotates by.
+
 Initialisation (`init_weights`, deterministic under torch.manual_seed):
 every matrix ~ normal(0, init_std), except the projections that write into the residual
 stream (attention o_proj, the down_proj of dense MLPs, shared and routed experts), which use
@@ -19,12 +31,14 @@ biases 0. With pre-norm blocks and a final RMSNorm the logits are O(init_std * s
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .attention import build_attention
 from .config import ModelConfig
+from .loss import linear_cross_entropy
 from .moe import MoE, FeedForward
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
@@ -59,22 +73,43 @@ class KimiModel(nn.Module):
         rope_dim = cfg.qk_rope_head_dim if cfg.attention_type == "mla" else cfg.gqa_head_dim
         self.rotary_emb = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids_BT: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final hidden states [B, T, D]; position_ids [T] or [B, T] (default arange(T))."""
         h_BTD = self.embed_tokens(input_ids_BT)
-        cos_TD2, sin_TD2 = self.rotary_emb(input_ids_BT.shape[1], h_BTD.device, h_BTD.dtype)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
+        cos_TD2, sin_TD2 = self.rotary_emb(position_ids, h_BTD.dtype)  # [B, 1, T, D2] for [B, T] positions
         for layer in self.layers:
             h_BTD = layer(h_BTD, cos_TD2, sin_TD2)
         return self.norm(h_BTD)
 
 
+class LMHead(nn.Linear):
+    """lm_head: ``lm_head(h_BTD)`` -> logits [B, T, V]; ``lm_head(h_BTD, labels_BT)`` -> the mean
+    cross-entropy (fp32 scalar), chunked over ``loss_chunk_tokens`` tokens (0: full logits).
+
+    The loss runs inside this module's call on purpose: FSDP2 (lm_head is in the root unit) and
+    DeepSpeed ZeRO-3 (which empties parameters outside their module's forward and gathers them
+    again for the backward through hooks on the module's outputs) see its weight used here."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, loss_chunk_tokens: int):
+        super().__init__(hidden_size, vocab_size, bias=False)
+        self.loss_chunk_tokens = loss_chunk_tokens
+
+    def forward(self, h_BTD: torch.Tensor, labels_BT: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if labels_BT is None:
+            return super().forward(h_BTD)
+        return linear_cross_entropy(h_BTD.flatten(0, -2), self.weight, labels_BT.flatten(), self.loss_chunk_tokens)
+
+
 class KimiForCausalLM(nn.Module):
-    """A Kimi-K2 / DeepSeek-V3 style causal LM: forward(input_ids [B, T]) -> logits [B, T, V]."""
+    """A Kimi-K2 / DeepSeek-V3 style causal LM: logits [B, T, V], or the loss given labels (see the module docstring)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg.validate()
         self.model = KimiModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.hidden_size, cfg.vocab_size, cfg.loss_chunk_tokens)
         self.init_weights()
 
     def tie_weights(self) -> None:
@@ -100,8 +135,10 @@ class KimiForCausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
 
-    def forward(self, input_ids_BT: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(self.model(input_ids_BT))
+    def forward(self, input_ids: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, V]; with labels [B, T] (shifted, -100 ignored) -> mean loss."""
+        return self.lm_head(self.model(input_ids, position_ids), labels)
 
     def attention_layers(self) -> list[nn.Module]:
         """The attention modules, each an optim.QKClipAttention (pass them to optim.MuonClip)."""
@@ -121,7 +158,7 @@ class KimiForCausalLM(nn.Module):
         for attn in self.attention_layers():  # attention records max logits only in train mode
             attn.train()
         try:
-            self(input_ids_BT)
+            self.model(input_ids_BT)  # the decoder stack only: the logits are not needed
         finally:
             self.train(was_training)
 

@@ -19,6 +19,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_optimizer_state_dict,
@@ -61,6 +62,9 @@ class FSDP2Engine:
 
     def __init__(self, cfg: Any, model: nn.Module, dims: ParallelDims, mesh: Any, mixed_precision: bool):
         self.module = parallelize_model(model, dims, mesh, mixed_precision=mixed_precision)
+        # The post-step max-logit forward runs the decoder stack without lm_head, so it does not go
+        # through the root's forward: FSDP must gather the root unit (embedding, final norm) for it too.
+        register_fsdp_forward_method(self.module, "measure_max_logits")  # no-op without FSDP
         if cfg.train.compile:
             self.module.compile()  # in place: parameter names (and checkpoints) stay the same
         self.model = self.module

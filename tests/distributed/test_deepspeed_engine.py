@@ -10,7 +10,9 @@ division by its accumulation steps is in play, and a checkpoint every 4 steps. C
 same command on FSDP2: every step's loss (1e-4 relative; measured: equal to the last digit), grad
 norm, clipped-head counts per layer (QK-Clip fires: tiny starts near 0.17 > tau), and every
 parameter's whole step-1 gradient (1e-5; Muon and AdamW are scale-invariant, so losses alone
-would not see a gradient divided twice); ZeRO-3 with selective activation checkpointing; also with ZeRO-Offload (stage 2, optimizer on the CPU). Then: SIGKILL and resume reproduce the uninterrupted run
+would not see a gradient divided twice), the post-step max logit (1e-4), with the loss in chunks
+of 200 tokens (ZeRO-3 gathers lm_head's weight for the chunked forward and backward); ZeRO-3 with selective
+activation checkpointing; also with ZeRO-Offload (stage 2, optimizer on the CPU). Then: SIGKILL and resume reproduce the uninterrupted run
 exactly; a resume on the other ZeRO path (stages 1/2 copy the masters into all-gathered working
 weights, stage 3 into its partitions) does too; DeepSpeed checkpoints carry the same manifest and
 verification as FSDP2's; a change of engine on resume is one line, exit 2; kimi-train-export
@@ -40,6 +42,7 @@ COMMON = [
     "train.micro_batch_size=4", "train.global_batch_size=16", "train.val_every=0", "train.val_batches=1",
     "train.log_every=1", f"checkpoint.every={EVERY}", "checkpoint.keep=3", "data.max_bytes=100000",
     "logging.wandb=disabled", "logging.progress_bar=false", "logging.plots=false",
+    "model.loss_chunk_tokens=200", "logging.post_step_max_logit=true",  # 512-token micro-batches: 2.56 chunks
 ]  # fmt: skip
 ENGINES = {"fsdp2": ["parallel.engine=fsdp2"], **{f"zero{s}": ["parallel.engine=deepspeed", f"parallel.zero_stage={s}"]
                                                     for s in (1, 2, 3)}}
@@ -93,6 +96,7 @@ def test_zero_stage_matches_fsdp2_step_by_step(runs, engine):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5), (a["step"], a["grad_norm"], b["grad_norm"])
         assert a["clipped_heads_per_layer"] == b["clipped_heads_per_layer"], a["step"]
         assert a["max_logit"] == pytest.approx(b["max_logit"], rel=1e-4), a["step"]
+        assert a["max_logit_post_step"] == pytest.approx(b["max_logit_post_step"], rel=1e-4), a["step"]
         assert a["lr"] == b["lr"]
     assert sorted(ds_grads) == sorted(ref_grads)
     for name, g in ref_grads.items():

@@ -5,11 +5,14 @@ reference. Everything the loop does is on: gradient accumulation (the global bat
 is 8 micro-batches of 1 in one process, 4 per rank on 2 ranks, 2 per rank on 4), gradient clipping
 (it clips steps 2-4), the warmup + WSD-decay lr schedule, QK-Clip (tau 0.1: it fires) and the
 expert-bias update; fp32 everywhere (bf16 Newton-Schulz would turn reduction-order noise into bf16
-rounding differences). Compared, from the runs' metrics.jsonl and weights (measured, worst layout):
+rounding differences); the loss in chunks of 12 tokens (model.loss_chunk_tokens: a 32-token
+micro-batch is 2.67 chunks) and the post-step max-logit diagnostic on. Compared, from the runs'
+metrics.jsonl and weights (measured, worst layout):
 - every step's loss and pre-clip grad norm: 1e-5 relative (measured: 1.8e-7 and 1.4e-6); the grad
   norm sees a gradient scaled wrongly (the EP gradient-scaling trap, an accumulation divided twice),
   which the losses do not (Muon normalises its update); the lr equal; the max logit 1e-4 relative
-  as in the DeepSpeed parity test (measured: 1.6e-6 here, 2e-5 on EP with another grad_clip);
+  as in the DeepSpeed parity test (measured: 1.6e-6 here, 2e-5 on EP with another grad_clip),
+  and so the post-step max logit;
 - QK-Clip clips the same heads per layer every step as one process, and at least one;
 - the step-1 gradients (KIMI_TRAIN_DEBUG_DUMP_GRADS): 1e-4 relative + 1e-8 absolute (measured:
   1.4e-7 relative per tensor);
@@ -51,7 +54,7 @@ def config(parallel: dict, world: int = 1) -> TrainConfig:
     model = load_model_config(
         "tiny", hidden_size=64, num_hidden_layers=2, n_routed_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=32, intermediate_size=128, kv_lora_rank=16, qk_nope_head_dim=16,
-        qk_rope_head_dim=8, v_head_dim=16, max_logits_chunk=32,
+        qk_rope_head_dim=8, v_head_dim=16, max_logits_chunk=32, loss_chunk_tokens=12,
     )
     cfg = TrainConfig(
         model=model,
@@ -62,7 +65,7 @@ def config(parallel: dict, world: int = 1) -> TrainConfig:
                               log_every=1, val_every=0, val_batches=0, dtype="fp32"),
         data=DataConfig(max_bytes=60_000), parallel=ParallelConfig(**parallel),
         checkpoint=CheckpointConfig(every=HALF, keep=2),
-        logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False),
+        logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False, post_step_max_logit=True),
     )
     from kimi_train.parallel import ParallelDims
 
@@ -132,6 +135,7 @@ def _assert_same_steps(got: list[dict], want: list[dict]) -> None:
         assert g["grad_norm"] == pytest.approx(w["grad_norm"], rel=1e-5), (s, g["grad_norm"], w["grad_norm"])
         assert g["lr"] == w["lr"], (s, g["lr"], w["lr"])
         assert g["max_logit"] == pytest.approx(w["max_logit"], rel=1e-4), (s, g["max_logit"], w["max_logit"])
+        assert g["max_logit_post_step"] == pytest.approx(w["max_logit_post_step"], rel=1e-4), s
         assert g["clipped_heads_per_layer"] == w["clipped_heads_per_layer"], (s, g, w)
 
 

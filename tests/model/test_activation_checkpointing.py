@@ -78,7 +78,7 @@ def test_memory_per_mode():
     for mode, down in [("none", False), *MODES]:
         model = _model(mode, down, **cfg_kw)
         layer = model.model.layers[1]
-        cos, sin = model.model.rotary_emb(128, torch.device("cpu"), torch.float32)
+        cos, sin = model.model.rotary_emb(torch.arange(128), torch.float32)
         count = count_activations(layer, torch.randn(2, 128, 128), cos, sin)
         counted[(mode, down)] = count.bytes
         # A backward's recomputation stops early, inside a module: the next forward keeps the same.

@@ -28,6 +28,7 @@ BAD = [
     (dict(rope_scaling={"type": "yarn", "factor": 4.0}), "original_max_position_embeddings"),
     (dict(init_std=0.0), "model.init_std=0.0"),
     (dict(max_logits_chunk=0), "model.max_logits_chunk=0"),
+    (dict(loss_chunk_tokens=-1), "model.loss_chunk_tokens=-1"),
 ]
 
 
