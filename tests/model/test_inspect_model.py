@@ -92,9 +92,9 @@ def test_imbalance_loads_the_busiest_ep_rank_only():
     moe = lambda **kw: plan_activations(cfg, 256, 1, **kw).per_layer["moe"]  # noqa: E731
     assert moe(ep=1, imbalance=0.5) == moe(ep=1)  # one rank's experts receive its own slots, however spread
     S, D, I = 256 * 2, 1024, 288  # slots, hidden, expert width
-    # none: the received slots' grouped-GEMM input and down output [Q, D], four [Q, I] SwiGLU tensors (bf16),
-    # the permutation int64
-    assert moe(ep=4, imbalance=0.5, dtype="bf16") - moe(ep=4, dtype="bf16") == S // 2 * (2 * 2 * D + 4 * 2 * I + 8)
+    # none: the received slots' grouped-GEMM input [Q, D], four [Q, I] SwiGLU tensors (bf16), the
+    # permutation and its inverse int64
+    assert moe(ep=4, imbalance=0.5, dtype="bf16") - moe(ep=4, dtype="bf16") == S // 2 * (2 * D + 4 * 2 * I + 2 * 8)
     # full: the dispatch all-to-all output [Q, D]
     assert moe(ep=4, imbalance=0.5, mode="full") - moe(ep=4, mode="full") == S // 2 * 4 * D
 

@@ -54,7 +54,7 @@ def test_non_finite_step_is_skipped_and_params_untouched(tmp_path):
     assert record["skipped"] and trainer.skipped_steps == 1
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
     assert all(p.grad is None for p in trainer.model.parameters())
-    assert all(m.tokens_per_expert.sum() == 0 for m in trainer.model.moe_layers())
+    assert all(m.routed_counts().sum() == 0 for m in trainer.model.moe_layers())
 
 
 def test_too_many_non_finite_steps_stop_with_a_clear_error_and_the_last_good_weights_saved(tmp_path):
@@ -202,10 +202,10 @@ def test_post_step_max_logit_leaves_the_training_trajectory_unchanged(tmp_path):
     # the counts the expert-bias update reads: a training forward adds to them, the diagnostic does not
     micro_batches = trainer.train_loader.next_batch()
     trainer._loss(micro_batches[0])
-    counts = [m.tokens_per_expert.clone() for m in trainer.model.moe_layers()]
+    counts = [m.routed_counts().clone() for m in trainer.model.moe_layers()]
     assert sum(float(c.sum()) for c in counts) > 0
     trainer._post_step_max_logits(micro_batches)
-    assert all(torch.equal(c, m.tokens_per_expert) for c, m in zip(counts, trainer.model.moe_layers()))
+    assert all(torch.equal(c, m.routed_counts()) for c, m in zip(counts, trainer.model.moe_layers()))
 
 
 def test_the_chunked_loss_trains_like_the_full_logits(tmp_path):
