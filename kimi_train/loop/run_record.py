@@ -58,6 +58,8 @@ SAFE_KEYS: dict[str, str] = {
     "train.val_every": "when the fixed validation set is evaluated (eval mode, no state change)",
     "train.peak_flops": "only the MFU figure",
     "train.max_skipped_steps": "when to give up on non-finite steps; a step that trains is the same",
+    "train.activation_checkpointing": "what the backward recomputes, not what it computes (bit-identical on CPU)",
+    "train.recompute_moe_down_proj": "what the backward recomputes, not what it computes (bit-identical on CPU)",
     "data.cache_dir": "where the tokens are cached, not which tokens",
     "resume": "how this session starts",
     "run_name": "the run's name (wandb, labels); the directory is the run",
@@ -213,6 +215,12 @@ def check_rerun(run_dir: str | Path, cfg: Any) -> Rerun:
     return dataclasses.replace(rerun, checkpoint=found[0]) if found is not None else rerun
 
 
+def _schema_defaults() -> dict[str, Any]:
+    from kimi_train.config import TrainConfig
+
+    return flatten(config_container(TrainConfig()))
+
+
 def decide(run_dir: Path, old: Optional[dict[str, Any]], new: dict[str, Any], trained: Optional[int]) -> Rerun:
     """check_rerun without the files: ``old`` the recorded flat config (None: no config.yaml),
     ``new`` this command's, ``trained`` the latest complete checkpoint's step (None: none)."""
@@ -221,6 +229,9 @@ def decide(run_dir: Path, old: Optional[dict[str, Any]], new: dict[str, Any], tr
     if old is None:
         raise UserError(f"run_dir {run_dir} has checkpoints but no {CONFIG_FILE} to check this config against; "
                         "restore it, start a new run (another run_name/run_dir), or start over here with resume=never")
+    # A key the record lacks was added to the schema after the run was recorded: that run trained with
+    # what the key's default does (a new key defaults to the old behaviour).
+    old = {**{k: v for k, v in _schema_defaults().items() if k not in old}, **old}
     unsafe = _diff(old, new, lambda k: not is_safe(k) and not _is_schedule_key(k))
     if unsafe:
         raise UserError(f"run_dir {run_dir} holds a run trained with another config: {_changes(unsafe)}; rerun with "

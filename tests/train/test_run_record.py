@@ -74,6 +74,15 @@ def test_a_refusal_names_every_changed_key_with_old_and_new_on_one_line():
         assert part in message, message
 
 
+def test_a_key_added_after_the_run_was_recorded_counts_as_its_default():
+    old = {k: v for k, v in _flat().items() if k not in ("model.loss_chunk_tokens", "train.activation_checkpointing")}
+    assert decide(RUN, old, _flat(), trained=120) == run_record.Rerun("resume", 120)
+    got = decide(RUN, old, _flat(train__activation_checkpointing="full"), trained=120)  # a safe key: accepted
+    assert got.changed == {"train.activation_checkpointing": ("none", "full")}
+    with pytest.raises(UserError, match="another config: model.loss_chunk_tokens: 0 -> 1024"):
+        decide(RUN, old, _flat(model__loss_chunk_tokens=1024), trained=120)
+
+
 def test_no_checkpoint_starts_and_a_checkpoint_without_config_yaml_is_refused():
     assert decide(RUN, None, _flat(), trained=None).action == "start"
     assert decide(RUN, _flat(), _flat(optim__lr=1.0), trained=None).action == "start"  # nothing trained yet
