@@ -1,6 +1,6 @@
 """train.activation_checkpointing through the real Trainer: selective and full give the steps of
-``none`` (loss, grad norm, max logit and clipped heads per layer, expert load per layer, fp32,
-1e-6 relative), in one process and on 2 gloo ranks with expert parallelism 2; and a recomputed
+``none`` (loss, grad norm, max logit and clipped heads per layer, expert load per layer, fp32: the
+issue asks 1e-6 relative; they are bit-identical, the recomputation replays the same ops), in one process and on 2 gloo ranks with expert parallelism 2; and a recomputed
 EP layer issues no collective (its backward runs the same all-to-alls as without checkpointing)."""
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def _assert_same(got: list[dict], want: list[dict]) -> None:
     assert sum(r["clipped_heads"] for r in want) > 0  # QK-Clip fires: the clipped heads are compared, not all 0
     for g, w in zip(got, want):
         for key in COMPARED:
-            assert g[key] == pytest.approx(w[key], rel=1e-6), (w["step"], key, g[key], w[key])
+            assert g[key] == w[key], (w["step"], key, g[key], w[key])
 
 
 @pytest.mark.parametrize("mode,down", MODES)
