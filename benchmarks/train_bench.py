@@ -5,6 +5,10 @@
     python benchmarks/train_bench.py --device cuda --batch 32 --seq 1024 --json out.json
     python benchmarks/train_bench.py --variants ours+adamw --loss-chunk-tokens 0,1024 --vocab 32768
                                                            # the chunked loss against the full logits
+    python benchmarks/train_bench.py --model tiny --batch 8 --seq 128 --variants ours+muonclip \
+        --activation-checkpointing none,selective,full     # recomputation's step time (issue 25)
+    python benchmarks/train_bench.py --model k2_mini --scope moe-layer --batch 1 --seq 1024 \
+        --variants ours+adamw --activation-checkpointing none,selective,full   # one k2_mini MoE layer
 
 Variants, each in its own subprocess (so peak memory is per variant), same weights, same
 batch, same loss (cross-entropy in fp32 over the logits; ours computes it as training does,
@@ -15,8 +19,12 @@ batch, same loss (cross-entropy in fp32 over the logits; ours computes it as tra
                     (kimi_train.tools.hf.export) with the same weights + torch.optim.AdamW
     ours+muonclip   KimiForCausalLM + optim.MuonClip (Muon + AdamW groups + QK-Clip)
 
-``--loss-chunk-tokens 0,1024`` runs each of our variants once per value (``ours+adamw chunk=0``,
-``ours+adamw chunk=1024``) and reports each value's step time relative to the first one.
+Sweeps: ``--loss-chunk-tokens 0,1024`` and ``--activation-checkpointing none,selective,full``
+run each of our variants once per value (``ours+adamw chunk=0``, ``ours+adamw chunk=1024``; both
+given: every combination) and report each value's step time relative to the first one's.
+``--model NAME`` takes configs/model/NAME.yaml (with ``--layers``) instead of the reference
+config below. ``--scope moe-layer`` times the forward and backward of the model's first MoE
+decoder layer alone (no embedding, loss or optimizer): a layer's cost in isolation.
 
 One step = forward, loss, backward, optimizer step, zero_grad. Reported: median step time
 over --steps timed steps after --warmup (best of --rounds interleaved rounds), tokens/s = batch * seq / median, and peak memory
@@ -44,10 +52,16 @@ import time
 VARIANTS = ("ours+adamw", "hf+adamw", "ours+muonclip")
 
 
+# Settings of our model that a sweep varies: option -> the short name in a variant's label.
+SWEEPS = {"loss_chunk_tokens": "chunk", "activation_checkpointing": "ac"}
+
+
 def model_config(args):
-    from kimi_train.model import ModelConfig
+    from kimi_train.model import ModelConfig, load_model_config
 
     chunk = {} if args.loss_chunk_tokens is None else {"loss_chunk_tokens": int(args.loss_chunk_tokens)}
+    if args.model:
+        return load_model_config(args.model, num_hidden_layers=args.layers, **chunk)
     return ModelConfig(
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=4 * args.hidden, moe_intermediate_size=args.hidden // 2,
         num_hidden_layers=args.layers, num_attention_heads=4, n_routed_experts=args.experts, num_experts_per_tok=4,
@@ -77,6 +91,12 @@ def run_variant(args) -> dict:
 
     torch.manual_seed(0)
     ours = KimiForCausalLM(model_config(args))
+    if args.activation_checkpointing:
+        from kimi_train.parallel.activation_checkpoint import apply_activation_checkpointing
+
+        apply_activation_checkpointing(ours, args.activation_checkpointing)
+    if args.scope == "moe-layer":
+        return time_moe_layer(args, ours, device)
     if args.variant.startswith("hf"):
         with tempfile.TemporaryDirectory() as d:
             model = hf_model_from_export(export(ours, d), dtype=torch.float32)
@@ -128,9 +148,54 @@ def run_variant(args) -> dict:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     return {"variant": args.variant,
             "loss_chunk_tokens": model.config.loss_chunk_tokens if args.variant.startswith("ours") else None,
+            "activation_checkpointing": args.activation_checkpointing if args.variant.startswith("ours") else None,
             "step_ms": 1000 * median, "tokens_per_s": args.batch * args.seq / median,
             "peak_mem_mb": peak_mb, "first_loss": losses[0], "last_loss": losses[-1],
             "num_params": sum(p.numel() for p in model.parameters())}
+
+
+def time_moe_layer(args, model, device) -> dict:
+    """Forward + backward of the first MoE decoder layer on a [batch, seq, D] input (statistics on)."""
+    import torch
+
+    from kimi_train.model.moe import MoE
+
+    layer = next(layer for layer in model.model.layers if isinstance(layer.mlp, MoE)).to(device).train()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.seq, model.config.hidden_size, generator=g).to(device).requires_grad_()
+    dy = torch.randn(args.batch, args.seq, model.config.hidden_size, generator=g).to(device)
+    cos, sin = model.model.rotary_emb(torch.arange(args.seq, device=device), x.dtype)
+    times = []
+    for i in range(args.warmup + args.steps):
+        t0 = time.perf_counter()
+        (layer(x, cos, sin) * dy).sum().backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        layer.self_attn.reset_max_logits()
+        layer.mlp.reset_counts()
+    median = statistics.median(times)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"variant": args.variant, "activation_checkpointing": args.activation_checkpointing,
+            "step_ms": 1000 * median, "tokens_per_s": args.batch * args.seq / median, "peak_mem_mb": peak_mb,
+            "num_params": sum(p.numel() for p in layer.parameters())}
+
+
+def _sweep_runs(args) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """name -> the subprocess's arguments: each of our variants once per combination of swept
+    values (transformers' once, unswept); and the values per option (the first: the ratios' reference)."""
+    sweeps = {o: getattr(args, o).split(",") for o in SWEEPS if getattr(args, o) is not None}
+    runs: dict[str, list[str]] = {}
+    for variant in args.variants.split(","):
+        combos: list[list[tuple[str, str]]] = [[]]
+        if variant.startswith("ours"):
+            for option, values in sweeps.items():
+                combos = [[*c, (option, v)] for c in combos for v in values]
+        for combo in combos:
+            label = "".join(f" {SWEEPS[o]}={v}" for o, v in combo if len(sweeps[o]) > 1)
+            runs[variant + label] = ["--variant", variant, *[f"--{o.replace('_', '-')}={v}" for o, v in combo]]
+    return runs, sweeps
 
 
 def main(argv=None) -> None:
@@ -145,6 +210,11 @@ def main(argv=None) -> None:
     p.add_argument("--vocab", type=int, default=256)
     p.add_argument("--loss-chunk-tokens", dest="loss_chunk_tokens", default=None,
                    help="model.loss_chunk_tokens for our variants (default: ModelConfig's); a comma list runs each")
+    p.add_argument("--activation-checkpointing", dest="activation_checkpointing", default=None,
+                   help="train.activation_checkpointing for our variants (none | selective | full); a comma list runs each")
+    p.add_argument("--model", default=None, help="configs/model/NAME.yaml (with --layers) instead of the reference config")
+    p.add_argument("--scope", default="step", choices=("step", "moe-layer"),
+                   help="step: the whole training step; moe-layer: one MoE decoder layer's forward and backward")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--ns-dtype", dest="ns_dtype", default="bf16", choices=("bf16", "fp32"),
@@ -162,18 +232,17 @@ def main(argv=None) -> None:
         print(json.dumps(run_variant(args)))
         return
 
+    if args.model and args.layers == 4 and "--layers" not in " ".join(sys.argv):
+        args.layers = 2  # a named model: its dense first layer and one MoE layer unless --layers says otherwise
     passthrough = [f"--{k}={getattr(args, k)}" for k in ("device", "threads", "hidden", "layers", "experts", "batch",
-                                                        "seq", "vocab", "warmup", "steps")] + [f"--ns-dtype={args.ns_dtype}"]
+                                                        "seq", "vocab", "warmup", "steps", "scope")]
+    passthrough += [f"--ns-dtype={args.ns_dtype}"] + ([f"--model={args.model}"] if args.model else [])
     for variant in args.variants.split(","):
         if variant not in VARIANTS:
             sys.exit(f"--variants: {variant!r} is not one of {', '.join(VARIANTS)}")
-    chunks = args.loss_chunk_tokens.split(",") if args.loss_chunk_tokens is not None else []
-    runs: dict[str, list[str]] = {}  # name -> the subprocess's arguments
-    for variant in args.variants.split(","):
-        if not variant.startswith("ours") or len(chunks) < 2:
-            runs[variant] = ["--variant", variant, *[f"--loss-chunk-tokens={c}" for c in chunks[:1]]]
-        else:
-            runs.update({f"{variant} chunk={c}": ["--variant", variant, f"--loss-chunk-tokens={c}"] for c in chunks})
+    if args.scope == "moe-layer" and args.variants != "ours+adamw":
+        sys.exit("--scope moe-layer times our layer alone: use --variants ours+adamw")
+    runs, sweeps = _sweep_runs(args)
     variants = list(runs)
     # Rounds interleave the variants (A B C A B C ...) and keep each one's best median, so a
     # burst of load from other processes does not land on one variant only.
@@ -197,14 +266,19 @@ def main(argv=None) -> None:
         ratios["ours_vs_hf_tokens_per_s"] = by["ours+adamw"]["tokens_per_s"] / by["hf+adamw"]["tokens_per_s"]
     if "ours+adamw" in by and "ours+muonclip" in by:
         ratios["muonclip_vs_adamw_step_time"] = by["ours+muonclip"]["step_ms"] / by["ours+adamw"]["step_ms"]
-    for name in variants:  # each loss chunk size against the first one given
-        base = name.split(" chunk=")[0] + f" chunk={chunks[0]}" if " chunk=" in name else None
-        if base is not None and base != name:
-            ratios[f"{name} vs chunk={chunks[0]} step_time"] = by[name]["step_ms"] / by[base]["step_ms"]
+    for name in variants:  # each swept value against the option's first value, the rest of the label equal
+        for option, values in sweeps.items():
+            short = f" {SWEEPS[option]}="
+            here = next((part for part in name.split(" ") if part.startswith(short[1:])), None)
+            if here is None or here == short[1:] + values[0]:
+                continue
+            base = name.replace(here, short[1:] + values[0])
+            ratios[f"{name} vs {short[1:]}{values[0]} step_time"] = by[name]["step_ms"] / by[base]["step_ms"]
     report = {
         "config": {k: getattr(args, k) for k in ("device", "threads", "hidden", "layers", "experts", "batch", "seq",
                                                   "vocab", "warmup", "steps", "rounds", "ns_dtype",
-                                                  "loss_chunk_tokens")},
+                                                  "loss_chunk_tokens", "activation_checkpointing", "model",
+                                                  "scope")},
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
         "results": results,
         "ratios": ratios,
