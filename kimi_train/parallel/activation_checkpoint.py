@@ -122,29 +122,29 @@ class _Where:
         """torch's selective-checkpoint modes (create_selective_checkpoint_contexts), passing the
         sharding hooks' ops through unrecorded."""
         storage: dict = defaultdict(dict)
-        return _PassCaching(self, policy_fn, storage), _PassCached(self, None, storage)
+        modes = _PassCaching(policy_fn, storage), _PassCached(None, storage)
+        for mode in modes:
+            mode.where = self
+        return modes
 
 
-class _PassCaching(_CachingTorchDispatchMode):
-    def __init__(self, where: _Where, *args) -> None:
-        super().__init__(*args)
-        self.where = where
+class _PassShardingOps:
+    """torch's selective-checkpoint mode, except for the ops an engine's hooks issue (``_Where``)."""
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if self.where.sharding_hooks:
-            return func(*args, **(kwargs or {}))
-        return super().__torch_dispatch__(func, types, args, kwargs)
-
-
-class _PassCached(_CachedTorchDispatchMode):
-    def __init__(self, where: _Where, *args) -> None:
-        super().__init__(*args)
-        self.where = where
+    where: _Where
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.where.sharding_hooks:
             return func(*args, **(kwargs or {}))
         return super().__torch_dispatch__(func, types, args, kwargs)
+
+
+class _PassCaching(_PassShardingOps, _CachingTorchDispatchMode):
+    pass
+
+
+class _PassCached(_PassShardingOps, _CachedTorchDispatchMode):
+    pass
 
 
 def _is_device_to_host(op, args, kwargs) -> bool:
