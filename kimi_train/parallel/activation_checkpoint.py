@@ -24,8 +24,15 @@ The layer's ``forward`` is replaced on the instance; no wrapper module is insert
 names (Muon's groups, checkpoints, the transformers export) stay the same. It is applied before
 expert parallelism, torch.compile and FSDP2 or DeepSpeed (parallel.build_engine, for either engine).
 
+An engine's forward hooks on modules inside a layer (FSDP2's nested units: the routed experts
+under EP, the router under bf16; DeepSpeed ZeRO-3's gathers on every module) all-gather and free
+weights differently in a forward and in its recomputation; their ops pass through the replay
+unrecorded (torch's two selective-checkpoint dispatch modes with a pass-through, ``_Where``).
+
 Under torch.compile the recomputation is compiled into the backward (the policy tags the traced
-ops; the forward's statistics are recorded once, as in eager).
+ops; the forward's statistics are recorded once, as in eager). Compile calls the policy while
+tracing, where the module hooks that mark K2's set may not have run: what ``selective`` stores
+under compile is not measured (the counter sees eager forwards only).
 """
 
 from __future__ import annotations
