@@ -87,7 +87,6 @@ def run_variant(args) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     from kimi_train.model import KimiForCausalLM
-    from kimi_train.tools.hf import export
 
     torch.manual_seed(0)
     ours = KimiForCausalLM(model_config(args))
@@ -98,6 +97,8 @@ def run_variant(args) -> dict:
     if args.scope == "moe-layer":
         return time_moe_layer(args, ours, device)
     if args.variant.startswith("hf"):
+        from kimi_train.tools.hf import export  # transformers: only the variant that needs it
+
         with tempfile.TemporaryDirectory() as d:
             model = hf_model_from_export(export(ours, d), dtype=torch.float32)
         del ours
