@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from kimi_train.model.config import ModelConfig
-from kimi_train.parallel.activation_checkpoint import MODES
+from kimi_train.config import ACTIVATION_CHECKPOINTING as MODES
 
 DTYPES = ("fp32", "bf16")
 BYTES = {"fp32": 4, "bf16": 2, "int64": 8, "int32": 4, "bool": 1}

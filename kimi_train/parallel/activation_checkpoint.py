@@ -50,8 +50,6 @@ from kimi_train.config import ACTIVATION_CHECKPOINTING
 from kimi_train.model.moe import GroupedExperts
 from kimi_train.model.recompute import recomputing
 
-MODES = ACTIVATION_CHECKPOINTING  # none | selective | full
-
 _aten = torch.ops.aten
 # Outputs every mode stores: replaying them keeps routing fixed and issues no collective.
 _ALWAYS_STORED = {_aten.topk.default, torch.ops.kimi_train.per_head_max_logits.default}
@@ -70,7 +68,6 @@ class _Where:
 
     def __init__(self) -> None:
         self.own_hooks: set[int] = set()  # ids of the hooks registered here
-        self.bracketed: set[nn.Module] = set()
         self.reset()
 
     def reset(self) -> None:
@@ -109,13 +106,13 @@ class _Where:
         """Mark the forward hooks that an engine put on modules inside ``layer``: FSDP2's on nested
         units (the routed experts under EP, the router under bf16), DeepSpeed ZeRO-3's on every
         module. Their all-gathers and frees are sharding, not the layer's maths, and differ between a
-        forward and its recomputation, so the checkpoint must not replay them. Called at the first
-        checkpointed forward, after the engine wrapped the model: these hooks go around the engine's."""
+        forward and its recomputation, so the checkpoint must not replay them. Called once, at the
+        layer's first checkpointed forward, after the engine wrapped the model: these hooks go around
+        the engine's."""
         for module in layer.modules():
             foreign = (set(module._forward_pre_hooks) | set(module._forward_hooks)) - self.own_hooks
-            if module is layer or not foreign or module in self.bracketed:
+            if module is layer or not foreign:
                 continue
-            self.bracketed.add(module)
             handles = (module.register_forward_pre_hook(lambda *_: self._sharding(True), prepend=True),  # before the engine's
                        module.register_forward_pre_hook(lambda *_: self._sharding(False)),  # after them
                        module.register_forward_hook(lambda *_: self._sharding(True), prepend=True),
@@ -167,12 +164,16 @@ def _is_device_to_host(op, args, kwargs) -> bool:
 def _checkpointed(layer: nn.Module, where: _Where, context_fn: Callable) -> Callable:
     """The layer's forward under checkpoint; its second run (the backward's recomputation) records nothing."""
     forward = layer.forward
+    bracketed = False
 
     @functools.wraps(forward)
     def run_checkpointed(*args, **kwargs):
+        nonlocal bracketed
         if not torch.is_grad_enabled():  # evaluation, the max-logit diagnostic: nothing to save
             return forward(*args, **kwargs)
-        where.bracket_sharding_hooks(layer)  # once per nested unit; FSDP2 is applied after this wrapper
+        if not bracketed:  # at the first forward: the engines wrap the model after this wrapper
+            where.bracket_sharding_hooks(layer)
+            bracketed = True
         runs = 0
 
         def run(*a, **k):
@@ -191,8 +192,8 @@ def _checkpointed(layer: nn.Module, where: _Where, context_fn: Callable) -> Call
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, recompute_moe_down_proj: bool = False) -> nn.Module:
     """Checkpoint every decoder layer of ``model`` (a KimiForCausalLM) as ``mode`` says (module doc)."""
-    if mode not in MODES:
-        raise ValueError(f"train.activation_checkpointing={mode!r}; valid: {', '.join(MODES)}")
+    if mode not in ACTIVATION_CHECKPOINTING:
+        raise ValueError(f"train.activation_checkpointing={mode!r}; valid: {', '.join(ACTIVATION_CHECKPOINTING)}")
     if mode == "none":
         return model
     # Under torch.compile the recomputation is part of the compiled backward, not a Python rerun: the
@@ -213,4 +214,4 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, recompute_moe_do
     return model
 
 
-__all__ = ["MODES", "apply_activation_checkpointing"]
+__all__ = ["apply_activation_checkpointing"]
