@@ -2,7 +2,7 @@
 DeepseekV3ForCausalLM:
 
     model.embed_tokens
-    model.layers[i].{input_layernorm, self_attn, post_attention_layernorm, mlp}
+    model.layers[i].{input_layernorm, self_attn, post_attention_layernorm, mlp}   # keyed by "i" (`DecoderLayers`)
     model.norm
     lm_head
 
@@ -30,6 +30,7 @@ biases 0. With pre-norm blocks and a final RMSNorm the logits are O(init_std * s
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -62,26 +63,48 @@ class DecoderLayer(nn.Module):
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD))
 
 
+class DecoderLayers(nn.ModuleDict):
+    """The decoder layers, keyed by their index in the whole model ("0", "1", ...): a subset (a
+    pipeline stage's) keeps each layer's state-dict name. ``layers[i]`` takes an int or a str, and
+    iterating yields the layers in model order, as over a ModuleList (``keys()`` gives the names)."""
+
+    def __getitem__(self, key: int | str) -> nn.Module:
+        return super().__getitem__(str(key))
+
+    def __delitem__(self, key: int | str) -> None:
+        super().__delitem__(str(key))
+
+    def __contains__(self, key: int | str) -> bool:
+        return super().__contains__(str(key))
+
+    def __iter__(self):
+        return iter(self.values())
+
+
 class KimiModel(nn.Module):
     """Embedding, decoder layers and the final norm (transformers' `model.` prefix)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = DecoderLayers({str(i): DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)})
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         rope_dim = cfg.qk_rope_head_dim if cfg.attention_type == "mla" else cfg.gqa_head_dim
         self.rotary_emb = RotaryEmbedding(rope_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, input_ids_BT: torch.Tensor, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The final hidden states [B, T, D]; position_ids [T] or [B, T] (default arange(T))."""
-        h_BTD = self.embed_tokens(input_ids_BT)
+        return self.norm(self.decode(self.embed_tokens(input_ids_BT), self.layers.values(), position_ids))
+
+    def decode(self, h_BTD: torch.Tensor, layers, position_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Hidden states [B, T, D] through ``layers`` (decoder layers, in model order): all of them
+        in ``forward``, a pipeline stage's in kimi_train/parallel/pipeline.py."""
         if position_ids is None:
-            position_ids = torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
+            position_ids = torch.arange(h_BTD.shape[1], device=h_BTD.device)
         cos_TD2, sin_TD2 = self.rotary_emb(position_ids, h_BTD.dtype)  # [B, 1, T, D2] for [B, T] positions
-        for layer in self.layers:
+        for layer in layers:
             h_BTD = layer(h_BTD, cos_TD2, sin_TD2)
-        return self.norm(h_BTD)
+        return h_BTD
 
 
 class LMHead(nn.Linear):
@@ -125,7 +148,7 @@ class KimiForCausalLM(nn.Module):
         std = cfg.init_std
         out_std = std / math.sqrt(2 * cfg.num_hidden_layers)
         nn.init.normal_(self.model.embed_tokens.weight, std=std)
-        for layer in self.model.layers:
+        for layer in self.model.layers.values():
             layer.input_layernorm.reset_parameters()
             layer.post_attention_layernorm.reset_parameters()
             layer.self_attn.init_weights(std, out_std)
@@ -142,23 +165,30 @@ class KimiForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[nn.Module]:
         """The attention modules, each an optim.QKClipAttention (pass them to optim.MuonClip)."""
-        return [layer.self_attn for layer in self.model.layers]
+        return [layer.self_attn for layer in self.model.layers.values()]
 
     def moe_layers(self) -> list[MoE]:
         """The MoE modules (pass them to kimi_train.model.moe.update_expert_bias)."""
-        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, MoE)]
+        return [layer.mlp for layer in self.model.layers.values() if isinstance(layer.mlp, MoE)]
 
     @torch.no_grad()
     def measure_max_logits(self, input_ids_BT: torch.Tensor) -> None:
         """A forward whose only effect is the attention layers' max-logit records (for the
         trainer's post-step diagnostic): no grad, and the MoE layers in eval mode, so their
         routed-token counts (which the expert-bias update reads) are untouched."""
+        with self.measuring_max_logits():
+            self.model(input_ids_BT)  # the decoder stack only: the logits are not needed
+
+    @contextlib.contextmanager
+    def measuring_max_logits(self):
+        """The modes of ``measure_max_logits``' forward (a pipeline runs its stages in them): eval,
+        except attention, which records max logits only in train mode; restored after."""
         was_training = self.training
         self.eval()
-        for attn in self.attention_layers():  # attention records max logits only in train mode
+        for attn in self.attention_layers():
             attn.train()
         try:
-            self.model(input_ids_BT)  # the decoder stack only: the logits are not needed
+            yield
         finally:
             self.train(was_training)
 
