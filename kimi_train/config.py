@@ -30,6 +30,7 @@ ENGINES = ("fsdp2", "deepspeed")
 ZERO_STAGES = (1, 2, 3)
 TRAIN_DTYPES = ("auto", "fp32", "bf16")
 ACTIVATION_CHECKPOINTING = ("none", "selective", "full")
+PP_SCHEDULES = ("1F1B", "Interleaved1F1B")  # kimi_train/parallel/pipeline_engine.py
 RESUME_MODES = ("auto", "never")
 WANDB_MODES = ("offline", "online", "disabled")
 SCHEDULE_TYPES = ("wsd", "cosine", "constant")  # kimi_train.loop.schedule implements them
@@ -119,6 +120,17 @@ class ParallelConfig:
     dp_replicate: int = 1
     dp_shard: int = -1  # -1: every rank not used by dp_replicate
     ep: int = 1
+    # Pipeline parallelism (docs/distributed.md "Pipeline parallelism"): pp stages by depth, each
+    # with its own dp_replicate * dp_shard data ranks; world = pp * dp_replicate * dp_shard.
+    pp: int = 1
+    pp_schedule: str = "1F1B"  # 1F1B | Interleaved1F1B (two stages per rank, or len(pp_layout) / pp)
+    # Pipeline micro-batches per step, each train.micro_batch_size sequences: they ARE the step's
+    # accumulation micro-batches, so global_batch_size = micro_batch_size * pp_microbatches * dp.
+    # -1: global_batch_size / (micro_batch_size * dp), or pp when global_batch_size is null.
+    pp_microbatches: int = -1
+    # Decoder layers per stage (stage 0 also has the embedding, the last the norm, lm_head and the
+    # loss), e.g. [1, 3]; null: an even split.
+    pp_layout: Optional[list[int]] = None
     # Seconds a collective may wait before the job fails (torch's process-group timeout).
     timeout_s: float = 1800.0
     # Seconds every rank may take to join the process group at start (slow node starts). One-time
@@ -204,9 +216,12 @@ def _check(ok: bool, key: str, value: Any, want: str) -> None:
 
 
 def grad_accum_steps(cfg: TrainConfig, dp_size: int) -> int:
-    """Micro-batches per optimizer step on each rank: global / (micro * dp)."""
-    t = cfg.train
+    """Micro-batches per optimizer step on each data rank: global / (micro * dp); with pipeline
+    parallelism and no global_batch_size, parallel.pp_microbatches (-1: pp)."""
+    t, p = cfg.train, cfg.parallel
     if t.global_batch_size is None:
+        if p.pp > 1:
+            return p.pp_microbatches if p.pp_microbatches > 0 else p.pp
         return 1
     return t.global_batch_size // (t.micro_batch_size * dp_size)
 
@@ -290,6 +305,7 @@ def validate(cfg: TrainConfig, dp_size: int = 1) -> TrainConfig:
     _check(p.init_timeout_s > 0, "parallel.init_timeout_s", p.init_timeout_s, "must be > 0 seconds")
     _one_of("parallel.engine", p.engine, ENGINES)
     _check(p.zero_stage in ZERO_STAGES, "parallel.zero_stage", p.zero_stage, "must be 1, 2 or 3")
+    _validate_pipeline(cfg, dp_size)
     if p.engine == "deepspeed":
         _validate_deepspeed(cfg)
     return cfg
@@ -317,6 +333,58 @@ def validate_data(d: DataConfig) -> None:
     _check(0 < d.val_fraction < 1, "data.val_fraction", d.val_fraction, "must be in (0, 1)")
     _check(d.val_sequences >= 0, "data.val_sequences", d.val_sequences, "must be >= 0")
     _check(d.dtype is None or d.dtype in RAW_DTYPES, "data.dtype", d.dtype, f"must be one of {', '.join(RAW_DTYPES)}")
+
+
+def pp_stages_per_rank(p: ParallelConfig) -> int:
+    """Pipeline stages each rank holds: 1 under 1F1B; under Interleaved1F1B len(pp_layout) / pp, or 2."""
+    if p.pp_schedule == "1F1B":
+        return 1
+    return len(p.pp_layout) // p.pp if p.pp_layout else 2
+
+
+def _validate_pipeline(cfg: TrainConfig, dp_size: int) -> None:
+    """parallel.pp*: the stages fit the model, the micro-batches fit the schedule and the batch."""
+    p, m, t = cfg.parallel, cfg.model, cfg.train
+    _check(isinstance(p.pp, int) and p.pp >= 1, "parallel.pp", p.pp, "must be an int >= 1")
+    _one_of("parallel.pp_schedule", p.pp_schedule, PP_SCHEDULES)
+    _check(p.pp_microbatches == -1 or p.pp_microbatches >= 1, "parallel.pp_microbatches", p.pp_microbatches,
+           "must be >= 1, or -1 (from train.global_batch_size)")
+    if p.pp == 1:
+        _check(p.pp_layout is None, "parallel.pp_layout", p.pp_layout, "needs parallel.pp > 1")
+        _check(p.pp_schedule == "1F1B", "parallel.pp_schedule", p.pp_schedule, "needs parallel.pp > 1")
+        _check(p.pp_microbatches == -1, "parallel.pp_microbatches", p.pp_microbatches,
+               "needs parallel.pp > 1 (without PP the micro-batches come from train.global_batch_size)")
+        return
+    _check(not t.compile, "train.compile", t.compile, "is not supported with parallel.pp > 1 yet")
+    _check(p.engine == "fsdp2", "parallel.engine", p.engine, "must be fsdp2 with parallel.pp > 1 "
+           "(DeepSpeed's pipeline engine is not supported)")
+    _check(not m.tie_word_embeddings, "model.tie_word_embeddings", m.tie_word_embeddings,
+           "must be false with parallel.pp > 1 (the embedding and lm_head sit on different stages)")
+    layout = list(p.pp_layout) if p.pp_layout else None
+    if layout is not None:
+        _check(all(isinstance(n, int) and n >= 0 for n in layout) and sum(layout) == m.num_hidden_layers,
+               "parallel.pp_layout", layout, f"must be layers per stage (ints >= 0) summing to "
+               f"model.num_hidden_layers={m.num_hidden_layers}")
+        if p.pp_schedule == "1F1B":
+            _check(len(layout) == p.pp, "parallel.pp_layout", layout, f"must give pp={p.pp} stages under 1F1B")
+        else:
+            _check(len(layout) % p.pp == 0 and len(layout) >= 2 * p.pp, "parallel.pp_layout", layout,
+                   f"must give a multiple of pp={p.pp} stages, at least {2 * p.pp}, under Interleaved1F1B")
+    stages = p.pp * pp_stages_per_rank(p)
+    _check(layout is not None or m.num_hidden_layers >= stages, "parallel.pp", p.pp,
+           f"gives {stages} stages ({p.pp_schedule}) but the model has {m.num_hidden_layers} layers")
+    accum = grad_accum_steps(cfg, dp_size)
+    if p.pp_microbatches > 0 and t.global_batch_size is not None:
+        _check(accum == p.pp_microbatches, "parallel.pp_microbatches", p.pp_microbatches,
+               f"must equal train.global_batch_size / (micro_batch_size * dp) = {t.global_batch_size} / "
+               f"({t.micro_batch_size} * {dp_size}) = {accum} (or -1)")
+    if p.pp_schedule == "1F1B":
+        _check(accum >= p.pp, "parallel.pp_microbatches", accum, f"must be >= pp={p.pp} under 1F1B (the "
+               "step's micro-batches: raise train.global_batch_size or parallel.pp_microbatches)")
+    else:
+        rounds = max(1, accum // p.pp)
+        _check(accum % rounds == 0, "parallel.pp_microbatches", accum,
+               f"must be a multiple of max(1, pp_microbatches // pp) = {rounds} under Interleaved1F1B")
 
 
 def _validate_deepspeed(cfg: TrainConfig) -> None:

@@ -27,7 +27,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -265,13 +265,14 @@ class TrainData:
 
     tokenizer: Any
     loader: TrainLoader
-    val_set: list  # this rank's validation micro-batches
+    val_set: list  # this rank's validation micro-batches, as many on every data rank (fillers included)
     num_val: int  # validation windows over all ranks (0: no validation)
     num_documents: Optional[int]
     train_tokens: int
     val_tokens: int
     unigram_entropy: float
     description: str
+    val_rows: list = field(default_factory=list)  # real rows of each val_set batch; 0: a filler
 
     def header(self) -> str:
         docs = "?" if self.num_documents is None else f"{self.num_documents}"
@@ -320,8 +321,15 @@ def build_data(cfg, dp_rank: int, dp_size: int, grad_accum: int, is_main: bool =
     num_val = d.val_sequences if t.val_batches else 0  # train.val_batches=0: no validation
     val_set = val_batches(held, weights, num_val, t.micro_batch_size, dp_rank, dp_size)
     num_val = len(validation_windows(held, weights, num_val))
+    # Every data rank runs as many validation forwards (their collectives must pair up: FSDP's
+    # all-gathers, EP's all-to-alls, a pipeline's rounds): a rank with fewer windows adds fillers,
+    # which the mean leaves out.
+    most = -(-(-(-num_val // dp_size)) // t.micro_batch_size)
+    val_rows = [len(b) for b in val_set] + [0] * (most - len(val_set))
+    if len(val_set) < most:
+        val_set += [val_set[-1] if val_set else held[0].gather([0])] * (most - len(val_set))
     docs = None if any(s.num_documents is None for s in sets) else sum(s.num_documents for s in sets)
     described = d.source if not (d.mix or d.source == "prepared") else ", ".join(s.name for s in sets)
     entropy = float(np.average([s.unigram_entropy for s in sets], weights=weights))
     return TrainData(tokenizer, loader, val_set, num_val, docs, sum(splits),
-                     sum(s.num_tokens for s in sets) - sum(splits), entropy, described)
+                     sum(s.num_tokens for s in sets) - sum(splits), entropy, described, val_rows)

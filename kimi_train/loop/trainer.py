@@ -27,7 +27,6 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -47,7 +46,7 @@ from kimi_train.loop.metrics import MetricsLogger, flops_per_token, peak_flops
 from kimi_train.loop.schedule import LRSchedule
 from kimi_train.model import KimiForCausalLM
 from kimi_train.parallel import ParallelDims, build_engine, init_distributed, once_per_node
-from kimi_train.parallel.engine import TrainEngine
+from kimi_train.parallel.engine import TrainEngine, autocast, causal_lm_inputs
 
 
 def seed_everything(seed: int) -> None:
@@ -111,7 +110,6 @@ class Trainer:
         self.tokens_per_step = self.global_batch * t.seq_len
         # bf16 autocast on GPU by default, fp32 on CPU; the master weights stay fp32.
         self.bf16 = t.dtype == "bf16" or (t.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if self.bf16 else nullcontext
         return mesh
 
     def _build_data(self) -> None:
@@ -177,9 +175,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _loss(self, batch_BT1: torch.Tensor) -> torch.Tensor:
-        batch_BT1 = batch_BT1.to(self.device, non_blocking=True)
-        x_BT, y_BT = batch_BT1[:, :-1], batch_BT1[:, 1:]
-        with self.autocast():  # an fp32 loss; over chunks of model.loss_chunk_tokens tokens when > 0
+        x_BT, y_BT = causal_lm_inputs(batch_BT1, self.device)
+        with autocast(self.device, self.bf16):  # an fp32 loss; over chunks of model.loss_chunk_tokens tokens when > 0
             return self.model(x_BT, labels=y_BT)
 
     def _mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
@@ -222,10 +219,7 @@ class Trainer:
         update it was applied after) from batch-to-batch variation (docs/stability.md). It runs
         before the expert-bias update; measure_max_logits leaves the routed-token counts alone.
         """
-        for mb in micro_batches:
-            with self.autocast():
-                self.module.measure_max_logits(mb[:, :-1].to(self.device, non_blocking=True))
-        return self.engine.read_max_logits()
+        return self.engine.measure_max_logits(micro_batches)
 
     def _skip_step(self, reason: str) -> None:
         """Count a step the engine skipped (it changed nothing). reason: what was not finite. fit()
@@ -244,8 +238,8 @@ class Trainer:
             return None
         self.model.eval()
         total = torch.zeros((), device=self.device)
-        for batch in self.val_set:
-            total += self._loss(batch) * batch.shape[0]
+        for rows, loss in zip(self.data.val_rows, self.engine.evaluate(self.val_set, self._loss)):
+            total += loss * rows  # 0 rows: a filler batch (data/loader.py build_data)
         self.model.train()
         return float(self._mean_over_dp(total)) * self.dims.dp_size / self.data.num_val
 

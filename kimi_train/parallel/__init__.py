@@ -187,8 +187,9 @@ def _release_deepspeed_groups() -> None:
 def build_engine(cfg: Any, model: torch.nn.Module, dims: ParallelDims, mesh: Any, device: torch.device,
                  accum: int, mixed_precision: bool):
     """The training engine (``engine.TrainEngine``) that parallel.engine names, wrapped around
-    ``model``: FSDP2 (with EP; in one process the plain model) or DeepSpeed ZeRO. Activation
-    checkpointing (train.activation_checkpointing) is applied first, the same for both."""
+    ``model``: FSDP2 (with EP; in one process the plain model), pipeline stages of FSDP2 (parallel.pp
+    > 1) or DeepSpeed ZeRO. Activation checkpointing (train.activation_checkpointing) is applied
+    first, the same for all (per decoder layer, so a stage's layers keep it)."""
     t = cfg.train
     if t.activation_checkpointing != "none":
         from .activation_checkpoint import apply_activation_checkpointing
@@ -197,10 +198,14 @@ def build_engine(cfg: Any, model: torch.nn.Module, dims: ParallelDims, mesh: Any
     if cfg.parallel.engine == "deepspeed":
         from .deepspeed_engine import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, model, dims, device, accum)
+        return DeepSpeedEngine(cfg, model, dims, device, accum, mixed_precision)
+    if dims.pp > 1:
+        from .pipeline_engine import PipelineEngine
+
+        return PipelineEngine(cfg, model, dims, mesh, device, accum, mixed_precision)
     from .fsdp_engine import FSDP2Engine
 
-    return FSDP2Engine(cfg, model, dims, mesh, mixed_precision)
+    return FSDP2Engine(cfg, model, dims, mesh, device, mixed_precision)
 
 
 def __getattr__(name: str):  # lazy: keep `import kimi_train.parallel` light for single-process runs

@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO (stages 1, 2, 3) as the other engine, applied from outside the model like apply_fsdp.
 
-    engine = DeepSpeedEngine(cfg, model, dims, device, accum)    # parallel.engine=deepspeed (build_engine)
+    engine = DeepSpeedEngine(cfg, model, dims, device, accum, bf16)   # parallel.engine=deepspeed (build_engine)
 
 DeepSpeed owns what ZeRO is about: the gradient reduction, the partitioned fp32 master weights and
 optimizer state, gradient clipping, the copy of the masters into the working weights (and, at
@@ -43,7 +43,8 @@ from optim.flat import Fragment, Partition, PartitionedMuonClip
 
 from .deepspeed_checkpoint import checkpoint_state, load_checkpoint_state
 from .dims import ParallelDims
-from .engine import LossFn, StepOutcome, all_finite, balance_experts, forget_step, read_max_logits
+from .engine import (LossFn, StepOutcome, all_finite, balance_experts, forget_step, measure_max_logits,
+                     read_max_logits)
 from .optimizer import build_optimizer
 
 ZERO_STAGES = (1, 2, 3)
@@ -184,8 +185,10 @@ class DeepSpeedEngine:
 
     name = "deepspeed"
 
-    def __init__(self, cfg: Any, model: nn.Module, dims: ParallelDims, device: torch.device, accum: int):
+    def __init__(self, cfg: Any, model: nn.Module, dims: ParallelDims, device: torch.device, accum: int,
+                 mixed_precision: bool):
         self.model, self.optimizer = _initialize(model, cfg, dims.dp_size, accum, device)
+        self.device, self.bf16 = device, mixed_precision
         self.module, self.zero, self.stage, self.accum = self.model.module, self.model.optimizer, cfg.parallel.zero_stage, accum
         self.group = dims.dp_group
         self.description = f"DeepSpeed ZeRO-{self.stage}"
@@ -236,7 +239,14 @@ class DeepSpeedEngine:
     def read_max_logits(self) -> dict[str, Any]:
         return read_max_logits(self.module.attention_layers(), self.group)
 
-    def state_dict(self) -> dict[str, Any]:
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[torch.Tensor], loss_fn: LossFn) -> list[torch.Tensor]:
+        return [loss_fn(batch) for batch in batches]
+
+    def measure_max_logits(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
+        return measure_max_logits(self.module, micro_batches, self.device, self.bf16, self.group)
+
+    def state_dict(self, checkpoint: Any = None) -> dict[str, Any]:
         """Views into ZeRO's partitions (deepspeed_checkpoint.py): loading into it writes them."""
         return checkpoint_state(self)
 

@@ -4,11 +4,18 @@
     loss = engine.forward_backward(micro_batches, loss_fn)       # this rank's mean loss; gradients accumulated
     outcome = engine.step(lr, drop=None)                         # -> StepOutcome: skipped (why), grad norm, clip stats
     engine.balance_experts(rate)                                 # the expert-bias update, counts summed over ranks
+    losses = engine.evaluate(batches, loss_fn)                   # no grad: each batch's mean loss
+    stats = engine.measure_max_logits(micro_batches)             # a no-grad forward's max logits (post-step diagnostic)
     state = engine.state_dict(); dcp.load(state, ...); engine.load_state_dict(state)   # checkpoints
 
 Implementations: ``FSDP2Engine`` (parallel/fsdp_engine.py: FSDP2 with expert parallelism, or a
-single process) and ``DeepSpeedEngine`` (parallel/deepspeed_engine.py: ZeRO 1/2/3). The trainer
-holds one and never asks which; ``tests/train/test_engine_protocol.py`` drives it with a stub.
+single process), ``PipelineEngine`` (parallel/pipeline_engine.py: pipeline stages, each FSDP2 with
+EP) and ``DeepSpeedEngine`` (parallel/deepspeed_engine.py: ZeRO 1/2/3). The trainer holds one and
+never asks which; ``tests/train/test_engine_protocol.py`` drives it with a stub.
+
+``loss_fn`` (the trainer's: ``causal_lm_inputs`` + the model's loss under ``autocast``) is what the
+micro-batch engines call; the pipeline engine feeds the same inputs, under the same autocast, to
+its schedule, whose last stage computes the same loss.
 
 ``step`` decides before anything changes: a reason passed in (``drop``, e.g. a non-finite loss),
 a non-finite gradient norm, or a non-finite max logit (MuonClip's reduce + check, which runs
@@ -20,6 +27,7 @@ statistics it measured.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol, Sequence, runtime_checkable
 
@@ -31,6 +39,22 @@ from kimi_train.model import expert_counts, update_expert_bias
 from optim import reduce_max_logits
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # one micro-batch [B, T+1] -> its mean loss (a scalar)
+
+
+def collective_device() -> torch.device:
+    """Where a small tensor must be for the default group to reduce it (NCCL: the current GPU)."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def causal_lm_inputs(batch_BT1: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token window [B, T+1] -> (input_ids [B, T], labels [B, T]) on ``device``: position t predicts t+1."""
+    batch_BT1 = batch_BT1.to(device, non_blocking=True)
+    return batch_BT1[:, :-1], batch_BT1[:, 1:]
+
+
+def autocast(device: torch.device, bf16: bool):
+    """The forward's precision: bf16 autocast (the master weights stay fp32), or fp32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def no_clip_stats(num_layers: int = 0) -> dict[str, Any]:
@@ -75,9 +99,17 @@ class TrainEngine(Protocol):
     def read_max_logits(self) -> dict[str, Any]:
         """The max logits recorded since the last step, over the data-parallel ranks, then reset."""
 
-    def state_dict(self) -> dict[str, Any]:
+    def evaluate(self, batches: Sequence[torch.Tensor], loss_fn: LossFn) -> list[torch.Tensor]:
+        """No grad, the model as it is (eval mode is the caller's): each batch's mean loss."""
+
+    def measure_max_logits(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
+        """A no-grad forward of these batches that records only the max logits (no routed-token
+        counts), then ``read_max_logits()``: the trainer's post-step diagnostic."""
+
+    def state_dict(self, checkpoint: Any = None) -> dict[str, Any]:
         """{"model": ..., "optim": ...} for torch.distributed.checkpoint; loading into it and then
-        ``load_state_dict`` restores the engine."""
+        ``load_state_dict`` restores the engine. ``checkpoint``: the path about to be loaded, whose
+        layout (an older one) the template may follow."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
@@ -111,6 +143,16 @@ def balance_experts(moe_layers: list, rate: float, group: Any = None) -> dict[st
     return update_expert_bias(moe_layers, rate, counts_LE)
 
 
+@torch.no_grad()
+def measure_max_logits(module: nn.Module, micro_batches: Sequence[torch.Tensor], device: torch.device,
+                       bf16: bool, group: Any = None) -> dict[str, Any]:
+    """``module.measure_max_logits`` over the batches' inputs, then ``read_max_logits``."""
+    for mb in micro_batches:
+        with autocast(device, bf16):
+            module.measure_max_logits(causal_lm_inputs(mb, device)[0])
+    return read_max_logits(module.attention_layers(), group)
+
+
 def forget_step(module: nn.Module) -> None:
     """A skipped step's records: the max logits and routed-token counts of its forwards."""
     for layer in module.attention_layers():
@@ -136,9 +178,7 @@ def all_finite(*objects: Any) -> bool:
                 ok = False
                 break
     if dist.is_initialized():
-        # NCCL only reduces CUDA tensors: put the flag where the default group can reduce it
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-        flag = torch.tensor([1.0 if ok else 0.0], device=device)
+        flag = torch.tensor([1.0 if ok else 0.0], device=collective_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         ok = bool(flag.item() == 1.0)
     return ok

@@ -15,12 +15,14 @@ DTensors that DCP reshards on load.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import register_fsdp_forward_method
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
@@ -31,36 +33,79 @@ from optim import MuonClip, NonFiniteMaxLogit
 
 from .dims import ParallelDims
 from .fsdp import parallelize_model
-from .engine import LossFn, StepOutcome, all_finite, balance_experts, forget_step, read_max_logits
+from .engine import (LossFn, StepOutcome, all_finite, balance_experts, forget_step, measure_max_logits,
+                     read_max_logits)
 from .grad_norm import clip_grad_norm_
 from .optimizer import build_optimizer
 
 
 class FSDP2State:
-    """The checkpoint state of a model (plain or FSDP2/EP-sharded) and its torch optimizer (None:
-    the model alone): torch's distributed state dicts, which DCP reshards on load."""
+    """The checkpoint state of a model (plain, FSDP2/EP-sharded, or a pipeline rank's part) and its
+    torch optimizer (None: the model alone): torch's distributed state dicts, which DCP reshards
+    on load. The optimizer's is flattened (``state.<param name>.<key>``, ``param_groups.<param
+    name>.<key>``): every entry is keyed by a parameter name, so a rank that holds some of the
+    parameters (a pipeline stage) saves and loads exactly its own, under any layout.
+
+    A group's ``param_names`` (optim.muon_param_groups names every parameter) would be repeated
+    under every parameter of the group, quadratic in the parameter count: it is left out and
+    restored from the optimizer on load.
+
+    Checkpoints written before pipeline parallelism keep the optimizer's param groups as a list
+    (``optim.param_groups.0.lr``); ``state_dict(checkpoint=path)`` gives that layout's template
+    for such a checkpoint, so they still load (into a model that holds every parameter)."""
 
     name = "fsdp2"
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
         self.model, self.optimizer = model, optimizer
 
-    def state_dict(self) -> dict[str, Any]:
+    @staticmethod
+    def has_listed_param_groups(checkpoint: Path) -> bool:
+        """Whether ``checkpoint`` keeps the optimizer's param groups as a list (the layout before PP)."""
+        from torch.distributed.checkpoint import FileSystemReader
+
+        keys = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+        return "optim.param_groups.0.lr" in keys
+
+    def state_dict(self, checkpoint: Optional[Path] = None) -> dict[str, Any]:
         state = {"model": get_model_state_dict(self.model)}
         if self.optimizer is not None:
-            state["optim"] = get_optimizer_state_dict(self.model, self.optimizer)
+            flat = checkpoint is None or not self.has_listed_param_groups(checkpoint)
+            options = StateDictOptions(flatten_optimizer_state_dict=flat)
+            optim = get_optimizer_state_dict(self.model, self.optimizer, options=options)
+            state["optim"] = {k: v for k, v in optim.items() if not _is_flat_names(k)} if flat else optim
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         set_model_state_dict(self.model, state["model"])
         if self.optimizer is not None:
-            set_optimizer_state_dict(self.model, self.optimizer, state["optim"])
+            optim = state["optim"]
+            flat = "param_groups" not in optim  # the template said which layout was read
+            if flat:
+                optim = {**optim, **self._flat_names(optim)}
+            options = StateDictOptions(flatten_optimizer_state_dict=flat)
+            set_optimizer_state_dict(self.model, self.optimizer, optim, options=options)
+
+    def _flat_names(self, optim: dict[str, Any]) -> dict[str, Any]:
+        """The ``param_groups.<name>.param_names`` entries left out of the checkpoint, from the optimizer."""
+        out = {}
+        for group in self.optimizer.param_groups:
+            names = group.get("param_names")
+            for name in names or ():
+                if f"param_groups.{name}.lr" in optim:
+                    out[f"param_groups.{name}.param_names"] = names
+        return out
+
+
+def _is_flat_names(key: str) -> bool:
+    return key.startswith("param_groups.") and key.endswith(".param_names")
 
 
 class FSDP2Engine:
     name = FSDP2State.name
 
-    def __init__(self, cfg: Any, model: nn.Module, dims: ParallelDims, mesh: Any, mixed_precision: bool):
+    def __init__(self, cfg: Any, model: nn.Module, dims: ParallelDims, mesh: Any, device: torch.device,
+                 mixed_precision: bool):
         self.module = parallelize_model(model, dims, mesh, mixed_precision=mixed_precision)
         # The post-step max-logit forward runs the decoder stack without lm_head, so it does not go
         # through the root's forward: FSDP must gather the root unit (embedding, final norm) for it too.
@@ -68,7 +113,7 @@ class FSDP2Engine:
         if cfg.train.compile:
             self.module.compile()  # in place: parameter names (and checkpoints) stay the same
         self.model = self.module
-        self.group = dims.dp_group
+        self.group, self.device, self.bf16 = dims.dp_group, device, mixed_precision
         self.description = "FSDP2" if mesh is not None else "one process"
         # Non-finite gradients are skipped here, before optimizer.step(): Muon need not check them again.
         self.optimizer = build_optimizer(cfg, self.model, self.group, check_finite=False)
@@ -112,8 +157,15 @@ class FSDP2Engine:
     def read_max_logits(self) -> dict[str, Any]:
         return read_max_logits(self.module.attention_layers(), self.group)
 
-    def state_dict(self) -> dict[str, Any]:
-        return FSDP2State(self.model, self.optimizer).state_dict()
+    @torch.no_grad()
+    def evaluate(self, batches: Sequence[torch.Tensor], loss_fn: LossFn) -> list[torch.Tensor]:
+        return [loss_fn(batch) for batch in batches]
+
+    def measure_max_logits(self, micro_batches: Sequence[torch.Tensor]) -> dict[str, Any]:
+        return measure_max_logits(self.module, micro_batches, self.device, self.bf16, self.group)
+
+    def state_dict(self, checkpoint: Optional[Path] = None) -> dict[str, Any]:
+        return FSDP2State(self.model, self.optimizer).state_dict(checkpoint)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         FSDP2State(self.model, self.optimizer).load_state_dict(state)
@@ -122,7 +174,11 @@ class FSDP2Engine:
         return all_finite(self.model, self.optimizer)
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        """Every parameter's whole reduced gradient, fp32 (a collective under FSDP2; after the last
-        backward of a step, before its step)."""
-        return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().float().clone()
-                for name, p in self.model.named_parameters() if p.grad is not None}
+        return full_gradients(self.model)
+
+
+def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's whole reduced gradient, fp32 (a collective under FSDP2; after the last
+    backward of a step, before its step)."""
+    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().float().clone()
+            for name, p in model.named_parameters() if p.grad is not None}

@@ -67,6 +67,13 @@ BAD = [
     ('parallel.dp_shard=0', 'parallel.dp_shard=0; valid: an int >= 1, or -1 to infer'),
     ('parallel.ep=3', 'parallel.ep=3 must divide parallel.dp_shard=1'),
     ('parallel.dp_replicate=2', 'parallel.dp_replicate=2 does not divide the world size 1'),
+    ('parallel.pp=2', 'parallel.pp * parallel.dp_replicate = 2 * 1 does not divide the world size 1'),
+    ('parallel.pp=0', 'parallel.pp=0; valid: an int >= 1'),
+    ('parallel.pp_schedule=GPipe', "parallel.pp_schedule='GPipe' is not valid; valid values: 1F1B, Interleaved1F1B"),
+    ('parallel.pp_microbatches=0', 'parallel.pp_microbatches=0 is not valid; must be >= 1, or -1'),
+    ('parallel.pp_microbatches=4', 'parallel.pp_microbatches=4 is not valid; needs parallel.pp > 1'),
+    ('parallel.pp_schedule=Interleaved1F1B', "parallel.pp_schedule='Interleaved1F1B' is not valid; needs parallel.pp > 1"),
+    ('parallel.pp_layout=[2,2]', 'parallel.pp_layout=[2, 2] is not valid; needs parallel.pp > 1'),
     ('model.n_group=3', 'model.n_group=3: must be positive and divide n_routed_experts=8'),
     ('model.topk_group=5', 'model.topk_group=5: must be in [1, n_group=1]'),
     ('model.first_k_dense_replace=99', 'model.first_k_dense_replace=99: must be in [0, num_hidden_layers=4]'),
@@ -137,3 +144,38 @@ def test_run_dir_and_sweep_subdir_are_deterministic(monkeypatch):
     long = [f"data.paths=[{'/data/' + 'x' * 300}.txt]", "run_name=exp"]
     a, b = (_sweep_subdir([*long, f"optim.lr={lr}"], 0) for lr in ("1e-3", "2e-3"))
     assert len(a) == len(b) == 200 and a != b and a[:187] == b[:187]
+
+
+PIPELINE_BAD = [
+    # (parallel overrides, other overrides, world size, text of the one-line message)
+    ({"pp": 2, "engine": "deepspeed"}, {}, 2, "parallel.engine='deepspeed' is not valid; must be fsdp2 with parallel.pp > 1"),
+    ({"pp": 2}, {"tie_word_embeddings": True}, 2, "model.tie_word_embeddings=True is not valid"),
+    ({"pp": 2}, {"compile": True}, 2, "train.compile=True is not valid; is not supported with parallel.pp > 1"),
+    ({"pp": 2, "pp_layout": [1, 2]}, {}, 2, "parallel.pp_layout=[1, 2] is not valid; must be layers per stage"),
+    ({"pp": 2, "pp_layout": [1, 1, 1, 1]}, {}, 2, "must give pp=2 stages under 1F1B"),
+    ({"pp": 2, "pp_schedule": "Interleaved1F1B", "pp_layout": [2, 2]}, {}, 2, "at least 4, under Interleaved1F1B"),
+    ({"pp": 4, "pp_schedule": "Interleaved1F1B"}, {}, 4, "gives 8 stages (Interleaved1F1B) but the model has 4 layers"),
+    ({"pp": 2, "pp_microbatches": 1}, {}, 2, "parallel.pp_microbatches=1 is not valid; must be >= pp=2 under 1F1B"),
+    ({"pp": 2, "pp_microbatches": 3}, {"global_batch_size": 8}, 2,
+     "parallel.pp_microbatches=3 is not valid; must equal train.global_batch_size / (micro_batch_size * dp) = 8 / (2 * 1) = 4"),
+    ({"pp": 2}, {"global_batch_size": 2}, 2, "parallel.pp_microbatches=1 is not valid; must be >= pp=2 under 1F1B"),
+]
+
+
+@pytest.mark.parametrize("parallel,other,world,expected", PIPELINE_BAD, ids=[b[3][:40] for b in PIPELINE_BAD])
+def test_pipeline_config_errors_name_the_key(parallel, other, world, expected):
+    """The pp > 1 checks need a world size of several ranks: validate() with the data-parallel size."""
+    import dataclasses
+
+    from kimi_train.config import ConfigError, ParallelConfig, TrainConfig, TrainLoopConfig, validate
+    from kimi_train.model import load_model_config
+
+    model = load_model_config("tiny", **{k: v for k, v in other.items() if k == "tie_word_embeddings"})
+    train = TrainLoopConfig(micro_batch_size=2, **{k: v for k, v in other.items() if k in ("global_batch_size", "compile")})
+    cfg = TrainConfig(model=model, train=train, parallel=ParallelConfig(**parallel))
+    with pytest.raises(ConfigError) as e:
+        validate(cfg, dp_size=world // parallel["pp"])
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+    ok = dataclasses.replace(cfg, parallel=ParallelConfig(pp=2), model=load_model_config("tiny"),
+                             train=TrainLoopConfig(micro_batch_size=2))
+    assert validate(ok, dp_size=1) is ok  # pp=2 with the defaults: 2 micro-batches of 2

@@ -60,7 +60,13 @@ class StubEngine:
     def read_max_logits(self):
         raise AssertionError("only for logging.post_step_max_logit")
 
-    def state_dict(self):
+    def evaluate(self, batches, loss_fn):
+        return [loss_fn(batch) for batch in batches]
+
+    def measure_max_logits(self, micro_batches):
+        raise AssertionError("only for logging.post_step_max_logit")
+
+    def state_dict(self, checkpoint=None):
         return {"model": self.model.state_dict(), "stub": {"steps": torch.tensor(self.steps)}}
 
     def load_state_dict(self, state):

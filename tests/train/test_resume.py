@@ -41,3 +41,43 @@ def test_resume_never_starts_over(tmp_path, small_overrides):
     assert again.returncode == 0, again.stderr[-2000:]
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2]
+
+
+def test_a_checkpoint_from_before_pipeline_parallelism_still_resumes_exactly(tmp_path, monkeypatch):
+    """Checkpoints written before the optimizer state was flattened per parameter name (its param
+    groups a list: optim.param_groups.0.lr) load at pp=1 and continue exactly; the next one is flat."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    from kimi_train.config import (CheckpointConfig, DataConfig, LoggingConfig, TrainConfig, TrainLoopConfig,
+                                   validate)
+    from kimi_train.loop.trainer import Trainer
+    from kimi_train.model import load_model_config
+    from kimi_train.parallel.fsdp_engine import FSDP2State
+
+    def cfg(steps):
+        return validate(TrainConfig(model=load_model_config("tiny", num_hidden_layers=2),
+                                    train=TrainLoopConfig(steps=steps, seq_len=32, micro_batch_size=2, log_every=1,
+                                                          val_batches=0, dtype="fp32"),
+                                    data=DataConfig(max_bytes=60_000), checkpoint=CheckpointConfig(every=2),
+                                    logging=LoggingConfig(wandb="disabled", progress_bar=False, plots=False)))
+
+    Trainer(cfg(4), tmp_path / "full").fit()
+
+    def listed(self, checkpoint=None):  # the writer before pipeline parallelism
+        return {"model": get_model_state_dict(self.model), "optim": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    with monkeypatch.context() as m:
+        m.setattr(FSDP2State, "state_dict", listed)
+        Trainer(cfg(2), tmp_path / "old").fit()
+    old = tmp_path / "old" / "checkpoints" / "step_00000002"
+    assert "optim.param_groups.0.lr" in FileSystemReader(str(old)).read_metadata().state_dict_metadata
+    trainer = Trainer(cfg(4), tmp_path / "old")
+    assert trainer.step == 2
+    trainer.fit()
+    want, got = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "old")
+    assert [r["loss"] for r in got] == [r["loss"] for r in want] and [r["grad_norm"] for r in got] == [
+        r["grad_norm"] for r in want]
+    new = FileSystemReader(str(tmp_path / "old" / "checkpoints" / "step_00000004")).read_metadata()
+    assert not FSDP2State.has_listed_param_groups(tmp_path / "old" / "checkpoints" / "step_00000004")
+    assert not any(k.endswith(".param_names") for k in new.state_dict_metadata)  # not repeated per parameter

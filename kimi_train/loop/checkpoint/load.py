@@ -43,7 +43,7 @@ def _load_into(path: Path, engine: Any) -> dict:
                               f"parallel.engine={engine.name}, whose checkpoints are laid out differently: resume "
                               f"with parallel.engine={saved}, or export the weights (kimi-train-export) and start a "
                               "new run")
-    state = engine.state_dict()
+    state = engine.state_dict(checkpoint=path)
     dcp_load(state, path)
     engine.load_state_dict(state)
     rng_file = path / f"rng_rank{ranks.rank()}.json"
