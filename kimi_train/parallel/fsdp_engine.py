@@ -115,8 +115,11 @@ class FSDP2Engine:
         self.model = self.module
         self.group, self.device, self.bf16 = dims.dp_group, device, mixed_precision
         self.description = "FSDP2" if mesh is not None else "one process"
+        self._build_optimizer(cfg)
+
+    def _build_optimizer(self, cfg: Any) -> None:
         # Non-finite gradients are skipped here, before optimizer.step(): Muon need not check them again.
-        self.optimizer = build_optimizer(cfg, self.model, self.group, check_finite=False)
+        self.optimizer = build_optimizer(cfg, self.module, self.group, check_finite=False)
         self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
 
     def forward_backward(self, micro_batches: Sequence[torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
@@ -130,26 +133,40 @@ class FSDP2Engine:
             loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
         return loss_sum / len(micro_batches)
 
+    stages_group: Any = None  # ranks holding the model's other pipeline stages (PipelineEngine)
+
     def step(self, lr: float, drop: Optional[str] = None) -> StepOutcome:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        grad_norm = float(clip_grad_norm_(self.model.parameters(), self.max_norm))
+        grad_norm = float(clip_grad_norm_(self.model.parameters(), self.max_norm, group=self.stages_group))
         if drop is None and not math.isfinite(grad_norm):
             drop = f"non-finite grad_norm={grad_norm}"
-        clips = isinstance(self.optimizer, MuonClip)
+        clips, prepared = isinstance(self.optimizer, MuonClip), False
         if drop is None and clips:
             try:  # QK-Clip's phase 1: reduce + check, before anything changes (a collective)
                 self.optimizer.prepare_qk_clip()
+                prepared = True
             except NonFiniteMaxLogit as e:  # every rank sees it (the MAX reduce keeps it as +inf)
                 drop = f"non-finite max logit ({e})"
+            drop = self._agree(drop)
         if drop is None:
             self.optimizer.step()  # the update, then the clip decided above
         self.optimizer.zero_grad(set_to_none=True)
         if drop is not None:
+            if prepared:  # a decision another pipeline stage overruled
+                self.optimizer.finish_qk_clip(applied=False)
             forget_step(self.module)
             return StepOutcome(grad_norm, drop)
-        clip = dict(self.optimizer.last_stats) if clips else self.read_max_logits()
+        clip = self._by_layer(dict(self.optimizer.last_stats)) if clips else self.read_max_logits()
         return StepOutcome(grad_norm, None, clip)
+
+    def _agree(self, reason: Optional[str]) -> Optional[str]:
+        """The reason to drop this step on every rank: the same everywhere already (one model)."""
+        return reason
+
+    def _by_layer(self, stats: dict[str, Any]) -> dict[str, Any]:
+        """Per-layer statistics of this rank's layers -> the model's: the same without pipeline stages."""
+        return stats
 
     def balance_experts(self, rate: float) -> dict[str, Any]:
         return balance_experts(self.module.moe_layers(), rate, self.group)
@@ -165,20 +182,16 @@ class FSDP2Engine:
         return measure_max_logits(self.module, micro_batches, self.device, self.bf16, self.group)
 
     def state_dict(self, checkpoint: Optional[Path] = None) -> dict[str, Any]:
-        return FSDP2State(self.model, self.optimizer).state_dict(checkpoint)
+        return FSDP2State(self.module, self.optimizer).state_dict(checkpoint)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        FSDP2State(self.model, self.optimizer).load_state_dict(state)
+        FSDP2State(self.module, self.optimizer).load_state_dict(state)
 
     def state_is_finite(self) -> bool:
-        return all_finite(self.model, self.optimizer)
+        return all_finite(self.module, self.optimizer)
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
-        return full_gradients(self.model)
-
-
-def full_gradients(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Every parameter's whole reduced gradient, fp32 (a collective under FSDP2; after the last
-    backward of a step, before its step)."""
-    return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().float().clone()
-            for name, p in model.named_parameters() if p.grad is not None}
+        """Every parameter's (this rank's stages') whole reduced gradient, fp32 (a collective under
+        FSDP2; after the last backward of a step, before its step)."""
+        return {name: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach().float().clone()
+                for name, p in self.module.named_parameters() if p.grad is not None}

@@ -11,9 +11,12 @@ One step (``kimi_train.parallel.engine.TrainEngine``):
     grad_norm = clip_grad_norm_(params, group=pp)   # squared norms summed over the stages
     drop = the caller's reason, or a non-finite grad_norm (the same on every rank), or a
            non-finite max logit on ANY stage: each stage's MuonClip reduces and checks its own layers
-           over its dp group (prepare_qk_clip), then one all-gather over the pp group, so every stage
-           agrees before any stage steps
+           over its dp group (prepare_qk_clip), then one flag reduced over the pp group, so every
+           stage agrees before any stage steps
     optimizer.step()                     # the update and the decided clip, on every stage, or on none
+
+The step itself is FSDP2Engine's: this engine supplies the pp group for the grad norm, the
+agreement (``_agree``) and the statistics by model layer (``_by_layer``).
 
 Statistics (max logit and clipped heads per layer, expert load per layer) are each stage's, reduced
 over its dp group, then combined over the pp group in one [layers] tensor each, indexed by model
@@ -37,15 +40,11 @@ from torch import nn
 from kimi_train.config import pp_stages_per_rank
 from kimi_train.errors import UserError
 from kimi_train.model.loss import IGNORE_INDEX
-from optim import MuonClip, NonFiniteMaxLogit
 
 from .dims import ParallelDims
-from .engine import (LossFn, StepOutcome, all_finite, autocast, balance_experts, causal_lm_inputs, forget_step,
-                     read_max_logits)
+from .engine import LossFn, autocast, balance_experts, causal_lm_inputs, read_max_logits
 from .fsdp import parallelize_model
-from .fsdp_engine import FSDP2State, full_gradients
-from .grad_norm import clip_grad_norm_
-from .optimizer import build_optimizer
+from .fsdp_engine import FSDP2Engine, FSDP2State
 from .pipeline import layer_index, split_model, stage_layers
 
 def _stage_loss(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -53,8 +52,7 @@ def _stage_loss(loss: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return loss
 
 
-class PipelineEngine:
-    name = FSDP2State.name
+class PipelineEngine(FSDP2Engine):
 
     def __init__(self, cfg: Any, model: nn.Module, dims: ParallelDims, mesh: Any, device: torch.device,
                  accum: int, mixed_precision: bool):
@@ -71,21 +69,20 @@ class PipelineEngine:
         self.num_layers = cfg.model.num_hidden_layers
         self.moe_layers = [i for i in range(self.num_layers) if cfg.model.is_moe_layer(i)]  # the whole model's
         self.index = layer_index(self.module)
-        self.group, self.pp_group, self.device, self.bf16 = dims.dp_group, dims.pp_group, device, mixed_precision
+        self.group, self.stages_group, self.device, self.bf16 = dims.dp_group, dims.pp_group, device, mixed_precision
         self.micro_batch_size, self.accum = cfg.train.micro_batch_size, accum
         self.has_first = any(s.is_first for s in self.stages)
         self.has_last = any(s.is_last for s in self.stages)
         self.description = (f"pipeline {p.pp_schedule}, {num_stages} stages of {[len(s) for s in self.layout]} "
                             f"layers, FSDP2")
-        self.optimizer = build_optimizer(cfg, self.module, self.group, check_finite=False)
-        self.max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf
+        self._build_optimizer(cfg)
         # Static shapes: without them torch infers them with a forward of uninitialised tensors on
         # the first step, whose max logits and routed-token counts would count as the step's.
         B, T, D = cfg.train.micro_batch_size, cfg.train.seq_len, cfg.model.hidden_size
         hidden = torch.empty(B, T, D, dtype=torch.bfloat16 if mixed_precision else torch.float32, device="meta",
                              requires_grad=True)
         ids, loss = torch.empty(B, T, dtype=torch.long, device="meta"), torch.empty((), device="meta", requires_grad=True)
-        stages = [PipelineStage(stage, s, num_stages, device, group=self.pp_group,
+        stages = [PipelineStage(stage, s, num_stages, device, group=self.stages_group,
                                 input_args=ids if stage.is_first else hidden, output_args=loss if stage.is_last else hidden)
                   for stage, s in zip(self.stages, mine)]
         if p.pp_schedule == "1F1B":
@@ -113,7 +110,7 @@ class PipelineEngine:
         """The last stage's ``n`` values on every rank (a sum over the pp group, zeros elsewhere)."""
         out = torch.stack([v.detach().float() for v in values]) if values else torch.zeros(n, device=self.device)
         out = out.to(self.device)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.pp_group)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.stages_group)
         return out
 
     def forward_backward(self, micro_batches: Sequence[torch.Tensor], loss_fn: LossFn) -> torch.Tensor:
@@ -157,37 +154,12 @@ class PipelineEngine:
         """Every stage's reason to drop this step (None: none), the same on every rank: one flag
         reduced over the pp group, and the reasons themselves only when some stage has one."""
         flag = torch.tensor([0 if reason is None else 1], device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.pp_group)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.stages_group)
         if not flag.item():
             return None
-        reasons: list[Optional[str]] = [None] * dist.get_world_size(self.pp_group)
-        dist.all_gather_object(reasons, reason, group=self.pp_group)
+        reasons: list[Optional[str]] = [None] * dist.get_world_size(self.stages_group)
+        dist.all_gather_object(reasons, reason, group=self.stages_group)
         return next(r for r in reasons if r is not None)
-
-    def step(self, lr: float, drop: Optional[str] = None) -> StepOutcome:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        grad_norm = float(clip_grad_norm_(self.model.parameters(), self.max_norm, group=self.pp_group))
-        if drop is None and not math.isfinite(grad_norm):
-            drop = f"non-finite grad_norm={grad_norm}"
-        clips = isinstance(self.optimizer, MuonClip)
-        if drop is None and clips:
-            reason = None
-            try:  # this stage's layers, over its dp group
-                self.optimizer.prepare_qk_clip()
-            except NonFiniteMaxLogit as e:
-                reason = f"non-finite max logit ({e})"
-            drop = self._agree(reason)
-        if drop is None:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if drop is not None:
-            if clips:
-                self.optimizer.finish_qk_clip(applied=False)  # a decision another stage overruled
-            forget_step(self.module)
-            return StepOutcome(grad_norm, drop)
-        clip = self._by_layer(self.optimizer.last_stats) if clips else self.read_max_logits()
-        return StepOutcome(grad_norm, None, clip)
 
     # ------------------------------------------------------------------ statistics, by model layer
     def _gather(self, values: list, indices: list[int], fill: float, op: Any) -> list[float]:
@@ -197,7 +169,7 @@ class PipelineEngine:
         every = torch.full((self.num_layers,), fill, dtype=torch.float64, device=self.device)
         if indices:
             every[indices] = torch.tensor(values, dtype=torch.float64, device=self.device)
-        dist.all_reduce(every, op=op, group=self.pp_group)
+        dist.all_reduce(every, op=op, group=self.stages_group)
         return every.tolist()
 
     def _by_layer(self, stats: dict[str, Any]) -> dict[str, Any]:
@@ -227,13 +199,3 @@ class PipelineEngine:
                             "parallelism, which a pipeline stage cannot load: resume it once with "
                             "parallel.pp=1 (its next checkpoint loads under any parallel.pp)")
         return FSDP2State(self.module, self.optimizer).state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        FSDP2State(self.module, self.optimizer).load_state_dict(state)
-
-    def state_is_finite(self) -> bool:
-        return all_finite(self.module, self.optimizer)
-
-    def full_gradients(self) -> dict[str, torch.Tensor]:
-        """This rank's parameters' whole reduced gradients (its stages'), fp32."""
-        return full_gradients(self.module)
