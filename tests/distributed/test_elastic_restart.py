@@ -7,6 +7,7 @@ rank 0 waits inside that step's first collective; the last checkpoint is step 10
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -34,6 +35,9 @@ def test_a_killed_rank_restarts_and_resumes_exactly(tmp_path, tmp_path_factory):
         proc = _torchrun.run(run_dir, max_restarts=1, extra_env={"KIMI_TRAIN_DEBUG_KILL_AT": "1:13"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
-    assert "Signal 9 (SIGKILL)" in output or "exitcode: -9" in output, output[-3000:]  # it did die
+    # It did die: torchrun saw a worker fail. Usually it names rank 1's SIGKILL (exitcode -9), but it
+    # may name rank 0 instead, which it terminated (-15) after the killed rank reset rank 0's
+    # connection (seen once in CI): the failure line is what both have.
+    assert "Signal 9 (SIGKILL)" in output or re.search(r"failed \(exitcode: -(9|15)\)", output), output[-3000:]
     assert "resumed from step_00000010" in output, output[-3000:]
     assert _torchrun.per_step(run_dir) == reference
